@@ -1,0 +1,322 @@
+"""Recipes: YAML files with `base:` inheritance, validated against recipes/default.yaml.
+
+default.yaml is the schema: its keys are the only valid keys (big_vision-style locked config) and
+the type of each default value is the type a recipe must give. The few rules the defaults cannot
+express (which keys may be null, enumerated choices, block selections) live in the small tables
+below, so adding a key to default.yaml needs no code here unless it is one of those.
+
+A typo in a recipe must fail at launch with a one-line error, not silently train the wrong model
+for days, hence strict keys, strict types and duplicate-key detection.
+"""
+
+import difflib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import yaml
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+# Keys that accept null, with the type of their non-null values. Every null default must be
+# listed (its type cannot be read from the default); a non-null default listed here may be nulled.
+NULLABLE_TYPES = {
+    "model.num_classes": int,
+    "model.pretrained": str,
+    "model.layerscale_init": float,
+    "model.reg_tokens": int,
+    "aug.rand_augment": str,
+    "optim.grad_clip": float,
+    "train.max_steps": int,
+    "train.mixed_precision": str,
+    "train.compile": bool,
+    "eval.max_batches": int,
+}
+
+CHOICES = {
+    "data.source": ("hub", "imagefolder", "parquet", "shapes"),
+    "optim.name": ("lamb", "adamw"),
+    "schedule.name": ("cosine", "constant"),
+    "train.loss": ("bce", "soft_ce"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "model.specialize.init": ("clone", "fresh"),
+    "aug.interpolation": ("bicubic", "bilinear", "nearest"),
+}
+
+# Mappings passed through as they are (their keys belong to another library, e.g. timm's model kwargs).
+FREE_MAPPINGS = {"model.timm_kwargs"}
+
+# A fraction of the blocks counted from the input, or explicit block indices (checked against
+# the depth by the model, which knows it).
+BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in ("norm", "layerscale", "qkv", "proj", "mlp")}
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message is one line naming the file/key and the value."""
+
+
+# YAML 1.2 core schema instead of PyYAML's YAML 1.1: in 1.1 `mixed_precision: no` is the bool
+# False and `lr: 3e-3` is the *string* "3e-3" (a float needs a dot), both silent traps here.
+_CORE_SCHEMA = [  # (tag, regexp, possible first characters)
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+    ("int", r"[-+]?(?:0|[1-9][0-9]*)", list("-+0123456789")),
+    ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+     list("-+0123456789.")),
+]
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader with the YAML 1.2 core schema that rejects duplicate keys (PyYAML keeps the last)."""
+
+    yaml_implicit_resolvers = {}
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            if not isinstance(key, str):
+                raise ConfigError(f"key {key!r} in {mark.name} line {mark.line + 1} is not a string")
+            if key in seen:
+                raise ConfigError(f"duplicate key '{key}' in {mark.name} line {mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block-style sections with inline lists; quotes any string that YAML 1.1 or our loader
+    would read as a non-string (its YAML 1.1 resolvers come before the core schema's)."""
+
+
+_RecipeDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+for _tag, _regexp, _first in _CORE_SCHEMA:
+    for _cls in (_RecipeLoader, _RecipeDumper):
+        _cls.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_regexp})$"), _first)
+
+
+def _parse_yaml(text, name):
+    loader = _RecipeLoader(text)
+    loader.name = name  # shown in marks: duplicate-key and syntax errors name the file
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        where = f" line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        raise ConfigError(f"invalid YAML in {name}{where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {name}: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _read_recipe(path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror}") from None
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_value(key, value, default, where):
+    """Returns `value` (ints widened to float where a float is expected) or raises ConfigError."""
+    if value is None:
+        if default is None or key in NULLABLE_TYPES:
+            return None
+        raise ConfigError(f"'{key}' cannot be null (in {where})")
+    if key in BLOCK_SELECTION_KEYS:
+        if isinstance(value, list) and all(type(i) is int and i >= 0 for i in value):
+            return value
+        if type(value) in (int, float) and 0 <= value <= 1:
+            return float(value)
+        raise ConfigError(f"'{key}' must be a fraction in [0, 1] or a list of block indices >= 0, "
+                          f"got {value!r} (in {where})")
+    expected = NULLABLE_TYPES[key] if default is None else type(default)
+    if expected is list:
+        if not isinstance(value, list) or len(value) != len(default):
+            raise ConfigError(f"'{key}' must be a list of {len(default)} values like {default}, "
+                              f"got {value!r} (in {where})")
+        return [_check_value(f"{key}[{i}]", v, d, where) for i, (v, d) in enumerate(zip(value, default))]
+    if expected is float and type(value) is int:
+        value = float(value)
+    if type(value) is not expected:  # `type is`, not isinstance: a bool is not an int here
+        raise ConfigError(f"'{key}' must be {expected.__name__}, got {value!r} "
+                          f"({type(value).__name__}) (in {where})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"'{key}' must be one of {' | '.join(CHOICES[key])}, got {value!r} (in {where})")
+    return value
+
+
+def _paths(tree, prefix=""):
+    """Every dotted path of a nested dict, sections included."""
+    for name, value in tree.items():
+        yield prefix + name
+        if isinstance(value, dict):
+            yield from _paths(value, f"{prefix}{name}.")
+
+
+def _suggest(name, prefix, level, root):
+    """The nearest valid key: a sibling first, else any key anywhere with a similar last part."""
+    close = difflib.get_close_matches(name, list(level), n=1)
+    if close:
+        return prefix + close[0]
+    paths = list(_paths(root))
+    close = difflib.get_close_matches(name, [p.rsplit(".", 1)[-1] for p in paths], n=1)
+    return next((p for p in paths if p.rsplit(".", 1)[-1] == close[0]), None) if close else None
+
+
+def _validate(data, schema, where, root, prefix=""):
+    """Checks a partial config (one recipe file or one override) against `schema` (a part of `root`)."""
+    checked = {}
+    for name, value in data.items():
+        key = prefix + name
+        if name not in schema:
+            suggestion = _suggest(name, prefix, schema, root)
+            hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+            raise ConfigError(f"unknown key '{key}' in {where}{hint}")
+        default = schema[name]
+        if key in FREE_MAPPINGS:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ConfigError(f"'{key}' needs a mapping of keyword arguments, got {value!r} (in {where})")
+            checked[name] = value
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' is a section and needs a mapping, got {value!r} (in {where})")
+            checked[name] = _validate(value, default, where, root, key + ".")
+        elif isinstance(value, dict):
+            raise ConfigError(f"'{key}' takes a single value, got a mapping {value!r} (in {where})")
+        else:
+            checked[name] = _check_value(key, value, default, where)
+    return checked
+
+
+def _merge(base, child):
+    """`child` over `base`: sections merge key by key, lists and scalars replace."""
+    merged = dict(base)
+    for name, value in child.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(name), dict)
+        merged[name] = _merge(base[name], value) if both_dicts else value
+    return merged
+
+
+def _check_schema(schema):
+    """default.yaml and the tables above must agree; catches editing one without the other."""
+    flat = flatten(schema, stringify=False)
+    for key in [*NULLABLE_TYPES, *CHOICES, *BLOCK_SELECTION_KEYS]:
+        if key not in flat and key not in FREE_MAPPINGS:
+            raise ConfigError(f"config.py's tables name '{key}', which is not a key of {DEFAULT_RECIPE}")
+    for key, value in flat.items():
+        if value is None and key not in NULLABLE_TYPES:
+            raise ConfigError(f"'{key}' defaults to null in {DEFAULT_RECIPE} but has no NULLABLE_TYPES entry")
+
+
+def _recipe_chain(path):
+    """[(display name, raw dict)] from default.yaml down to `path`, following `base:`."""
+    chain, seen, named_by = [], {}, None  # seen: resolved path -> path as named
+    path = Path(path)
+    while path is not None:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise ConfigError(f"base cycle: {' -> '.join([*seen.values(), str(path)])}")
+        seen[resolved] = str(path)
+        if not path.is_file():
+            by = f" (named as base by {named_by})" if named_by else ""
+            raise ConfigError(f"recipe not found: {path}{by}")
+        data = _read_recipe(path)
+        base = data.pop("base", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"'base' in {path} must be a path string, got {base!r}")
+        chain.append((str(path), data))
+        named_by = path
+        if base is not None:
+            path = Path(os.path.normpath(path.parent / base))
+        else:
+            path = None if resolved == DEFAULT_RECIPE else DEFAULT_RECIPE
+    return chain[::-1]
+
+
+def _parse_override(text):
+    """'optim.lr=3e-3' -> {'optim': {'lr': 0.003}}; the value is YAML (lists, null, ...)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    value = _parse_yaml(raw, f"override {text!r}")
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def load_config(path, overrides=()):
+    """Loads a recipe and its `base:` chain (ending at default.yaml), then applies `overrides`.
+
+    Every file and override is validated on its own, so errors name where the bad key came from.
+    The result is a complete config (every default.yaml key, in its order) without `base`.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    chain = _recipe_chain(path)
+    schema = chain[0][1]
+    _check_schema(schema)
+    config = {}
+    for where, data in chain:
+        config = _merge(config, _validate(data, schema, where, schema))
+    for text in overrides:
+        config = _merge(config, _validate(_parse_override(text), schema, f"override {text!r}", schema))
+    return config
+
+
+def save_config(config, path):
+    """Writes the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# resolved clsvit config (complete; no base)\n" + text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten(config, stringify=True, prefix=""):
+    """{'optim.lr': 0.004, ...}. With `stringify`, lists become '[0, 1, 2]' and null 'null', as
+    TensorBoard HParams takes only numbers, strings and bools (and silently drops None)."""
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, stringify, f"{prefix}{name}."))
+        elif stringify and (isinstance(value, list) or value is None):
+            flat[prefix + name] = "null" if value is None else str(value)
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def diff(config_a, config_b, keys):
+    """Dotted keys under any of `keys` (a key or a section prefix like 'schedule') whose values
+    differ between the two configs; a key missing from one side counts as different."""
+    flat_a, flat_b = flatten(config_a, stringify=False), flatten(config_b, stringify=False)
+    names = list(flat_a) + [k for k in flat_b if k not in flat_a]
+    changed = []
+    for wanted in keys:
+        matching = [k for k in names if k == wanted or k.startswith(wanted + ".")]
+        if not matching:
+            raise ConfigError(f"diff: '{wanted}' matches no config key")
+        for k in matching:
+            differs = k not in flat_a or k not in flat_b or flat_a[k] != flat_b[k]
+            if differs and k not in changed:
+                changed.append(k)
+    return changed

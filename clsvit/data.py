@@ -1,0 +1,419 @@
+"""Data: one way in for every dataset (through HF ``datasets``), transforms, samplers, loaders.
+
+- :func:`load_splits` turns the recipe's ``data`` section into (train, val, num_classes), whatever
+  the source: a hub id, an imagefolder, parquet shards, or the embedded shapes dataset.
+- :func:`build_train_transform` / :func:`build_eval_transform` are timm's ``create_transform`` with
+  the DeiT-III settings from the recipe (3-Augment or RandAugment, bicubic, crop ratio 1.0).
+- :class:`ImageClassDataset` decodes lazily and applies the transform with per-sample seeds, and
+  :class:`TrainSampler` yields ``(index, sample_seed)``. Together they make every augmented sample
+  a pure function of (run seed, epoch, rank, position): a mid-epoch resume is bit-identical and the
+  result does not depend on the number of DataLoader workers.
+- :class:`DenseDataset` serves image + segmentation mask + depth for the dense probes.
+
+The train loader must NOT go through ``accelerator.prepare``: :class:`TrainSampler` already shards
+by rank, and accelerate would shard again (accelerate #4075). The eval loader does go through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import math
+import random
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import ClassLabel
+from datasets import Image as ImageFeature
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import functional as TF
+
+from clsvit.shapes import ensure_shapes_dataset
+
+SOURCES = ("hub", "imagefolder", "parquet", "shapes")
+
+
+# ---------------------------------------------------------------- loading splits
+
+def load_splits(data_cfg: dict):
+    """(train, val, num_classes) for the recipe's ``data`` section; never downloads unless ``hub``.
+
+    Datasets come back as HF ``datasets.Dataset`` with all their columns (the dense probes use
+    ``mask``/``depth``); :class:`ImageClassDataset` picks the image and label columns.
+    """
+    source, path = data_cfg["source"], data_cfg.get("path")
+    splits = {"data.train_split": data_cfg["train_split"], "data.val_split": data_cfg["val_split"]}
+    if source == "hub":
+        by_split = _load_hub(path)
+    elif source == "imagefolder":
+        by_split = _load_imagefolder(path)
+    elif source == "parquet":
+        by_split = _load_parquet(path, list(splits.values()))
+    elif source == "shapes":
+        by_split = _load_parquet(str(ensure_shapes_dataset(**data_cfg["shapes"])), list(splits.values()))
+    else:
+        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {source!r}")
+    train, val = (_pick_split(by_split, key, name, path) for key, name in splits.items())
+    for split_name, dataset in zip(splits.values(), (train, val)):
+        for key in ("image_column", "label_column"):
+            _check_column(dataset, data_cfg[key], f"data.{key}", f"split {split_name!r}")
+    return train, val, _num_classes(train, val, data_cfg["label_column"])
+
+
+def _load_hub(path: str):
+    try:
+        return datasets.load_dataset(path)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
+
+
+def _load_imagefolder(path: str):
+    if not path or not Path(path).is_dir():
+        raise ValueError(f"data.path {path!r} does not exist (imagefolder needs a directory with train/ and val/)")
+    return datasets.load_dataset("imagefolder", data_dir=path)
+
+
+def _load_parquet(path: str, wanted: list[str]):
+    """Parquet shards from a directory or a glob; a file belongs to split ``s`` when it is named
+    ``s-*.parquet`` or lies in a folder named ``s`` (the hub's and the usual local layouts)."""
+    root, files = _parquet_files(path)
+    by_split = {}
+    for split in wanted:
+        matching = [f for f in files
+                    if f.name.startswith(f"{split}-") or (f.parent != root and f.parent.name == split)]
+        if not matching:
+            available = sorted({f.name.split("-")[0] for f in files if "-" in f.name}
+                               | {f.parent.name for f in files if f.parent != root})
+            raise ValueError(f"split {split!r} not found in parquet data.path {path!r}; "
+                             f"available splits: {', '.join(available) or 'none'}")
+        by_split[split] = [str(f) for f in matching]
+    return datasets.load_dataset("parquet", data_files=by_split)
+
+
+def _parquet_files(path: str):
+    """(root, files): ``root`` is the directory given, or the deepest glob-free parent of a glob."""
+    if not path:
+        raise ValueError("data.path is empty (parquet needs a directory or a glob)")
+    if _is_glob(path):
+        root = Path(path)
+        while _is_glob(str(root)):
+            root = root.parent
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(".parquet"))
+    elif Path(path).is_dir():
+        root, files = Path(path), sorted(Path(path).rglob("*.parquet"))
+    else:
+        raise ValueError(f"data.path {path!r} does not exist")
+    if not files:
+        raise ValueError(f"data.path {path!r} matches no .parquet files")
+    return root, files
+
+
+def _is_glob(path: str) -> bool:
+    return any(char in path for char in "*?[")
+
+
+def _pick_split(by_split, key: str, name: str, path):
+    if name not in by_split:
+        raise ValueError(f"{key} {name!r} not found in {path!r}; available splits: {', '.join(by_split)}")
+    return by_split[name]
+
+
+def _check_column(dataset, column: str, what: str, where: str):
+    if column not in dataset.column_names:
+        raise ValueError(f"{what} {column!r} not in {where}; available columns: {', '.join(dataset.column_names)}")
+
+
+def _num_classes(train, val, label_column: str) -> int:
+    """From the ClassLabel feature when there is one, else the largest label + 1 over both splits."""
+    feature = train.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    return 1 + max(pc.max(d.data.column(label_column)).as_py() for d in (train, val))
+
+
+# ---------------------------------------------------------------- transforms
+
+def build_train_transform(cfg: dict):
+    """DeiT-III training transform from timm: RandomResizedCrop + flip + (3-Augment | RandAugment)
+    + colour jitter + normalise, no random erasing. timm drops colour jitter when RandAugment is on
+    (as the DeiT fine-tuning reference does); 3-Augment keeps it."""
+    aug = cfg["aug"]
+    if aug["three_augment"] and aug["rand_augment"]:
+        raise ValueError("aug.three_augment and aug.rand_augment are exclusive; turn one of them off")
+    return create_transform(
+        cfg["model"]["img_size"], is_training=True, scale=tuple(aug["crop_scale"]), hflip=aug["hflip"],
+        auto_augment="3a" if aug["three_augment"] else aug["rand_augment"] or None,
+        color_jitter=aug["color_jitter"] or None, interpolation=aug["interpolation"], re_prob=0.0,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def build_eval_transform(cfg: dict):
+    """Resize to img_size / eval_crop_pct, centre crop img_size, normalise (DeiT-III: crop_pct 1.0)."""
+    return create_transform(cfg["model"]["img_size"], is_training=False, crop_pct=cfg["aug"]["eval_crop_pct"],
+                            interpolation=cfg["aug"]["interpolation"],
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_image(value) -> Image.Image:
+    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"]))
+    return Image.open(value["path"])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. PIL's own ``convert`` clips 16-bit values at 255 (a white image), so
+    16/32-bit greyscale is scaled to 8 bits first; palette images with transparency go via RGBA."""
+    if image.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit greyscale PNGs open as these
+        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(array.astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _without_decoding(dataset, columns: list[str]):
+    """Keep ``columns`` and stop HF from decoding images: we decode ourselves, only what we use."""
+    dataset = dataset.select_columns(columns)
+    for column in columns:
+        if isinstance(dataset.features[column], ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator for the block, then
+    restore all three: transforms draw from these global RNGs (timm uses ``random``, torchvision
+    uses torch), so seeding them makes one sample's augmentation reproducible without disturbing
+    the caller's random streams. Only the CPU generator is touched (never CUDA state)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+# ---------------------------------------------------------------- classification
+
+class ImageClassDataset(Dataset):
+    """An HF dataset + a transform -> ``(image tensor, label)``, decoded lazily per sample.
+
+    ``dataset[i]`` uses the global RNGs; ``dataset[(i, sample_seed)]`` (what :class:`TrainSampler`
+    yields) runs the transform under :func:`seeded_rngs`, so the augmentation is a pure function
+    of (index, seed) whichever worker process runs it.
+
+    Undecodable images: up to ``max_bad_fraction`` of the dataset (counted per process) are
+    replaced by the next index with a warning, beyond that a ``ValueError`` stops training.
+    """
+
+    def __init__(self, dataset, transform, *, num_classes: int, image_column: str = "image",
+                 label_column: str = "label", max_bad_fraction: float = 0.0):
+        for column in (image_column, label_column):
+            _check_column(dataset, column, "column", "the dataset")
+        self.dataset = _without_decoding(dataset, [image_column, label_column])
+        self.transform = transform
+        self.num_classes = num_classes
+        self.image_column, self.label_column = image_column, label_column
+        self.max_bad = int(max_bad_fraction * len(dataset))
+        self.num_bad = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self._load(index)
+        if sample_seed is None:
+            return self.transform(image), label
+        with seeded_rngs(sample_seed):
+            return self.transform(image), label
+
+    def _load(self, index: int):
+        for attempt in range(len(self)):
+            row = self.dataset[(index + attempt) % len(self)]
+            label = int(row[self.label_column])
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"sample {index + attempt}: label {label} outside [0, {self.num_classes})")
+            try:
+                return to_rgb(decode_image(row[self.image_column])), label
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                self._count_bad(index + attempt, error)
+        raise ValueError("no sample of the dataset can be decoded")
+
+    def _count_bad(self, index: int, error: Exception):
+        self.num_bad += 1
+        if self.num_bad > self.max_bad:
+            raise ValueError(f"sample {index}: image cannot be decoded ({error}); {self.num_bad} bad "
+                             f"samples exceed data.max_bad_fraction of {len(self)}") from error
+        warnings.warn(f"sample {index}: image cannot be decoded ({error}); using the next sample")
+
+
+class TrainSampler(Sampler):
+    """The training order of one process: ``(index, sample_seed)`` pairs, sharded by rank.
+
+    Why it yields seeds: the seed makes each sample's augmentation reproducible (see
+    :class:`ImageClassDataset`), so :meth:`set_start` can resume mid-epoch bit-identically by
+    skipping positions without loading data, and results do not depend on ``num_workers``. The
+    seed depends on (seed, epoch, rank, position), so the copies of a repeated image get
+    different augmentations.
+
+    Order per epoch, from ``torch.Generator().manual_seed(seed + epoch)``:
+    - repeats > 1 and several processes: timm's ``RepeatAugSampler`` (DeiT repeated augmentation:
+      each image ``repeats`` times in a row, interleaved over ranks, and its epoch selection of
+      ``floor(N // 256 * 256 / num_replicas)`` samples per rank, about N / num_replicas);
+    - otherwise a strided split ``perm[rank::num_replicas]``, wrapped around to equal lengths.
+      Repeated augmentation is inactive on one process, as in the DeiT reference.
+
+    Being rank-aware, the train DataLoader must not go through ``accelerator.prepare``.
+    Call :meth:`set_epoch` (and :meth:`set_start` when resuming) before creating the loader iterator.
+    """
+
+    def __init__(self, num_samples: int, *, num_replicas: int, rank: int, seed: int,
+                 repeats: int = 3, shuffle: bool = True):
+        if num_samples < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"TrainSampler needs num_samples >= 1 and 0 <= rank < num_replicas, got "
+                             f"num_samples={num_samples}, rank={rank}, num_replicas={num_replicas}")
+        if seed < 0 or repeats < 1:
+            raise ValueError(f"TrainSampler needs seed >= 0 and repeats >= 1, got seed={seed}, repeats={repeats}")
+        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
+        self.seed, self.repeats, self.shuffle = seed, repeats, shuffle
+        self.repeated_aug = repeats > 1 and num_replicas > 1
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def set_start(self, position: int):
+        """Skip the first ``position`` samples of the next iteration (mid-epoch resume); one-shot."""
+        if not 0 <= position <= len(self):
+            raise ValueError(f"start position {position} outside [0, {len(self)}]")
+        self.start = position
+
+    def __len__(self) -> int:
+        if self.repeated_aug:
+            return len(self._repeat_aug_sampler())
+        return math.ceil(self.num_samples / self.num_replicas)
+
+    def __iter__(self):
+        indices = self._indices()
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(len(indices))
+        start, self.start = self.start, 0
+        return iter(list(zip(indices[start:], seeds[start:].tolist())))
+
+    def _indices(self) -> list[int]:
+        if self.repeated_aug:
+            return list(self._repeat_aug_sampler())
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        order = order.tolist()
+        total = len(self) * self.num_replicas
+        return [order[i % self.num_samples] for i in range(self.rank, total, self.num_replicas)]
+
+    def _repeat_aug_sampler(self):
+        sampler = RepeatAugSampler(range(self.num_samples), num_replicas=self.num_replicas, rank=self.rank,
+                                   shuffle=self.shuffle, num_repeats=self.repeats)
+        sampler.set_epoch(self.seed + self.epoch)  # timm seeds its permutation with the epoch alone
+        return sampler
+
+
+# ---------------------------------------------------------------- loaders
+
+def _loader_options(data_cfg: dict) -> dict:
+    """Worker settings from the recipe. A private generator keeps the DataLoader from drawing its
+    per-iterator base seed from the global torch RNG (which would shift the trainer's RNG stream)."""
+    workers = data_cfg["num_workers"]
+    options = dict(num_workers=workers, generator=torch.Generator().manual_seed(0),
+                   pin_memory=bool(data_cfg["pin_memory"]) and torch.accelerator.is_available())
+    if workers > 0:
+        options.update(persistent_workers=bool(data_cfg["persistent_workers"]),
+                       prefetch_factor=data_cfg["prefetch_factor"])
+    return options
+
+
+def build_train_loader(dataset, sampler: TrainSampler, batch_size: int, data_cfg: dict) -> DataLoader:
+    """Per-process train loader; full batches only (batch-mode Mixup needs equal sizes). Do not
+    pass it through ``accelerator.prepare`` (the sampler already shards)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      **_loader_options(data_cfg))
+
+
+def build_eval_loader(dataset, batch_size: int, data_cfg: dict) -> DataLoader:
+    """Sequential eval loader over the whole split; ``accelerator.prepare`` shards it and
+    ``gather_for_metrics`` drops the padding duplicates. Workers are not kept alive between the
+    (rare) evaluations."""
+    options = _loader_options(data_cfg)
+    options["persistent_workers"] = False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **options)
+
+
+# ---------------------------------------------------------------- dense probes
+
+class DenseDataset(Dataset):
+    """Image + segmentation mask and/or depth for the dense probes, resized with the same geometry.
+
+    Returns ``{"image": float 3xHxW normalised, "mask": int64 HxW, "depth": float32 HxW metres}``
+    with the keys whose column is not None. The image is resized bicubic, mask and depth nearest
+    (PIL maps pixel centres the same way for every filter, so the three stay aligned).
+
+    ``reduce_zero_label``: ADE20k stores 0 = unlabelled and classes 1..150, so labels become
+    ``label - 1`` and 0 becomes 255 (ignore). The shapes dataset keeps 0 as its background class
+    (False). ``depth_scale`` converts the stored integers to metres (millimetres: 1e-3).
+    """
+
+    def __init__(self, dataset, size, *, image_column: str = "image", mask_column: str | None = "mask",
+                 depth_column: str | None = "depth", reduce_zero_label: bool = False,
+                 depth_scale: float = 1e-3):
+        self.columns = {"image": image_column, "mask": mask_column, "depth": depth_column}
+        self.columns = {key: column for key, column in self.columns.items() if column is not None}
+        for key, column in self.columns.items():
+            _check_column(dataset, column, f"{key} column", "the dataset")
+        self.dataset = _without_decoding(dataset, list(dict.fromkeys(self.columns.values())))
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
+        self.reduce_zero_label, self.depth_scale = reduce_zero_label, depth_scale
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[index]
+        wh = self.size[::-1]
+        image = to_rgb(decode_image(row[self.columns["image"]])).resize(wh, Image.BICUBIC)
+        sample = {"image": TF.normalize(TF.to_tensor(image), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
+        if "mask" in self.columns:
+            sample["mask"] = self._mask(decode_image(row[self.columns["mask"]]))
+        if "depth" in self.columns:
+            depth = np.asarray(decode_image(row[self.columns["depth"]]), dtype=np.float32) * self.depth_scale
+            sample["depth"] = torch.from_numpy(np.array(Image.fromarray(depth).resize(wh, Image.NEAREST)))
+        return sample
+
+    def _mask(self, mask: Image.Image) -> torch.Tensor:
+        array = np.asarray(mask)
+        if array.ndim != 2:
+            raise ValueError(f"mask must be single-channel class ids, got mode {mask.mode}")
+        resized = Image.fromarray(array.astype(np.int32)).resize(self.size[::-1], Image.NEAREST)
+        labels = torch.from_numpy(np.array(resized)).long()
+        if self.reduce_zero_label:
+            labels = torch.where((labels == 0) | (labels == 255), 255, labels - 1)
+        return labels

@@ -1,0 +1,119 @@
+"""What a run writes about itself: metrics.jsonl, TensorBoard events, HParams, provenance.
+
+`metrics.jsonl` holds one JSON object per log or eval event, always with `step`, flushed as written
+(`tail -f` works). TensorBoard scalars use the same keys as tags (`train/loss`, `val/top1`, ...).
+The HParams summary is written into the run's own event file with the flattened recipe and the
+final metrics — accelerate's `init_trackers(config=...)` would reject nested values and put the
+HParams into a separate run without the metrics. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+TENSORBOARD_DIR = "tensorboard"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog:
+    """Main-process writer of metrics.jsonl and TensorBoard; a no-op on other processes."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            _drop_events_after(self.path, resume_step)  # events of the killed attempt past the checkpoint
+        elif self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
+                                        purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, step)
+
+    def hparams(self, flat_config: Mapping[str, Any], final_metrics: Mapping[str, float]) -> None:
+        """One HParams entry per run: the flattened recipe and its final metrics, in the run's own
+        event file so TensorBoard's HParams tab lines ablations up against their curves."""
+        if not self.enabled or self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(dict(flat_config), dict(final_metrics)):
+            self.writer.file_writer.add_summary(summary)
+        for key, value in final_metrics.items():
+            self.writer.add_scalar(key, value)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _drop_events_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def provenance(accelerator, **extra: Any) -> dict:
+    """Where a result came from: code version, libraries, hardware, parallelism."""
+    import accelerate
+    import datasets
+    import timm
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain")
+    device = accelerator.device
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type,
+        "device_type": device.type,
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        **extra,
+    }

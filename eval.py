@@ -1,0 +1,399 @@
+"""Evaluate a trained run the way the paper does, and compare runs side by side.
+
+    python eval.py --run runs/shapes_specialized [--tasks cls,seg,depth,analysis] [section.key=value ...]
+    accelerate launch eval.py --run <run dir> ...          (several processes; same numbers)
+    python eval.py --compare 'runs/shapes_*' [--baseline runs/shapes_baseline] [--out DIR]
+
+Tasks (recipe keys under `eval:` in recipes/default.yaml; overrides apply to the run's config.yaml):
+  cls       top-1 / top-5 (%) on the validation split with the DeiT-III eval transform
+  seg       linear segmentation probe on frozen patch tokens -> mIoU (%)       (clsvit.probes)
+  depth     linear depth probe on frozen patch tokens -> RMSE (m), abs-rel, delta<1.25 (fraction)
+  analysis  [CLS]/patch cosine similarities and dimension separation per block, PCA maps (clsvit.analysis)
+
+Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, depth.rmse, depth.abs_rel,
+depth.delta1, analysis.<statistic>.<site> = one value per block; results of earlier calls for other
+tasks are kept), TensorBoard scalars (tags cls/top1, seg/miou, depth/rmse, ...) and figures into
+`<run>/tensorboard/`, `<run>/analysis_tokens.png` and `<run>/analysis_pca.png`, and a summary on stdout.
+`--compare` writes compare.md, compare.csv and compare.png (default: next to the runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Subset
+
+from clsvit import analysis, probes
+from clsvit.config import ConfigError, load_config
+from clsvit.data import (DenseDataset, ImageClassDataset, build_eval_loader, build_eval_transform,
+                         load_splits)
+from clsvit.model import build_model, count_parameters, load_run, weights_path
+from clsvit.tracking import TENSORBOARD_DIR, read_metrics
+
+TASKS = ("cls", "seg", "depth", "analysis")
+SPECIALIZED_COMPONENTS = ("norm", "layerscale", "qkv", "proj", "mlp")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--run", help="run directory (config.yaml + model.safetensors)")
+    mode.add_argument("--compare", nargs="+", metavar="RUN", help="run directories or globs to tabulate")
+    parser.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: eval.tasks)")
+    parser.add_argument("--baseline", help="--compare: the run the deltas refer to (default: the unspecialized run)")
+    parser.add_argument("--out", help="--compare: directory for compare.md/.csv/.png (default: the runs' parent)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value (YAML values)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare, baseline=args.baseline, out=args.out)
+    return evaluate_run(Path(args.run), args.tasks, args.overrides)
+
+
+# ============================================================================ one run
+
+
+def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
+    weights_path(run_dir)  # a missing model.safetensors is a one-line error before anything loads
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
+    accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
+    model, _ = load_run(run_dir, device=accelerator.device)
+    seed = cfg["run"]["seed"]
+
+    results, figures, images = {}, {}, {}
+    if "cls" in tasks:
+        results.update(classification(model, cfg, accelerator))
+    if "seg" in tasks:
+        results.update(segmentation(model, cfg, seed, accelerator))
+    if "depth" in tasks:
+        results.update(depth(model, cfg, seed, accelerator))
+    if "analysis" in tasks:
+        stats, pca = token_analysis(model, cfg, accelerator)
+        results.update({f"analysis.{name}.{site}": values for name, per_site in stats.items()
+                        for site, values in per_site.items()})
+        figures["analysis/token_statistics"] = analysis.plot_token_statistics(stats, title=cfg["run"]["name"])
+        images["analysis/pca"] = pca
+
+    if accelerator.is_main_process:
+        write_results(run_dir, results, figures, images)
+        print_summary(run_dir, cfg, results, tasks)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(TASKS)}")
+    return tasks
+
+
+# ---------------------------------------------------------------------------- cls
+
+
+def _classification_val_set(cfg: dict, accelerator):
+    data_cfg = cfg["data"]
+    with accelerator.main_process_first():  # the main process generates / caches the dataset first
+        _, val_hf, found_classes = load_splits(data_cfg)
+    return ImageClassDataset(val_hf, build_eval_transform(cfg), num_classes=cfg["model"]["num_classes"] or found_classes,
+                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"],
+                             max_bad_fraction=data_cfg["max_bad_fraction"])
+
+
+@torch.no_grad()
+def classification(model, cfg: dict, accelerator) -> dict:
+    """Top-1/top-5 (%) over the validation split; `gather_for_metrics` drops the padding of uneven splits."""
+    loader = accelerator.prepare(build_eval_loader(_classification_val_set(cfg, accelerator),
+                                                   cfg["eval"]["batch_per_device"], cfg["data"]))
+    correct1 = correct5 = seen = 0
+    for index, (images, labels) in enumerate(loader):
+        if cfg["eval"]["max_batches"] is not None and index >= cfg["eval"]["max_batches"]:
+            break
+        with accelerator.autocast():
+            logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        hits1, hits5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
+        correct1, correct5 = correct1 + hits1.sum().item(), correct5 + hits5.sum().item()
+        seen += hits1.numel()
+    return {"cls.top1": 100.0 * correct1 / max(seen, 1), "cls.top5": 100.0 * correct5 / max(seen, 1),
+            "cls.images": seen}
+
+
+# ---------------------------------------------------------------------------- seg / depth
+
+
+def _dense_splits(cfg: dict, task: str, column_key: str, accelerator):
+    """(train, val) HF datasets of eval.<task>: the embedded shapes data, or a source of its own."""
+    section = cfg["eval"][task]
+    data_cfg = {**cfg["data"], "source": section["source"], "path": section["path"],
+                "train_split": section["train_split"], "val_split": section["val_split"],
+                "image_column": section["image_column"]}
+    with accelerator.main_process_first():
+        train, val, _ = load_splits(data_cfg) if section["source"] == "shapes" else _load_without_labels(data_cfg)
+    column = section[column_key]
+    for split, dataset in ((section["train_split"], train), (section["val_split"], val)):
+        if column not in dataset.column_names:
+            raise ValueError(f"eval.{task}: dataset {section['source']}:{section['path'] or 'shapes'} split {split!r} "
+                             f"has no {column_key} {column!r} (columns: {', '.join(dataset.column_names)})")
+    return train, val
+
+
+def _load_without_labels(data_cfg: dict):
+    """load_splits minus the class count (dense datasets have no label column)."""
+    from clsvit import data
+
+    loaders = {"hub": lambda: data._load_hub(data_cfg["path"]),
+               "imagefolder": lambda: data._load_imagefolder(data_cfg["path"]),
+               "parquet": lambda: data._load_parquet(data_cfg["path"], [data_cfg["train_split"], data_cfg["val_split"]])}
+    if data_cfg["source"] not in loaders:
+        raise ValueError(f"source must be one of {', '.join(data.SOURCES)}, got {data_cfg['source']!r}")
+    by_split = loaders[data_cfg["source"]]()
+    return (*(data._pick_split(by_split, key, data_cfg[key], data_cfg["path"]) for key in ("train_split", "val_split")),
+            None)
+
+
+def segmentation(model, cfg: dict, seed: int, accelerator) -> dict:
+    section = cfg["eval"]["seg"]
+    train, val = _dense_splits(cfg, "seg", "mask_column", accelerator)
+    num_classes = cfg["data"]["shapes"]["num_classes"] + 1 if section["source"] == "shapes" else section["num_classes"]
+    dense = dict(image_column=section["image_column"], mask_column=section["mask_column"], depth_column=None,
+                 reduce_zero_label=section["reduce_zero_label"])
+    result = probes.run_segmentation_probe(
+        model, DenseDataset(train, section["image_size"], **dense), DenseDataset(val, section["image_size"], **dense),
+        num_classes, probes.ProbeSettings.from_config(section, "eval.seg"), seed=seed)
+    return {"seg.miou": 100.0 * result["miou"]}
+
+
+def depth(model, cfg: dict, seed: int, accelerator) -> dict:
+    section = cfg["eval"]["depth"]
+    train, val = _dense_splits(cfg, "depth", "depth_column", accelerator)
+    dense = dict(image_column=section["image_column"], mask_column=None, depth_column=section["depth_column"],
+                 depth_scale=section["depth_scale"])
+    result = probes.run_depth_probe(
+        model, DenseDataset(train, section["image_size"], **dense), DenseDataset(val, section["image_size"], **dense),
+        probes.ProbeSettings.from_config(section, "eval.depth"), n_bins=section["n_bins"],
+        min_depth=section["min_depth"], max_depth=section["max_depth"], bin_spacing=section["bin_spacing"], seed=seed)
+    return {f"depth.{key}": result[key] for key in ("rmse", "abs_rel", "delta1")}
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def token_analysis(model, cfg: dict, accelerator):
+    """Token statistics over the first eval.analysis.num_images validation images (sharded over
+    processes, sums reduced), and the PCA grid of the first pca_images (main process)."""
+    section = cfg["eval"]["analysis"]
+    val_set = _classification_val_set(cfg, accelerator)
+    count = min(section["num_images"], len(val_set))
+    shard = Subset(val_set, range(accelerator.process_index, count, accelerator.num_processes))
+    loader = build_eval_loader(shard, cfg["eval"]["batch_per_device"], cfg["data"])
+    stats = analysis.analyze_tokens(model, (images for images, _ in loader))
+    pca = None
+    if accelerator.is_main_process and section["pca_images"] > 0:
+        shown = torch.stack([val_set[i][0] for i in range(min(section["pca_images"], len(val_set)))])
+        pca = analysis.pca_grid(shown, analysis.pca_maps(model, shown.to(accelerator.device)))
+    return stats, pca
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def write_results(run_dir: Path, results: dict, figures: dict, images: dict) -> None:
+    """eval.json (merged with earlier results), TensorBoard scalars/figures/images, PNG files."""
+    path = run_dir / "eval.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    tmp = path.with_name(".eval.json.tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, path)
+
+    step = max((line["step"] for line in read_metrics(run_dir)), default=0)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir / TENSORBOARD_DIR)) as writer:
+        for key, value in results.items():
+            if isinstance(value, (int, float)) and not key.endswith(".images"):
+                writer.add_scalar(key.replace(".", "/", 1), value, step)
+        if "analysis/token_statistics" in figures:
+            figures["analysis/token_statistics"].savefig(run_dir / "analysis_tokens.png", dpi=110)
+        for tag, figure in figures.items():
+            writer.add_figure(tag, figure, step)  # closes the figure
+        for tag, image in images.items():
+            if image is not None:
+                writer.add_image(tag, image, step, dataformats="HWC")
+                from PIL import Image
+
+                Image.fromarray(image).save(run_dir / "analysis_pca.png")
+
+
+def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> None:
+    print(f"eval {run_dir}  ({cfg['run']['name']}, {describe_specialization(cfg)})")
+    if "cls" in tasks:
+        print(f"  cls       top-1 {results['cls.top1']:6.2f} %   top-5 {results['cls.top5']:6.2f} %"
+              f"   ({results['cls.images']} images)")
+    if "seg" in tasks:
+        print(f"  seg       mIoU  {results['seg.miou']:6.2f} %")
+    if "depth" in tasks:
+        print(f"  depth     RMSE  {results['depth.rmse']:6.3f} m   abs-rel {results['depth.abs_rel']:.3f}"
+              f"   delta<1.25 {results['depth.delta1']:.3f}")
+    if "analysis" in tasks:
+        for name in ("cos_cls_patch", "cos_patch_patch", "cls_dominant_dims"):
+            for site in ("input", "norm1"):
+                values = " ".join(f"{v:+.2f}" for v in results[f"analysis.{name}.{site}"])
+                print(f"  {name:<18} {site:<6} by block: {values}")
+        print(f"  figures   {run_dir / 'analysis_tokens.png'}, {run_dir / 'analysis_pca.png'}")
+    print(f"  written   {run_dir / 'eval.json'}")
+
+
+# ============================================================================ comparison
+
+
+def describe_specialization(cfg: dict) -> str:
+    """'norm=1 layerscale=1 qkv=0.333' or 'none' (fractions of the blocks or block lists)."""
+    spec = cfg["model"]["specialize"]
+    parts = [f"{key}={spec[key]:.3g}" if isinstance(spec[key], float) else f"{key}={spec[key]}"
+             for key in SPECIALIZED_COMPONENTS if spec[key]]
+    if spec.get("final_norm"):
+        parts.append("final_norm")
+    return " ".join(parts) or "none"
+
+
+def expand_runs(patterns: list[str]) -> list[Path]:
+    runs = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        for match in matches:
+            path = Path(match)
+            if (path / "config.yaml").is_file() and path not in runs:
+                runs.append(path)
+            elif not glob.has_magic(pattern):
+                raise ValueError(f"--compare: {path} is not a run directory (no config.yaml)")
+    if not runs:
+        raise ValueError(f"--compare: no run directories match {' '.join(patterns)}")
+    return runs
+
+
+def run_summary(run_dir: Path) -> dict:
+    """One comparison row's raw values: from config.yaml, provenance.json, eval.json, metrics.jsonl."""
+    cfg = load_config(run_dir / "config.yaml")
+    results = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    provenance = run_dir / "provenance.json"
+    params = json.loads(provenance.read_text()).get("params") if provenance.exists() else None
+    if params is None:  # count without allocating: the architecture alone decides it
+        with torch.device("meta"):
+            params = count_parameters(build_model(cfg["model"], cfg["model"]["num_classes"] or 1000))
+    speeds = [line["train/images_per_s"] for line in read_metrics(run_dir) if "train/images_per_s" in line]
+    return {"run": str(run_dir), "recipe": cfg["run"]["name"], "specialization": describe_specialization(cfg),
+            "unspecialized": describe_specialization(cfg) == "none", "params": int(params),
+            "top1": results.get("cls.top1"), "miou": results.get("seg.miou"), "rmse": results.get("depth.rmse"),
+            "images_per_s": statistics.median(speeds) if speeds else None}
+
+
+def _delta(value, reference):
+    return None if value is None or reference is None else value - reference
+
+
+def compare(patterns: list[str], baseline: str | None = None, out: str | None = None) -> dict:
+    runs = expand_runs(patterns)
+    rows = [run_summary(run) for run in runs]
+    if baseline is not None:
+        matches = [r for r in rows if Path(r["run"]).resolve() == Path(baseline).resolve()]
+        if not matches:
+            rows.append(run_summary(Path(baseline)))
+            matches = rows[-1:]
+        base = matches[0]
+    else:
+        base = next((r for r in rows if r["unspecialized"]), None)
+    for row in rows:
+        row["baseline"] = row is base
+        ref = base or {}
+        row["params_pct"] = (100.0 * (row["params"] / ref["params"] - 1)) if base else None
+        for key in ("top1", "miou", "rmse"):
+            row[f"d_{key}"] = _delta(row[key], ref.get(key))
+    out_dir = Path(out) if out else Path(os.path.commonpath([str(Path(r["run"]).resolve().parent) for r in rows]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    print(table)
+    (out_dir / "compare.md").write_text(table + "\n")
+    write_csv(rows, out_dir / "compare.csv")
+    bar_chart(rows, out_dir / "compare.png")
+    print(f"\nwritten {out_dir / 'compare.md'}, compare.csv, compare.png")
+    return {"rows": rows, "out": str(out_dir)}
+
+
+def _fmt(value, spec: str, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, ("+" if signed else "") + spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ["recipe", "specialization", "params", "Δ params", "top-1 %", "Δ top-1", "mIoU %", "Δ mIoU",
+              "RMSE m", "Δ RMSE", "images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        name = f"**{r['recipe']}** (baseline)" if r["baseline"] else r["recipe"]
+        cells = [name, r["specialization"], f"{r['params'] / 1e6:.2f}M", _fmt(r["params_pct"], ".2f", True) + " %",
+                 _fmt(r["top1"], ".2f"), _fmt(r["d_top1"], ".2f", True), _fmt(r["miou"], ".2f"),
+                 _fmt(r["d_miou"], ".2f", True), _fmt(r["rmse"], ".3f"), _fmt(r["d_rmse"], ".3f", True),
+                 _fmt(r["images_per_s"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = ("run", "recipe", "specialization", "baseline", "params", "params_pct", "top1", "d_top1", "miou",
+               "d_miou", "rmse", "d_rmse", "images_per_s")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    """One panel per metric, one bar per run; the baseline's bar is grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("top1", "top-1 % (higher is better)"), ("miou", "mIoU % (higher is better)"),
+               ("rmse", "RMSE m (lower is better)")]
+    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(rows) * 3, 3.6), constrained_layout=True)
+    names = [r["recipe"] for r in rows]
+    colours = ["0.6" if r["baseline"] else "tab:blue" for r in rows]
+    for ax, (key, title) in zip(axes, metrics):
+        values = [r[key] if r[key] is not None else 0.0 for r in rows]
+        ax.bar(range(len(rows)), values, color=colours)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("CLSVIT_TRACEBACK"):
+            raise
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

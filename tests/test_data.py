@@ -1,0 +1,517 @@
+"""Tests for clsvit.shapes (the embedded dataset) and clsvit.data (loading, transforms, sampling)."""
+
+import io
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import datasets.config
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from filelock import FileLock
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import AutoAugment, RandAugment
+from timm.data.distributed_sampler import RepeatAugSampler
+from torchvision import transforms as T
+
+from clsvit import data as D
+from clsvit.shapes import CLASS_NAMES, FLOOR_FAR_M, FLOOR_NEAR_M, dataset_name, ensure_shapes_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = dict(num_train=120, num_val=40, image_size=32, num_classes=6)
+
+
+@pytest.fixture(autouse=True)
+def offline_hf_cache(tmp_path_factory, monkeypatch):
+    """HF caches go to a temporary directory and nothing is ever downloaded."""
+    cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def shapes_val(shapes_dir):
+    return Dataset.from_parquet(str(shapes_dir / "validation-00000-of-00001.parquet"),
+                                cache_dir=str(shapes_dir.parent / "arrow"))
+
+
+def recipe(**aug):
+    cfg = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
+    cfg["model"]["img_size"] = 32
+    cfg["aug"].update(aug)
+    return cfg
+
+
+def data_cfg(**overrides):
+    cfg = recipe()["data"]
+    cfg.update({"num_workers": 0, **overrides})
+    return cfg
+
+
+def png_bytes(image: Image.Image, fmt="PNG") -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def class_dataset(images, labels, num_classes=3):
+    features = Features(image=ImageFeature(), label=ClassLabel(num_classes=num_classes))
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def random_image(seed, size=(40, 30), mode="RGB"):
+    array = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(array).convert(mode)
+
+
+# ---------------------------------------------------------------- shapes
+
+def test_shapes_generation_is_deterministic_and_timed(tmp_path):
+    start = time.perf_counter()
+    first = ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path / "a")
+    seconds = time.perf_counter() - start
+    second = ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path / "b")
+    per_image_ms = 1000 * seconds / (SHAPES["num_train"] + SHAPES["num_val"])
+    print(f"\nshapes: {SHAPES['num_train'] + SHAPES['num_val']} images at {SHAPES['image_size']} px "
+          f"in {seconds:.2f} s ({per_image_ms:.1f} ms/image)")
+    assert first.name == second.name == dataset_name(**{k: v for k, v in SHAPES.items()}, seed=0)
+    for split in ("train", "validation"):
+        name = f"{split}-00000-of-00001.parquet"
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert per_image_ms < 50  # 5000 + 1000 images must stay well under a minute
+
+
+def test_shapes_64px_generation_speed(tmp_path):
+    start = time.perf_counter()
+    ensure_shapes_dataset(num_train=250, num_val=50, image_size=64, num_classes=10, cache_dir=tmp_path)
+    seconds = time.perf_counter() - start
+    print(f"\nshapes: 300 images at 64 px in {seconds:.2f} s -> 6000 images in ~{seconds * 20:.0f} s")
+    assert seconds * 20 < 60
+
+
+def test_shapes_different_seed_differs(tmp_path, shapes_dir):
+    other = ensure_shapes_dataset(**SHAPES, seed=1, cache_dir=tmp_path)
+    name = "validation-00000-of-00001.parquet"
+    assert (other / name).read_bytes() != (shapes_dir / name).read_bytes()
+
+
+def test_shapes_columns_types_and_ranges(shapes_val):
+    features = shapes_val.features
+    assert features["label"].names == list(CLASS_NAMES[:SHAPES["num_classes"]])
+    assert len(shapes_val) == SHAPES["num_val"]
+    size = SHAPES["image_size"]
+    for row in shapes_val:
+        assert row["image"].mode == "RGB" and row["image"].size == (size, size)
+        assert row["mask"].mode == "L" and row["depth"].mode == "I;16"
+        mask, depth = np.asarray(row["mask"]), np.asarray(row["depth"])
+        assert mask.shape == depth.shape == (size, size)
+        assert depth.dtype == np.uint16
+        assert set(np.unique(mask)) <= set(range(SHAPES["num_classes"] + 1))
+        assert 0 <= row["label"] < SHAPES["num_classes"]
+        assert depth.min() >= 500 and depth.max() <= 4000  # millimetres, none invalid
+
+
+def test_shapes_mask_agrees_with_label(shapes_val):
+    agree = 0
+    for row in shapes_val:
+        counts = np.bincount(np.asarray(row["mask"]).ravel(), minlength=SHAPES["num_classes"] + 1)
+        agree += int(np.argmax(counts[1:]) + 1 == row["label"] + 1)
+        assert counts[row["label"] + 1] >= 0.05 * counts.sum()  # the main shape is big
+    assert agree >= 0.95 * len(shapes_val)
+
+
+def test_shapes_depth_floor_and_shapes_in_front(shapes_val):
+    size = SHAPES["image_size"]
+    floor_mm = np.repeat(np.linspace(FLOOR_FAR_M, FLOOR_NEAR_M, size)[:, None] * 1000, size, axis=1)
+    for row in shapes_val:
+        mask, depth = np.asarray(row["mask"]), np.asarray(row["depth"]).astype(float)
+        background = mask == 0
+        np.testing.assert_allclose(depth[background], floor_mm[background], atol=0.51)
+        assert (depth[~background] < floor_mm[~background]).all()
+    # top row far, bottom row near
+    assert floor_mm[0, 0] == 4000 and floor_mm[-1, 0] == 1500
+
+
+def test_shapes_cache_reuse_and_stale_temp_cleanup(tmp_path):
+    name = dataset_name(**SHAPES, seed=0)
+    stale = tmp_path / "clsvit_shapes" / f".tmp-{name}-killed"
+    stale.mkdir(parents=True)
+    (stale / "train-00000-of-00001.parquet").write_bytes(b"half")
+    target = ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path)
+    assert not stale.exists()
+    assert sorted(p.name for p in target.iterdir()) == [
+        "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+    stamp = (target / "train-00000-of-00001.parquet").stat().st_mtime_ns
+    assert ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path) == target
+    assert (target / "train-00000-of-00001.parquet").stat().st_mtime_ns == stamp
+
+
+def test_shapes_waits_for_the_generating_process(tmp_path):
+    root = tmp_path / "clsvit_shapes"
+    root.mkdir()
+    lock = FileLock(str(root / f"{dataset_name(**SHAPES, seed=0)}.lock"))
+    results = []
+    with lock:  # "another process" is generating
+        waiter = threading.Thread(target=lambda: results.append(ensure_shapes_dataset(**SHAPES, cache_dir=tmp_path)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not results
+    waiter.join(timeout=60)
+    assert results and results[0].is_dir()
+
+
+def test_shapes_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        ensure_shapes_dataset(10, 10, 32, 11)
+
+
+# ---------------------------------------------------------------- load_splits
+
+def test_load_splits_shapes():
+    train, val, num_classes = D.load_splits(data_cfg(source="shapes", shapes=SHAPES))
+    assert (len(train), len(val), num_classes) == (SHAPES["num_train"], SHAPES["num_val"], SHAPES["num_classes"])
+    assert {"image", "label", "mask", "depth"} <= set(train.column_names)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    for split, count in (("train", 3), ("val", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "folder" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = random_image(10 * label + i)
+                image.save(folder / (f"{i}.png" if i % 2 else f"{i}.jpg"))
+    return tmp_path / "folder"
+
+
+def test_load_splits_imagefolder(image_folder):
+    train, val, num_classes = D.load_splits(data_cfg(source="imagefolder", path=str(image_folder)))
+    assert (len(train), len(val), num_classes) == (6, 4, 2)
+    assert train.features["label"].names == ["cat", "dog"]
+    assert sorted(train["label"]) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["prefix", "folders", "glob", "hub_local_dir"])
+def test_load_splits_parquet_layouts(shapes_dir, tmp_path, layout):
+    root = tmp_path / "pq"
+    for split in ("train", "validation"):
+        source = shapes_dir / f"{split}-00000-of-00001.parquet"
+        target = root / split / "part0.parquet" if layout == "folders" else root / "data" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    path = {"prefix": root, "folders": root, "glob": root / "data" / "*.parquet", "hub_local_dir": root}[layout]
+    source = "hub" if layout == "hub_local_dir" else "parquet"
+    train, val, num_classes = D.load_splits(data_cfg(source=source, path=str(path)))
+    assert (len(train), len(val), num_classes) == (SHAPES["num_train"], SHAPES["num_val"], SHAPES["num_classes"])
+
+
+def test_num_classes_without_classlabel(tmp_path):
+    for split, labels in (("train", [0, 4, 2]), ("validation", [1, 6])):
+        Dataset.from_dict({"image": [png_bytes(random_image(i)) for i in range(len(labels))], "label": labels},
+                          features=Features(image=ImageFeature(), label=Value("int64"))
+                          ).to_parquet(str(tmp_path / f"{split}-0.parquet"))
+    assert D.load_splits(data_cfg(source="parquet", path=str(tmp_path)))[2] == 7
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
+def test_load_splits_missing_path(tmp_path, source):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere") as error:
+        D.load_splits(data_cfg(source=source, path=missing))
+    assert "\n" not in str(error.value)
+
+
+def test_load_splits_missing_hub_dataset():
+    with pytest.raises(ValueError, match="nobody-xyz/no-such-dataset"):
+        D.load_splits(data_cfg(source="hub", path="nobody-xyz/no-such-dataset"))
+
+
+def test_load_splits_missing_split(shapes_dir, image_folder):
+    with pytest.raises(ValueError, match="'test'.*train, validation") as error:
+        D.load_splits(data_cfg(source="parquet", path=str(shapes_dir), val_split="test"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="data.train_split 'training'.*train, validation"):
+        D.load_splits(data_cfg(source="imagefolder", path=str(image_folder), train_split="training"))
+
+
+def test_load_splits_missing_column(shapes_dir):
+    with pytest.raises(ValueError, match="'img'.*image, label, mask, depth") as error:
+        D.load_splits(data_cfg(source="parquet", path=str(shapes_dir), image_column="img"))
+    assert "data.image_column" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="data.label_column 'target'"):
+        D.load_splits(data_cfg(source="parquet", path=str(shapes_dir), label_column="target"))
+
+
+def test_load_splits_unknown_source():
+    with pytest.raises(ValueError, match="webdataset"):
+        D.load_splits(data_cfg(source="webdataset"))
+
+
+# ---------------------------------------------------------------- transforms
+
+def test_train_transform_three_augment():
+    transform = D.build_train_transform(recipe())
+    output = transform(random_image(0))
+    assert output.shape == (3, 32, 32) and output.dtype == torch.float32
+    kinds = [type(t) for t in transform.transforms]
+    assert AutoAugment in kinds and T.ColorJitter in kinds and RandAugment not in kinds
+    three_augment = next(t for t in transform.transforms if isinstance(t, AutoAugment))
+    ops = {op.name for sub_policy in three_augment.policy for op in sub_policy}
+    assert ops == {"Solarize", "Desaturate", "GaussianBlurRand"}
+    crop = transform.transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.size == (32, 32)
+
+
+def test_train_transform_rand_augment_and_exclusivity():
+    transform = D.build_train_transform(recipe(three_augment=False, rand_augment="rand-m9-mstd0.5-inc1",
+                                               crop_scale=[0.5, 1.0]))
+    kinds = [type(t) for t in transform.transforms]
+    assert RandAugment in kinds and AutoAugment not in kinds
+    assert transform.transforms[0].scale == (0.5, 1.0)
+    assert transform(random_image(1)).shape == (3, 32, 32)
+    plain = D.build_train_transform(recipe(three_augment=False, color_jitter=0.0, hflip=0.0))
+    assert [type(t).__name__ for t in plain.transforms] == [
+        "RandomResizedCropAndInterpolation", "MaybeToTensor", "Normalize"]
+    with pytest.raises(ValueError, match="three_augment"):
+        D.build_train_transform(recipe(rand_augment="rand-m9-mstd0.5-inc1"))
+
+
+def test_eval_transform_matches_timm():
+    image = random_image(2, size=(50, 37))
+    expected = create_transform(32, is_training=False, crop_pct=1.0, interpolation="bicubic")(image)
+    assert torch.equal(D.build_eval_transform(recipe())(image), expected)
+
+
+# ---------------------------------------------------------------- ImageClassDataset
+
+@pytest.fixture
+def train_dataset():
+    images = [png_bytes(random_image(i)) for i in range(6)]
+    return D.ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1, 2]), D.build_train_transform(recipe()),
+                               num_classes=3)
+
+
+def rng_states():
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
+
+
+def test_seeded_sample_is_reproducible(train_dataset):
+    first, label = train_dataset[(2, 1234)]
+    random.random(), np.random.rand(), torch.rand(3)
+    again, _ = train_dataset[(2, 1234)]
+    other, _ = train_dataset[(2, 1235)]
+    assert label == 2
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    unseeded = [train_dataset[2][0] for _ in range(3)]
+    assert not all(torch.equal(unseeded[0], x) for x in unseeded[1:])
+
+
+def test_seeded_sample_leaves_caller_rng_alone(train_dataset):
+    before = rng_states()
+    train_dataset[(1, 99)]
+    after = rng_states()
+    assert before[0] == after[0]
+    assert np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+
+
+def test_label_out_of_range_names_index():
+    images = [png_bytes(random_image(i)) for i in range(3)]
+    dataset = D.ImageClassDataset(class_dataset(images, [0, 5, 1], num_classes=6), T.ToTensor(), num_classes=3)
+    assert dataset[0][1] == 0
+    with pytest.raises(ValueError, match="sample 1: label 5"):
+        dataset[1]
+
+
+def test_image_modes_decode_to_rgb():
+    base = random_image(3)
+    ramp16 = Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16))
+    images = [png_bytes(base.convert("CMYK"), "JPEG"), png_bytes(base.convert("P")), png_bytes(base.convert("L")),
+              png_bytes(ramp16), png_bytes(base.convert("RGBA")), png_bytes(base.convert("LA"))]
+    dataset = D.ImageClassDataset(class_dataset(images, [0] * len(images)), T.ToTensor(), num_classes=3)
+    for i in range(len(images)):
+        tensor, _ = dataset[i]
+        assert tensor.shape == (3, 30, 40), i
+    sixteen = dataset[3][0]
+    expected = torch.from_numpy((np.asarray(ramp16).astype(np.int64) >> 8).astype(np.float32) / 255)
+    assert torch.allclose(sixteen[0], expected)  # scaled to 8 bits, not clipped white
+
+
+def test_undecodable_images(recwarn):
+    images = [png_bytes(random_image(0)), {"bytes": b"not an image", "path": None}, png_bytes(random_image(2))]
+    strict = D.ImageClassDataset(class_dataset(images, [0, 1, 2]), T.ToTensor(), num_classes=3)
+    with pytest.raises(ValueError, match="sample 1"):
+        strict[1]
+    tolerant = D.ImageClassDataset(class_dataset(images, [0, 1, 2]), T.ToTensor(), num_classes=3,
+                                   max_bad_fraction=0.5)
+    assert tolerant[1][1] == 2  # replaced by the next sample
+    assert any("sample 1" in str(w.message) for w in recwarn)
+
+
+# ---------------------------------------------------------------- TrainSampler
+
+def sampler_output(n, **kwargs):
+    return list(D.TrainSampler(n, **kwargs))
+
+
+def test_repeated_aug_matches_timm():
+    n, replicas, seed, epoch = 600, 2, 7, 3
+    per_rank = []
+    for rank in range(replicas):
+        sampler = D.TrainSampler(n, num_replicas=replicas, rank=rank, seed=seed, repeats=3)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+        reference = RepeatAugSampler(range(n), num_replicas=replicas, rank=rank, num_repeats=3)
+        reference.set_epoch(seed + epoch)
+        assert [index for index, _ in per_rank[-1]] == list(reference)
+        assert len(sampler) == len(reference) == 600 // 256 * 256 // replicas
+    # independent check of the selection: the first 2 * 256 entries of the repeated permutation
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    repeated = torch.repeat_interleave(permutation, 3)[:2 * 256].tolist()
+    assert Counter(i for rank in per_rank for i, _ in rank) == Counter(repeated)
+    assert per_rank[0][:2] != per_rank[1][:2]
+    # all copies of an image get different augmentation seeds
+    seeds_by_index = {}
+    for rank in per_rank:
+        for index, sample_seed in rank:
+            seeds_by_index.setdefault(index, []).append(sample_seed)
+    assert all(len(set(s)) == len(s) for s in seeds_by_index.values())
+    assert max(len(s) for s in seeds_by_index.values()) == 3
+
+
+def test_single_process_is_a_permutation_and_repeats_inactive():
+    out = sampler_output(50, num_replicas=1, rank=0, seed=0, repeats=3)
+    assert sorted(i for i, _ in out) == list(range(50))
+    assert len(D.TrainSampler(50, num_replicas=1, rank=0, seed=0)) == 50
+
+
+def test_no_repeats_is_padded_strided_split():
+    outputs = [sampler_output(10, num_replicas=3, rank=r, seed=1, repeats=1) for r in range(3)]
+    assert [len(o) for o in outputs] == [4, 4, 4]
+    permutation = torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
+    padded = permutation + permutation[:2]
+    for rank, out in enumerate(outputs):
+        assert [i for i, _ in out] == padded[rank::3]
+    ordered = sampler_output(6, num_replicas=2, rank=1, seed=0, repeats=1, shuffle=False)
+    assert [i for i, _ in ordered] == [1, 3, 5]
+
+
+def test_sampler_epochs_determinism_and_resume():
+    sampler = D.TrainSampler(40, num_replicas=2, rank=1, seed=3)
+    epoch0 = list(sampler)
+    assert list(sampler) == epoch0 == sampler_output(40, num_replicas=2, rank=1, seed=3)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert [i for i, _ in epoch1] != [i for i, _ in epoch0]
+    assert [s for _, s in epoch1] != [s for _, s in epoch0]
+    sampler.set_start(7)
+    assert list(sampler) == epoch1[7:]
+    assert list(sampler) == epoch1  # one-shot
+    assert len(sampler) == len(epoch1) == 20
+    with pytest.raises(ValueError, match="start position"):
+        sampler.set_start(21)
+    with pytest.raises(ValueError, match="rank"):
+        D.TrainSampler(40, num_replicas=2, rank=2, seed=0)
+
+
+def test_loader_is_worker_independent_and_resumable():
+    images = [png_bytes(random_image(i, size=(24, 24))) for i in range(24)]
+    dataset = D.ImageClassDataset(class_dataset(images, [i % 3 for i in range(24)]),
+                                  D.build_train_transform(recipe()), num_classes=3)
+
+    def batches(num_workers, start=0):
+        sampler = D.TrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
+        sampler.set_epoch(2)
+        sampler.set_start(start)
+        loader = D.build_train_loader(dataset, sampler, 4, data_cfg(num_workers=num_workers))
+        return list(loader)
+
+    torch_state = torch.get_rng_state()
+    reference = batches(0)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the loader did not draw from the global RNG
+    assert len(reference) == 6 and reference[0][0].shape == (4, 3, 32, 32)
+    for ours, theirs in zip(batches(2), reference):
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    for ours, theirs in zip(batches(0, start=8), reference[2:], strict=True):
+        assert torch.equal(ours[0], theirs[0])
+
+
+def test_eval_loader_is_sequential_and_keeps_last_batch():
+    images = [png_bytes(random_image(i, size=(32, 32))) for i in range(5)]
+    dataset = D.ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1]), D.build_eval_transform(recipe()),
+                                  num_classes=3)
+    loader = D.build_eval_loader(dataset, 2, data_cfg())
+    labels = torch.cat([y for _, y in loader])
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    options = D._loader_options(data_cfg(num_workers=3))
+    assert options["prefetch_factor"] == 2 and options["persistent_workers"] is True
+    assert "prefetch_factor" not in D._loader_options(data_cfg(num_workers=0))
+
+
+# ---------------------------------------------------------------- DenseDataset
+
+def dense_dataset(mask_values=None):
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[10:20, 30:50] = 255
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 30:50] = 3
+    if mask_values is not None:
+        mask[:2, :4] = np.array(mask_values, np.uint8)
+    depth = np.full((40, 60), 4000, np.uint16)
+    depth[10:20, 30:50] = 2000
+    features = Features(image=ImageFeature(), mask=ImageFeature(), depth=ImageFeature())
+    return Dataset.from_dict({"image": [png_bytes(Image.fromarray(image))], "mask": [png_bytes(Image.fromarray(mask))],
+                              "depth": [png_bytes(Image.fromarray(depth))]}, features=features)
+
+
+def test_dense_dataset_alignment():
+    sample = D.DenseDataset(dense_dataset(), (20, 30))[0]
+    assert sample["image"].shape == (3, 20, 30) and sample["image"].dtype == torch.float32
+    assert sample["mask"].shape == (20, 30) and sample["mask"].dtype == torch.int64
+    assert sample["depth"].shape == (20, 30) and sample["depth"].dtype == torch.float32
+    bright = sample["image"].mean(0) > 0.5  # normalised white vs black
+    expected = torch.zeros(20, 30, dtype=torch.bool)
+    expected[5:10, 15:25] = True
+    assert torch.equal(sample["mask"] == 3, expected)
+    assert torch.equal(bright, expected)
+    assert torch.equal(sample["depth"], torch.where(expected, 2.0, 4.0))
+    assert set(sample["mask"].unique().tolist()) == {0, 3}
+
+
+def test_dense_dataset_reduce_zero_label_and_optional_columns():
+    values = [[0, 1, 150, 255], [0, 1, 150, 255]]
+    kept = D.DenseDataset(dense_dataset(values), (40, 60), depth_column=None)[0]
+    assert set(kept) == {"image", "mask"}
+    assert kept["mask"][:2, :4].tolist() == values
+    reduced = D.DenseDataset(dense_dataset(values), (40, 60), mask_column="mask", reduce_zero_label=True)[0]
+    assert reduced["mask"][:2, :4].tolist() == [[255, 0, 149, 255]] * 2
+    assert reduced["mask"][15, 40] == 2 and reduced["mask"][0, 10] == 255
+
+
+def test_dense_dataset_missing_column():
+    with pytest.raises(ValueError, match="'annotation'.*image, mask, depth"):
+        D.DenseDataset(dense_dataset(), 16, mask_column="annotation")
+
+
+def test_dense_dataset_on_shapes(shapes_val):
+    dense = D.DenseDataset(shapes_val, 24)
+    sample = dense[0]
+    assert sample["mask"].max() <= SHAPES["num_classes"]
+    assert 1.0 < sample["depth"].max() <= FLOOR_FAR_M and sample["depth"].min() > 0

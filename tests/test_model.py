@@ -1,0 +1,536 @@
+"""clsvit.model checked against timm itself: a clone-initialised specialized model must compute
+exactly what the timm model computes, the global-token copies must only touch the global rows, and
+timm's model API (state dicts, grad checkpointing, optimizer groups, torch.compile) must keep working.
+No expected logits are written by hand: the reference is always timm's own model."""
+
+import copy
+import re
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import DropPath, LayerScale, resample_abs_pos_embed
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from clsvit import COMPONENTS, PAPER_DEFAULT, create_model, specialize
+from clsvit.config import load_config, save_config
+from clsvit.model import block_indices, build_model, count_parameters, load_pretrained, load_run, set_uniform_drop_path
+
+EVERYTHING = {"norm": 1.0, "layerscale": 1.0, "qkv": 1.0, "proj": 1.0, "mlp": 1.0, "final_norm": True}
+EVERYTHING_NO_FINAL = {**EVERYTHING, "final_norm": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread buys nothing, and on a busy machine every op
+    then waits for a descheduled thread (~8 ms per op, 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights of a realistic scale, different in every module. timm's own init makes every
+    LayerNorm 1/0 and DeiT-III's LayerScale 1e-6, which would hide a copy applied in the wrong place
+    (and make every block nearly the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:  # Linear / conv weights, cls/reg tokens, pos_embed
+                param.normal_(0.0, 0.02, generator=generator)
+            elif name.endswith("gamma"):  # LayerScale
+                param.uniform_(0.2, 0.6, generator=generator)
+            elif name.endswith("weight"):  # LayerNorm scale
+                param.normal_(1.0, 0.1, generator=generator)
+            else:  # biases
+                param.normal_(0.0, 0.05, generator=generator)
+    return model
+
+
+def random_timm_model(arch: str, **kwargs) -> nn.Module:
+    """A full-size timm model with random weights, built on the meta device (timm's trunc-normal
+    init of ViT-L's 300M parameters alone takes ~15 s on two cores)."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, **kwargs)
+    assert not list(model.buffers())  # to_empty() would leave buffers uninitialised
+    return randomize_(model.to_empty(device="cpu"))
+
+
+def tiny_vit(arch: str = "deit3_small_patch16_224", seed: int = 0, **kwargs) -> nn.Module:
+    kwargs = {"img_size": 32, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 10,
+              "init_values": 0.1, **kwargs}
+    return randomize_(timm.create_model(arch, **kwargs), seed)
+
+
+def images(size: int = 32, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def global_copy_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> the specialized module (the one that owns a `global_copy`)."""
+    return {name: module for name, module in model.named_modules() if hasattr(module, "global_copy")}
+
+
+def every_output(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits, features and every intermediate layer through timm's public API."""
+    out = {"logits": model(x), "forward_features": model.forward_features(x)}
+    final, intermediates = model.forward_intermediates(
+        x, norm=True, return_prefix_tokens=True, output_fmt="NLC")
+    out["forward_intermediates.final"] = final
+    for i, (patches, prefix) in enumerate(intermediates):
+        out[f"forward_intermediates.{i}.patches"] = patches
+        out[f"forward_intermediates.{i}.prefix"] = prefix
+    for i, layer in enumerate(model.get_intermediate_layers(x, n=2, reshape=True)):
+        out[f"get_intermediate_layers.{i}"] = layer
+    return out
+
+
+def block_outputs(model: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    outputs = []
+    handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out)) for block in model.blocks]
+    with torch.no_grad():
+        model.forward_features(x, attn_mask=attn_mask)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def assert_unchanged(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0.0, atol=1e-6)
+
+
+def assert_changed(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a - b).abs().max() > 1e-3
+
+
+def assert_every_token_changed(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Each token (dim 1) changed: a copy applied to [CLS] but not to the registers fails this."""
+    assert ((a - b).abs().amax(dim=(0, 2)) > 1e-3).all()
+
+
+# --- a clone-initialised specialized model is the timm model -----------------------------------
+
+EQUIVALENCE_CASES = [
+    ("deit3_small_patch16_224", {}, PAPER_DEFAULT),
+    ("deit3_base_patch16_224", {}, PAPER_DEFAULT),
+    ("deit3_large_patch16_224", {}, PAPER_DEFAULT),
+    ("deit3_small_patch16_224", {"reg_tokens": 4}, PAPER_DEFAULT),  # [CLS] + 4 registers
+    ("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, PAPER_DEFAULT),  # registers only, avg pool
+    ("deit3_small_patch16_224", {}, EVERYTHING),
+    ("deit3_small_patch16_224", {"reg_tokens": 4}, EVERYTHING),
+    ("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, EVERYTHING_NO_FINAL),
+]
+
+
+@pytest.mark.parametrize("arch, kwargs, components", EQUIVALENCE_CASES,
+                         ids=[f"{a}-{k}-{'paper' if c is PAPER_DEFAULT else 'everything'}"
+                              for a, k, c in EQUIVALENCE_CASES])
+def test_clone_specialization_computes_the_timm_model(arch, kwargs, components):
+    model = random_timm_model(arch, img_size=32, **kwargs)
+    x = images(32)
+    with torch.no_grad():
+        reference = {mode: every_output(model.train(mode), x) for mode in (True, False)}
+        base_count = count_parameters(model)
+        specialize(model, **components)  # in place: the copies are cloned from these very weights
+        assert count_parameters(model) > base_count
+        for mode in (True, False):
+            outputs = every_output(model.train(mode), x)
+            assert outputs.keys() == reference[mode].keys()
+            for key, expected in reference[mode].items():
+                assert expected.abs().max() > 1e-2, key  # a 1e-5 tolerance means something
+                assert (outputs[key] - expected).abs().max() <= 1e-5, (key, mode)
+
+
+# --- the copies act on the global rows only ----------------------------------------------------
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_mlp_copy_changes_global_tokens_and_leaves_that_blocks_patches_alone(reg_tokens):
+    model = specialize(tiny_vit(reg_tokens=reg_tokens), mlp=[1])
+    n = model.num_prefix_tokens
+    x = images()
+    before = block_outputs(model, x)
+    with torch.no_grad():
+        model.blocks[1].mlp.global_copy.fc2.bias.add_(1.0)
+        model.blocks[1].mlp.global_copy.fc1.weight.mul_(1.5)
+    after = block_outputs(model, x)
+    assert_unchanged(after[0], before[0])
+    assert_every_token_changed(after[1][:, :n], before[1][:, :n])  # [CLS] and registers
+    assert_unchanged(after[1][:, n:], before[1][:, n:])  # patches of block 1
+    assert_changed(after[2][:, n:], before[2][:, n:])  # block 2's patches attend to the new [CLS]
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_qkv_copy_reaches_patches_only_through_attention(reg_tokens):
+    model = specialize(tiny_vit(reg_tokens=reg_tokens), qkv=[1])
+    n, d = model.num_prefix_tokens, model.embed_dim
+    copy_weight = model.blocks[1].attn.qkv.global_copy.weight
+    x = images()
+    seq_len = n + model.patch_embed.num_patches
+    patches_blind = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    patches_blind[n:, :n] = False  # patch queries may not attend to global keys
+    before, before_blind = block_outputs(model, x), block_outputs(model, x, patches_blind)
+    noise = 0.5 * torch.randn(3 * d, d, generator=torch.Generator().manual_seed(2))
+
+    def perturbed(rows: slice, attn_mask=None):
+        saved = copy_weight.detach().clone()
+        with torch.no_grad():
+            copy_weight[rows] += noise[rows]
+        outputs = block_outputs(model, x, attn_mask)
+        with torch.no_grad():
+            copy_weight.copy_(saved)
+        return outputs
+
+    # the global tokens' queries: only their own rows can change
+    after = perturbed(slice(0, d))
+    assert_every_token_changed(after[1][:, :n], before[1][:, :n])
+    assert_unchanged(after[1][:, n:], before[1][:, n:])
+    # their keys or values: the patches see them through the joint softmax...
+    for rows in (slice(d, 2 * d), slice(2 * d, 3 * d)):
+        after = perturbed(rows)
+        assert_unchanged(after[0], before[0])
+        assert_changed(after[1][:, n:], before[1][:, n:])
+    # ...and only through it: with patch->global attention masked, nothing reaches the patches
+    after = perturbed(slice(0, 3 * d), patches_blind)
+    assert_every_token_changed(after[1][:, :n], before_blind[1][:, :n])
+    assert_unchanged(after[1][:, n:], before_blind[1][:, n:])
+
+
+# --- parameter counts --------------------------------------------------------------------------
+
+def meta_model(arch: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(arch, **kwargs)
+
+
+@pytest.mark.parametrize("arch, expected_percent", [
+    ("deit3_small_patch16_224", 8.17), ("deit3_base_patch16_224", 8.25), ("deit3_large_patch16_224", 8.32)])
+def test_paper_default_parameter_overhead(arch, expected_percent):
+    model = meta_model(arch, num_classes=1000)
+    base = count_parameters(model)
+    specialize(model, **PAPER_DEFAULT)
+    assert round(100 * (count_parameters(model) / base - 1), 2) == expected_percent
+
+
+def per_block_count(component: str, d: int, h: int) -> int:
+    return {"norm": 4 * d, "layerscale": 2 * d, "qkv": 3 * d * d + 3 * d, "proj": d * d + d,
+            "mlp": 2 * d * h + h + d}[component]
+
+
+@pytest.mark.parametrize("arch", ["deit3_small_patch16_224", "deit3_large_patch16_224"])
+def test_every_component_count_matches_its_closed_form(arch):
+    base = meta_model(arch)
+    d, depth = base.embed_dim, len(base.blocks)
+    h = base.blocks[0].mlp.fc1.out_features
+    base_count = count_parameters(base)
+    for component in COMPONENTS:
+        for value in (0.0, 1 / 4, 1 / 3, 1 / 2, 1.0, [0, 5], [depth - 1], [3, 1, 3]):
+            blocks = round(value * depth) if isinstance(value, float) else len(set(value))
+            model = specialize(copy.deepcopy(base), **{component: value})
+            assert count_parameters(model) - base_count == blocks * per_block_count(component, d, h), \
+                (component, value)
+    model = specialize(copy.deepcopy(base), final_norm=True)
+    assert count_parameters(model) - base_count == 2 * d
+
+
+# --- block selection ---------------------------------------------------------------------------
+
+def test_fractions_count_blocks_from_the_input():
+    assert block_indices(1 / 3, 12, "qkv") == [0, 1, 2, 3]
+    assert block_indices(1 / 3, 24, "qkv") == list(range(8))
+    assert block_indices(0.3, 12, "qkv") == [0, 1, 2, 3]  # rounded (3.6 -> 4), not floored
+    assert block_indices(0.0, 12, "qkv") == [] and block_indices(1.0, 12, "qkv") == list(range(12))
+    assert block_indices(1, 12, "qkv") == list(range(12))
+    assert block_indices([5, 0, 5], 12, "qkv") == [0, 5]
+    model = specialize(meta_model("deit3_large_patch16_224"), qkv=1 / 3, proj=[2, 7])
+    assert set(global_copy_modules(model)) == (
+        {f"blocks.{i}.attn.qkv" for i in range(8)} | {"blocks.2.attn.proj", "blocks.7.attn.proj"})
+
+
+def test_specialize_is_idempotent():
+    model = specialize(tiny_vit(), **PAPER_DEFAULT)
+    x = images()
+    with torch.no_grad():
+        model.blocks[0].norm1.global_copy.weight.mul_(2.0)  # copies no longer equal the shared weights
+    state, expected = copy.deepcopy(model.state_dict()), model(x)
+    assert specialize(model, **PAPER_DEFAULT) is model
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # copies not re-cloned
+    assert all(len(m._forward_hooks) == 1 for m in global_copy_modules(model).values())
+    assert torch.equal(model(x), expected)
+    specialize(model, **EVERYTHING)  # adds only what is missing
+    assert count_parameters(model) == count_parameters(specialize(tiny_vit(), **EVERYTHING))
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_gradients_split_exactly_between_shared_weights_and_copies(reg_tokens):
+    """With clone init, d(loss)/d(shared) + d(loss)/d(copy) is the timm model's gradient (the patch
+    rows' part and the global rows' part of the same sum), and each copy gets a gradient."""
+    vanilla = tiny_vit(reg_tokens=reg_tokens)
+    model = specialize(copy.deepcopy(vanilla), **EVERYTHING)
+    x = images()
+    head_weights = torch.randn(10, generator=torch.Generator().manual_seed(3))
+    for m in (vanilla, model):
+        (m(x) @ head_weights).sum().backward()  # [CLS]-pooled loss
+    vanilla_grads = {name: p.grad for name, p in vanilla.named_parameters()}
+    specialized = global_copy_modules(model)
+    assert len(specialized) == 7 * 4 + 1
+    for name, param in model.named_parameters():
+        if ".global_copy." in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if owner in specialized:  # shared weights of a specialized module
+            twin = specialized[owner].global_copy.get_parameter(name.rsplit(".", 1)[1])
+            torch.testing.assert_close(param.grad + twin.grad, vanilla_grads[name], rtol=1e-4, atol=1e-7)
+        elif owner.rsplit(".", 1)[0] in specialized:  # mlp.fc1 / mlp.fc2
+            module, child = owner.rsplit(".", 1)
+            twin = specialized[module].global_copy.get_submodule(child).get_parameter(name.rsplit(".", 1)[1])
+            torch.testing.assert_close(param.grad + twin.grad, vanilla_grads[name], rtol=1e-4, atol=1e-7)
+        else:  # embeddings, tokens, head: untouched by the split
+            torch.testing.assert_close(param.grad, vanilla_grads[name], rtol=1e-4, atol=1e-7)
+
+
+# --- fresh initialisation ----------------------------------------------------------------------
+
+def test_fresh_copies_follow_timm_init_and_leave_shared_weights_alone():
+    model = tiny_vit(embed_dim=128, init_values=0.1)  # random "trained" shared weights
+    shared_before = copy.deepcopy(model.state_dict())
+    specialize(model, **EVERYTHING, init="fresh")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in shared_before.items())
+    for name, module in global_copy_modules(model).items():
+        for child_name, child in module.global_copy.named_modules():
+            if isinstance(child, nn.LayerNorm):
+                assert torch.equal(child.weight, torch.ones_like(child.weight)), name
+                assert torch.equal(child.bias, torch.zeros_like(child.bias)), name
+            elif isinstance(child, LayerScale):
+                assert torch.equal(child.gamma, torch.full_like(child.gamma, 0.1)), name
+            elif isinstance(child, nn.Linear):
+                assert abs(child.weight.std().item() - 0.02) < 0.001, name
+                assert abs(child.weight.mean().item()) < 0.001, name
+                assert torch.equal(child.bias, torch.zeros_like(child.bias)), name
+        for key, value in module.global_copy.state_dict().items():
+            assert not torch.equal(value, module.state_dict()[key]), (name, key)
+
+
+# --- state dicts -------------------------------------------------------------------------------
+
+def test_specialized_state_dict_round_trips_through_safetensors(tmp_path):
+    model = randomize_(specialize(tiny_vit(), **EVERYTHING), seed=5)  # copies differ from shared
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    fresh = specialize(tiny_vit(seed=6), **EVERYTHING)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    x = images()
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_vanilla_state_dict_loads_strictly_and_fills_the_copies():
+    vanilla = tiny_vit(seed=7).eval()
+    model = specialize(tiny_vit(seed=8), **EVERYTHING, init="fresh").eval()
+    model.load_state_dict(vanilla.state_dict(), strict=True)
+    for name, module in global_copy_modules(model).items():
+        for key, value in module.global_copy.state_dict().items():
+            assert torch.equal(value, module.state_dict()[key]), (name, key)
+    x = images()
+    assert (model(x) - vanilla(x)).abs().max() <= 1e-5
+    # a deep copy keeps its own working load hook
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(tiny_vit(seed=9).state_dict(), strict=True)
+
+
+def test_specialized_state_dict_does_not_fit_a_vanilla_model():
+    model = specialize(tiny_vit(), **PAPER_DEFAULT)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*global_copy"):
+        tiny_vit().load_state_dict(model.state_dict())
+
+
+# --- timm's model API --------------------------------------------------------------------------
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+    model = specialize(tiny_vit(), **EVERYTHING)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    calls = []
+    checkpointed.blocks[0].norm1.register_forward_hook(lambda *args: calls.append(1))
+    x = images()
+    outputs = []
+    for m in (model, checkpointed):
+        out = m.train()(x)
+        out.square().sum().backward()
+        outputs.append(out)
+    assert len(calls) == 2  # recomputed in backward: the checkpointed path really ran
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_optimizer_groups_treat_copies_like_their_shared_twins():
+    model = specialize(tiny_vit(reg_tokens=4), **EVERYTHING)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"pos_embed", "cls_token", "reg_token"} <= model.no_weight_decay()
+
+    optimizer = create_optimizer_v2(model, "lamb", weight_decay=0.05)
+    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    copies = [n for n in names.values() if ".global_copy." in n]
+    assert {n for n in copies if model.get_parameter(n).ndim == 1} <= no_decay
+    assert {n for n in copies if model.get_parameter(n).ndim == 2} <= decay
+    assert "blocks.0.attn.qkv.global_copy.weight" in decay and "norm.global_copy.weight" in no_decay
+
+    # group_matcher puts every copy in its block's group (the final norm's copy with the final norm)
+    groups = group_parameters(model, model.group_matcher())
+    group_of = {name: g for g, members in groups.items() for name in members}
+    assert group_of.keys() == set(names.values())
+    for name in copies:
+        assert group_of[name] == group_of[name.replace("global_copy.", "")], name
+    # ...so layer-wise lr decay scales each copy like its twin
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    lr_scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(set(lr_scale.values())) == len(model.blocks) + 2
+    for name in copies:
+        assert lr_scale[name] == lr_scale[name.replace("global_copy.", "")], name
+
+
+def test_drop_path_is_uniform_across_blocks():
+    kwargs = {"img_size": 32, "embed_dim": 32, "depth": 4, "num_heads": 2}
+    model = create_model("deit3_small_patch16_224", drop_path=0.2, specialize=PAPER_DEFAULT, **kwargs)
+    rates = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks]
+    assert rates == [(0.2, 0.2)] * 4
+    linear = timm.create_model("deit3_small_patch16_224", drop_path_rate=0.2, **kwargs)
+    assert isinstance(linear.blocks[0].drop_path1, nn.Identity)  # timm's rises from 0: not DeiT-III
+    set_uniform_drop_path(model, 0.0)
+    assert all(isinstance(b.drop_path1, nn.Identity) and isinstance(b.drop_path2, nn.Identity) for b in model.blocks)
+    set_uniform_drop_path(linear, 0.1)
+    assert all(isinstance(b.drop_path2, DropPath) and b.drop_path2.drop_prob == 0.1 for b in linear.blocks)
+    with pytest.raises(ValueError, match="^drop_path_rate"):
+        create_model("deit3_small_patch16_224", drop_path_rate=0.2, **kwargs)
+    with pytest.raises(ValueError, match="^drop_path"):
+        set_uniform_drop_path(model, 1.0)
+
+
+def test_create_model_applies_layerscale_init_and_specialization():
+    model = create_model("deit3_small_patch16_224", img_size=32, embed_dim=32, depth=3, num_heads=2,
+                         layerscale_init=1e-4, specialize={**PAPER_DEFAULT, "qkv": [2]})
+    assert torch.equal(model.blocks[1].ls2.gamma, torch.full((32,), 1e-4))
+    assert set(global_copy_modules(model)) == (
+        {f"blocks.{i}.{p}" for i in range(3) for c in ("norm", "layerscale") for p in COMPONENTS[c]}
+        | {"blocks.2.attn.qkv"})
+
+
+def test_torch_compile_has_no_graph_breaks_and_matches_eager():
+    model = specialize(tiny_vit(embed_dim=32, depth=2, reg_tokens=2), **EVERYTHING).eval()
+    x = images()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model)(x)
+    assert (compiled - expected).abs().max() <= 1e-5
+
+
+# --- bad arguments -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"norm": 1.5}, r"^norm: fraction 1.5"),
+    ({"qkv": -0.1}, r"^qkv: fraction"),
+    ({"qkv": [0, 4]}, r"^qkv: block index 4"),
+    ({"mlp": [-1]}, r"^mlp: block index -1"),
+    ({"proj": [1.0]}, r"^proj: block index 1.0"),
+    ({"layerscale": True}, r"^layerscale:"),
+    ({"qkv": "all"}, r"^qkv:"),
+    ({"nrom": 1.0}, r"unknown component 'nrom'; did you mean 'norm'"),
+    ({"init": "zeros"}, r"^init: expected one of"),
+])
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        specialize(tiny_vit(), **kwargs)
+
+
+def test_models_that_cannot_be_specialized_are_refused():
+    with pytest.raises(ValueError, match=r"^model: .*Linear"):
+        specialize(nn.Linear(4, 4), norm=1.0)
+    with pytest.raises(ValueError, match=r"^arch: 'resnet10t' is a ResNet"):
+        create_model("resnet10t")
+    with pytest.raises(ValueError, match=r"^arch: "):
+        create_model("no_such_vit_patch16")
+    with pytest.raises(ValueError, match=r"^model: .*no global tokens"):
+        specialize(tiny_vit(class_token=False, global_pool="avg"), norm=1.0)
+    no_layerscale = timm.create_model("vit_small_patch16_224", img_size=32, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=r"^layerscale: blocks.0.ls1 is an Identity"):
+        specialize(no_layerscale, layerscale=1.0)
+    specialize(no_layerscale, norm=1.0, qkv=1 / 2)  # the other components are fine
+    pooled = tiny_vit("vit_little_patch16_reg4_gap_256")
+    with pytest.raises(ValueError, match=r"^final_norm: "):
+        specialize(pooled, final_norm=True)
+
+
+# --- fine-tuning from a run --------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, kwargs, source_specialized", [
+    ("deit3_small_patch16_224", {}, True),  # no_embed_class: pos_embed covers patches only
+    ("vit_small_patch16_224", {"reg_tokens": 4, "init_values": 0.1}, False),  # pos_embed has 5 prefix rows
+])
+def test_load_pretrained_resizes_pos_embed_and_skips_another_head(tmp_path, arch, kwargs, source_specialized):
+    source = tiny_vit(arch, img_size=32, num_classes=10, **kwargs)
+    if source_specialized:
+        randomize_(specialize(source, **PAPER_DEFAULT), seed=11)
+    save_file(source.state_dict(), tmp_path / "model.safetensors")
+    target = specialize(tiny_vit(arch, img_size=48, num_classes=5, seed=12, **kwargs), **PAPER_DEFAULT)
+    head_before = target.head.weight.detach().clone()
+
+    not_loaded = load_pretrained(target, tmp_path)  # a run directory
+
+    assert not_loaded == ["head.bias", "head.weight"]
+    assert torch.equal(target.head.weight, head_before)
+    prefix = 0 if source.no_embed_class else source.num_prefix_tokens
+    expected_pos_embed = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[3, 3], num_prefix_tokens=prefix,
+                                                interpolation="bicubic", antialias=True)
+    assert target.pos_embed.shape == (1, 9 + prefix, 64)
+    torch.testing.assert_close(target.pos_embed.detach(), expected_pos_embed, rtol=0, atol=0)
+    target_state, source_state = target.state_dict(), source.state_dict()
+    for key, value in target_state.items():
+        if key.startswith(("head.", "pos_embed")):
+            continue
+        if key in source_state:
+            assert torch.equal(value, source_state[key]), key
+        else:  # a copy the source did not have: cloned from the shared weights
+            assert torch.equal(value, source_state[re.sub(r"global_copy\.", "", key)]), key
+
+
+def test_load_pretrained_refuses_weights_of_another_model(tmp_path):
+    save_file(specialize(tiny_vit(), **PAPER_DEFAULT).state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_pretrained(tiny_vit(), tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        load_pretrained(tiny_vit(), tmp_path / "missing")
+
+
+def test_load_run_rebuilds_the_model_a_recipe_describes(tmp_path):
+    cfg = load_config("recipes/default.yaml", [
+        "model.img_size=32", "model.num_classes=7", "model.drop_path=0.1", "model.reg_tokens=2",
+        "model.specialize.norm=1.0", "model.specialize.qkv=[1, 3]", "model.specialize.final_norm=true"])
+    model = randomize_(build_model(cfg["model"]), seed=13)
+    assert model.num_prefix_tokens == 3 and model.head.out_features == 7
+    assert model.blocks[0].drop_path1.drop_prob == 0.1 and model.blocks[11].drop_path2.drop_prob == 0.1
+    assert set(global_copy_modules(model)) == (
+        {f"blocks.{i}.{p}" for i in range(12) for p in ("norm1", "norm2")}
+        | {"blocks.1.attn.qkv", "blocks.3.attn.qkv", "norm"})
+    save_config(cfg, tmp_path / "config.yaml")
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+
+    loaded, loaded_cfg = load_run(tmp_path)
+
+    assert loaded_cfg == cfg and not loaded.training
+    x = images()
+    assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(ValueError, match="^model.num_classes"):
+        build_model({**cfg["model"], "num_classes": None})
+    assert build_model({**cfg["model"], "num_classes": None}, num_classes=3).head.out_features == 3
