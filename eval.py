@@ -2,6 +2,7 @@
 
     python eval.py --run runs/shapes_specialized [--tasks cls,seg,depth,analysis] [section.key=value ...]
     accelerate launch eval.py --run <run dir> ...          (several processes; same numbers)
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --run ...   (CPU processes)
     python eval.py --compare 'runs/shapes_*' [--baseline runs/shapes_baseline] [--out DIR]
 
 Tasks (recipe keys under `eval:` in recipes/default.yaml; overrides apply to the run's config.yaml):
@@ -13,7 +14,8 @@ Tasks (recipe keys under `eval:` in recipes/default.yaml; overrides apply to the
 Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, depth.rmse, depth.abs_rel,
 depth.delta1, analysis.<statistic>.<site> = one value per block; results of earlier calls for other
 tasks are kept), TensorBoard scalars (tags cls/top1, seg/miou, depth/rmse, ...) and figures into
-`<run>/tensorboard/`, `<run>/analysis_tokens.png` and `<run>/analysis_pca.png`, and a summary on stdout.
+`<run>/tensorboard/`, `<run>/analysis_token_statistics.png` and `<run>/analysis_pca.png`, and a summary
+on stdout.
 `--compare` writes compare.md, compare.csv and compare.png (default: next to the runs).
 """
 
@@ -31,12 +33,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from torch.utils.data import Subset
+from torch.utils.tensorboard import SummaryWriter
 
 from clsvit import analysis, probes
 from clsvit.config import ConfigError, load_config
 from clsvit.data import (DenseDataset, ImageClassDataset, build_eval_loader, build_eval_transform,
                          load_splits)
+from clsvit.evaluation import topk_accuracy
 from clsvit.model import build_model, count_parameters, load_run, weights_path
 from clsvit.tracking import TENSORBOARD_DIR, read_metrics
 
@@ -71,7 +76,8 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
     cfg = load_config(run_dir / "config.yaml", overrides)
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
     accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
-    model, _ = load_run(run_dir, device=accelerator.device)
+    model, _ = load_run(run_dir)  # on CPU first: safetensors rejects accelerate's multi-CPU device "cpu:0"
+    model.to(accelerator.device)
     seed = cfg["run"]["seed"]
 
     results, figures, images = {}, {}, {}
@@ -85,13 +91,16 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
         stats, pca = token_analysis(model, cfg, accelerator)
         results.update({f"analysis.{name}.{site}": values for name, per_site in stats.items()
                         for site, values in per_site.items()})
-        figures["analysis/token_statistics"] = analysis.plot_token_statistics(stats, title=cfg["run"]["name"])
-        images["analysis/pca"] = pca
+        if accelerator.is_main_process:
+            figures["analysis/token_statistics"] = analysis.plot_token_statistics(stats, title=cfg["run"]["name"])
+            if pca is not None:
+                images["analysis/pca"] = pca
 
     if accelerator.is_main_process:
         write_results(run_dir, results, figures, images)
         print_summary(run_dir, cfg, results, tasks)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: exiting without it can abort (gloo threads)
     return results
 
 
@@ -111,28 +120,18 @@ def _classification_val_set(cfg: dict, accelerator):
     data_cfg = cfg["data"]
     with accelerator.main_process_first():  # the main process generates / caches the dataset first
         _, val_hf, found_classes = load_splits(data_cfg)
-    return ImageClassDataset(val_hf, build_eval_transform(cfg), num_classes=cfg["model"]["num_classes"] or found_classes,
+    return ImageClassDataset(val_hf, build_eval_transform(cfg),
+                             num_classes=cfg["model"]["num_classes"] or found_classes,
                              image_column=data_cfg["image_column"], label_column=data_cfg["label_column"],
                              max_bad_fraction=data_cfg["max_bad_fraction"])
 
 
-@torch.no_grad()
 def classification(model, cfg: dict, accelerator) -> dict:
-    """Top-1/top-5 (%) over the validation split; `gather_for_metrics` drops the padding of uneven splits."""
+    """Top-1/top-5 (%) over the validation split (exact under several processes)."""
     loader = accelerator.prepare(build_eval_loader(_classification_val_set(cfg, accelerator),
                                                    cfg["eval"]["batch_per_device"], cfg["data"]))
-    correct1 = correct5 = seen = 0
-    for index, (images, labels) in enumerate(loader):
-        if cfg["eval"]["max_batches"] is not None and index >= cfg["eval"]["max_batches"]:
-            break
-        with accelerator.autocast():
-            logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        hits1, hits5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
-        correct1, correct5 = correct1 + hits1.sum().item(), correct5 + hits5.sum().item()
-        seen += hits1.numel()
-    return {"cls.top1": 100.0 * correct1 / max(seen, 1), "cls.top5": 100.0 * correct5 / max(seen, 1),
-            "cls.images": seen}
+    accuracy = topk_accuracy(model, loader, accelerator, cfg["eval"]["max_batches"])
+    return {f"cls.{key}": value for key, value in accuracy.items()}
 
 
 # ---------------------------------------------------------------------------- seg / depth
@@ -141,31 +140,35 @@ def classification(model, cfg: dict, accelerator) -> dict:
 def _dense_splits(cfg: dict, task: str, column_key: str, accelerator):
     """(train, val) HF datasets of eval.<task>: the embedded shapes data, or a source of its own."""
     section = cfg["eval"][task]
-    data_cfg = {**cfg["data"], "source": section["source"], "path": section["path"],
-                "train_split": section["train_split"], "val_split": section["val_split"],
-                "image_column": section["image_column"]}
-    with accelerator.main_process_first():
-        train, val, _ = load_splits(data_cfg) if section["source"] == "shapes" else _load_without_labels(data_cfg)
+    data_cfg = {**cfg["data"], **{key: section[key] for key in
+                                  ("source", "path", "train_split", "val_split", "image_column")}}
+    with accelerator.main_process_first():  # the main process generates / caches the dataset first
+        if section["source"] == "shapes":
+            train, val, _ = load_splits(data_cfg)
+        else:
+            train, val = _load_unlabelled_splits(data_cfg, f"eval.{task}")
     column = section[column_key]
     for split, dataset in ((section["train_split"], train), (section["val_split"], val)):
         if column not in dataset.column_names:
-            raise ValueError(f"eval.{task}: dataset {section['source']}:{section['path'] or 'shapes'} split {split!r} "
-                             f"has no {column_key} {column!r} (columns: {', '.join(dataset.column_names)})")
+            raise ValueError(f"eval.{task}.{column_key} {column!r} is not a column of {section['source']} dataset "
+                             f"{section['path'] or ''!r} split {split!r} (columns: {', '.join(dataset.column_names)})")
     return train, val
 
 
-def _load_without_labels(data_cfg: dict):
-    """load_splits minus the class count (dense datasets have no label column)."""
+def _load_unlabelled_splits(data_cfg: dict, name: str):
+    """The (train, val) splits of a hub/imagefolder/parquet source without load_splits' class-label
+    check (dense datasets have no label column); reuses clsvit.data's loaders."""
     from clsvit import data
 
+    splits = [data_cfg["train_split"], data_cfg["val_split"]]
     loaders = {"hub": lambda: data._load_hub(data_cfg["path"]),
                "imagefolder": lambda: data._load_imagefolder(data_cfg["path"]),
-               "parquet": lambda: data._load_parquet(data_cfg["path"], [data_cfg["train_split"], data_cfg["val_split"]])}
+               "parquet": lambda: data._load_parquet(data_cfg["path"], splits)}
     if data_cfg["source"] not in loaders:
-        raise ValueError(f"source must be one of {', '.join(data.SOURCES)}, got {data_cfg['source']!r}")
+        raise ValueError(f"{name}.source must be one of {', '.join(data.SOURCES)}, got {data_cfg['source']!r}")
     by_split = loaders[data_cfg["source"]]()
-    return (*(data._pick_split(by_split, key, data_cfg[key], data_cfg["path"]) for key in ("train_split", "val_split")),
-            None)
+    return tuple(data._pick_split(by_split, f"{name}.{key}", data_cfg[key], data_cfg["path"])
+                 for key in ("train_split", "val_split"))
 
 
 def segmentation(model, cfg: dict, seed: int, accelerator) -> dict:
@@ -215,31 +218,27 @@ def token_analysis(model, cfg: dict, accelerator):
 
 
 def write_results(run_dir: Path, results: dict, figures: dict, images: dict) -> None:
-    """eval.json (merged with earlier results), TensorBoard scalars/figures/images, PNG files."""
+    """eval.json (merged with earlier results), PNG files named after their tags, TensorBoard."""
     path = run_dir / "eval.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(results)
     tmp = path.with_name(".eval.json.tmp")
     tmp.write_text(json.dumps(merged, indent=1) + "\n")
     os.replace(tmp, path)
+    for tag, figure in figures.items():
+        figure.savefig(run_dir / f"{tag.replace('/', '_')}.png", dpi=110)
+    for tag, image in images.items():
+        Image.fromarray(image).save(run_dir / f"{tag.replace('/', '_')}.png")
 
-    step = max((line["step"] for line in read_metrics(run_dir)), default=0)
-    from torch.utils.tensorboard import SummaryWriter
-
+    step = max((line["step"] for line in read_metrics(run_dir)), default=0)  # the run's last step
     with SummaryWriter(str(run_dir / TENSORBOARD_DIR)) as writer:
         for key, value in results.items():
             if isinstance(value, (int, float)) and not key.endswith(".images"):
-                writer.add_scalar(key.replace(".", "/", 1), value, step)
-        if "analysis/token_statistics" in figures:
-            figures["analysis/token_statistics"].savefig(run_dir / "analysis_tokens.png", dpi=110)
+                writer.add_scalar(key.replace(".", "/", 1), value, step)  # cls.top1 -> cls/top1
         for tag, figure in figures.items():
             writer.add_figure(tag, figure, step)  # closes the figure
         for tag, image in images.items():
-            if image is not None:
-                writer.add_image(tag, image, step, dataformats="HWC")
-                from PIL import Image
-
-                Image.fromarray(image).save(run_dir / "analysis_pca.png")
+            writer.add_image(tag, image, step, dataformats="HWC")
 
 
 def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> None:
@@ -253,11 +252,14 @@ def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> 
         print(f"  depth     RMSE  {results['depth.rmse']:6.3f} m   abs-rel {results['depth.abs_rel']:.3f}"
               f"   delta<1.25 {results['depth.delta1']:.3f}")
     if "analysis" in tasks:
+        depth = len(results["analysis.cos_cls_patch.input"])
+        every = math.ceil(depth / 12)  # keep a line short for deep models
+        print(f"  analysis  by block{f' (every {every}th)' if every > 1 else ''}, block input -> after norm1:")
         for name in ("cos_cls_patch", "cos_patch_patch", "cls_dominant_dims"):
             for site in ("input", "norm1"):
-                values = " ".join(f"{v:+.2f}" for v in results[f"analysis.{name}.{site}"])
-                print(f"  {name:<18} {site:<6} by block: {values}")
-        print(f"  figures   {run_dir / 'analysis_tokens.png'}, {run_dir / 'analysis_pca.png'}")
+                values = " ".join(f"{v:+.2f}" for v in results[f"analysis.{name}.{site}"][::every])
+                print(f"    {name:<18} {site:<6} {values}")
+        print(f"  figures   {run_dir / 'analysis_token_statistics.png'}, {run_dir / 'analysis_pca.png'}")
     print(f"  written   {run_dir / 'eval.json'}")
 
 
@@ -382,7 +384,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     colours = ["0.6" if r["baseline"] else "tab:blue" for r in rows]
     for ax, (key, title) in zip(axes, metrics):
         values = [r[key] if r[key] is not None else 0.0 for r in rows]
-        ax.bar(range(len(rows)), values, color=colours)
+        bars = ax.bar(range(len(rows)), values, color=colours)
+        ax.bar_label(bars, labels=[_fmt(r[key], ".3g").replace("–", "n/a") for r in rows], fontsize=8)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=110)

@@ -32,6 +32,7 @@ from clsvit.config import ConfigError, diff, flatten, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, build_eval_loader, build_eval_transform,
                          build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
+from clsvit.evaluation import topk_accuracy
 from clsvit.model import build_model, count_parameters, load_pretrained
 from clsvit.tracking import RunLog, provenance
 
@@ -309,24 +310,8 @@ def main() -> None:
     accelerator.end_training()
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, max_batches) -> dict[str, float]:
-    """Top-1/top-5 (%) on the validation split; exact under several processes: `gather_for_metrics`
-    drops the duplicated samples that pad an uneven split."""
-    model.eval()
-    correct1 = correct5 = seen = 0
-    for index, (images, labels) in enumerate(loader):
-        if max_batches is not None and index >= max_batches:
-            break
-        with accelerator.autocast():
-            logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        hits1, hits5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
-        correct1 += hits1.sum().item()
-        correct5 += hits5.sum().item()
-        seen += hits1.numel()
-    return {"val/top1": 100.0 * correct1 / max(seen, 1), "val/top5": 100.0 * correct5 / max(seen, 1),
-            "val/images": float(seen)}
+    return {f"val/{key}": float(value) for key, value in topk_accuracy(model, loader, accelerator, max_batches).items()}
 
 
 def report(step: int, metrics: dict, log: RunLog, say) -> None:

@@ -13,6 +13,10 @@ is its inter-quartile range.
     python benchmarks/bench_model.py --device cuda --batch 256 --compile
 
 Targets (issue #2): PAPER_DEFAULT <= 1.02x the baseline train step, <= 1.01x inference.
+
+On a CPU shared with other jobs, prefer --threads 1: with more intra-op threads than free cores,
+every op waits for a descheduled thread (~10 ms), so the times measure the number of ops rather
+than the work, and the specialized models (more, smaller ops) look far slower than they are.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="after timing, print torch.profiler's top ops of one train step per variant")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' = stdout)")
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--reps and --batch must be >= 1, --warmup >= 0")
     args.modes = args.modes.split(",")
     args.variants = args.variants.split(",")
     for mode in args.modes:

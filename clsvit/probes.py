@@ -6,6 +6,12 @@ the features already contain. Everything a dataset provides is a map-style datas
 ``{"image": float [3, H, W] (normalised), "mask": int64 [H, W] (255 = ignore), "depth": float [H, W]
 (metres, 0 = invalid)}`` (``clsvit.data.DenseDataset``); images may differ in size.
 
+Two ways to feed the head (``cache_features``): online, as the ADE20k protocol does (every step
+draws fresh random crops + flips and extracts their features; mmseg's random rescaling and
+photometric distortion are not reproduced), or cached (features of a fixed train subset are
+extracted once, without augmentation, and the head takes many cheap steps on them: the CPU default
+for the embedded dataset, where the backbone forward dominates).
+
 Multi-process (``accelerate launch``): every process draws the same global plan of training crops,
 extracts features for its share only, and the shares are gathered (and put back into plan order), so
 the head is trained on exactly the single-process batches, identically on every rank; the head of
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -40,24 +46,26 @@ class ProbeSettings:
     """The probe hyper-parameters shared by ``eval.seg`` and ``eval.depth`` (see recipes/default.yaml)."""
 
     resolution: int  # training crop side and slide-window side, in pixels
-    layers: int  # patch tokens of the last n blocks, concatenated (1 = linear, 4 = DINOv2 "+ms")
+    layers: int  # patch tokens of the last n blocks, concatenated (1 = DINOv2 "linear", 4 = "linear4")
     iterations: int  # optimizer steps of the head
     batch_size: int  # global crops per step, over all processes
     lr: float  # AdamW peak learning rate
     weight_decay: float  # AdamW weight decay
     warmup_iters: int  # linear warmup steps, then linear (poly 1.0) decay to 0
     slide_stride: int  # slide-window stride for validation images larger than `resolution`
-    eval_batch_size: int  # validation images per forward pass per process (same-size images)
+    eval_batch_size: int  # images per forward pass per process (validation, feature cache)
     max_val_images: int  # validate on the first n images; 0 = whole split
     num_workers: int  # DataLoader workers per process
+    cache_features: bool = False  # extract features of a fixed train subset once, no augmentation
+    max_train_images: int = 0  # size of that subset; 0 = whole train split
 
     @classmethod
     def from_config(cls, section: dict, name: str) -> "ProbeSettings":
         """Pick this class's fields out of a config section; `name` (e.g. eval.seg) names it in errors."""
-        missing = [f.name for f in fields(cls) if f.name not in section]
+        missing = [f.name for f in fields(cls) if f.name not in section and f.default is MISSING]
         if missing:
             raise ValueError(f"{name}: missing probe key(s) {', '.join(missing)}")
-        settings = cls(**{f.name: section[f.name] for f in fields(cls)})
+        settings = cls(**{f.name: section[f.name] for f in fields(cls) if f.name in section})
         for key in ("resolution", "layers", "iterations", "batch_size", "slide_stride", "eval_batch_size"):
             if int(getattr(settings, key)) < 1:
                 raise ValueError(f"{name}.{key} must be >= 1, got {getattr(settings, key)}")
@@ -84,7 +92,7 @@ def backbone_at_resolution(backbone: nn.Module, resolution: int) -> nn.Module:
 
     timm ViTs are built for one input size; the probe resolution (ADE20k: 512) usually differs from
     the training one, so a copy gets its position embeddings resampled (``set_input_size``) and the
-    caller's model stays untouched.
+    caller's weights stay untouched (without a copy, the model itself is frozen and moved).
     """
     patch_embed = getattr(backbone, "patch_embed", None)
     current = tuple(getattr(patch_embed, "img_size", None) or ())
@@ -216,7 +224,7 @@ def _crop_and_flip(item: dict, top_frac: float, left_frac: float, flip: bool, si
 
 
 class _PlannedCrops(Dataset):
-    """This process's share of the training plan: entry i = (dataset index, crop place, flip, slot)."""
+    """This process's share of a plan: entry i = (dataset index, crop place, flip, global slot)."""
 
     def __init__(self, dataset, plan: dict[str, torch.Tensor], size: int):
         self.dataset, self.plan, self.size = dataset, plan, size
@@ -232,29 +240,28 @@ class _PlannedCrops(Dataset):
         return out
 
 
-def _training_plan(num_items: int, settings: ProbeSettings, seed: int, rank: int,
-                   world: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The global sequence of training crops (identical on every rank), then this rank's slots.
-
-    Step t uses global slots t*B .. t*B+B-1 (B = batch_size, epochs of fresh permutations); rank r takes
-    every world-th slot from r, padded to the same count per rank (padding has slot -1 and is dropped
-    after the gather) so that ``gather`` sees equal shapes. Returns (plan, entries per rank and step).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    total = settings.iterations * settings.batch_size
+def _epoch_order(num_items: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """`total` indices from consecutive random permutations of range(num_items)."""
     epochs = math.ceil(total / num_items)
-    index = torch.cat([torch.randperm(num_items, generator=generator) for _ in range(epochs)])[:total]
-    top, left = torch.rand(total, generator=generator), torch.rand(total, generator=generator)
-    flip = torch.rand(total, generator=generator) < 0.5
-    per_rank = math.ceil(settings.batch_size / world)
+    return torch.cat([torch.randperm(num_items, generator=generator) for _ in range(epochs)])[:total]
+
+
+def _shard_plan(plan: dict[str, torch.Tensor], chunk: int, rank: int,
+                world: int) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's entries of a global plan processed `chunk` entries at a time (one step each).
+
+    Rank r takes every world-th entry of each chunk from r, padded to the same count per rank
+    (padding has slot -1 and is dropped after the gather) so that ``gather`` sees equal shapes.
+    Returns (plan entries with their global "slot", entries per rank and chunk).
+    """
+    total = len(plan["index"])
+    per_rank = math.ceil(chunk / world)
     slots = []
-    for step in range(settings.iterations):
-        mine = list(range(step * settings.batch_size + rank, (step + 1) * settings.batch_size, world))
+    for start in range(0, total, chunk):
+        mine = list(range(start + rank, min(start + chunk, total), world))
         slots += mine + [-1] * (per_rank - len(mine))
-    slots = torch.tensor(slots)
-    source = slots.clamp_min(0)
-    return {"index": index[source], "top": top[source], "left": left[source], "flip": flip[source],
-            "slot": slots}, per_rank
+    slots = torch.tensor(slots, dtype=torch.long)
+    return {**{k: v[slots.clamp_min(0)] for k, v in plan.items()}, "slot": slots}, per_rank
 
 
 def _gather_in_plan_order(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,29 +286,62 @@ def _poly_schedule(settings: ProbeSettings):
 # ----------------------------------------------------------------------------- train + predict
 
 
+def _planned_feature_batches(backbone, dataset, plan: dict, chunk: int, target_key: str,
+                             settings: ProbeSettings):
+    """Yield {"features", "target", "slot"} per `chunk` plan entries, gathered from all processes
+    in plan order: each process extracts features for its share only."""
+    state = PartialState()
+    share, per_rank = _shard_plan(plan, chunk, state.process_index, state.num_processes)
+    loader = DataLoader(_PlannedCrops(dataset, share, settings.resolution), batch_size=per_rank,
+                        shuffle=False, num_workers=settings.num_workers)
+    for batch in loader:
+        images = batch["image"].to(state.device, non_blocking=True)
+        yield _gather_in_plan_order({"features": patch_features(backbone, images, settings.layers),
+                                     "target": batch[target_key].to(state.device, non_blocking=True),
+                                     "slot": batch["slot"].to(state.device)})
+
+
+def _online_batches(backbone, dataset, target_key: str, settings: ProbeSettings, generator):
+    """Every step: fresh random crops + flips, features extracted for them (the ADE20k protocol)."""
+    total = settings.iterations * settings.batch_size
+    plan = {"index": _epoch_order(len(dataset), total, generator), "top": torch.rand(total, generator=generator),
+            "left": torch.rand(total, generator=generator), "flip": torch.rand(total, generator=generator) < 0.5}
+    for step in _planned_feature_batches(backbone, dataset, plan, settings.batch_size, target_key, settings):
+        yield step["features"], step["target"]
+
+
+def _cached_batches(backbone, dataset, target_key: str, settings: ProbeSettings, generator):
+    """Features of a fixed subset (centre crops, no flips) extracted once, then batches drawn from
+    them: many head steps for the price of one pass (the embedded dataset's CPU default)."""
+    count = len(dataset) if settings.max_train_images <= 0 else min(settings.max_train_images, len(dataset))
+    subset = torch.randperm(len(dataset), generator=generator)[:count].sort().values
+    half = torch.full((count,), 0.5)
+    plan = {"index": subset, "top": half, "left": half, "flip": torch.zeros(count, dtype=torch.bool)}
+    chunk = settings.eval_batch_size * PartialState().num_processes
+    parts = list(_planned_feature_batches(backbone, dataset, plan, chunk, target_key, settings))
+    features = torch.cat([p["features"] for p in parts])
+    targets = torch.cat([p["target"] for p in parts])
+    order = _epoch_order(count, settings.iterations * settings.batch_size, generator)
+    for step in range(settings.iterations):
+        index = order[step * settings.batch_size : (step + 1) * settings.batch_size].to(features.device)
+        yield features[index], targets[index]
+
+
 def train_head(backbone: nn.Module, head: nn.Module, dataset, target_key: str, loss_fn,
                settings: ProbeSettings, seed: int = 0) -> nn.Module:
-    """Train `head` on frozen `backbone` features of random crops of `dataset` (see module docstring).
+    """Train `head` on frozen `backbone` features of `dataset` (see the module docstring).
 
     `backbone` must already be at `settings.resolution` (``backbone_at_resolution``) and on the
     process's device. Returns the head in eval mode, identical on every process.
     """
     state = PartialState()
-    device = state.device
-    head.to(device).train()
-    plan, per_rank = _training_plan(len(dataset), settings, seed, state.process_index, state.num_processes)
-    loader = DataLoader(_PlannedCrops(dataset, plan, settings.resolution), batch_size=per_rank,
-                        shuffle=False, num_workers=settings.num_workers)
+    head.to(state.device).train()
+    generator = torch.Generator().manual_seed(seed)
+    make_batches = _cached_batches if settings.cache_features else _online_batches
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_schedule(settings))
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        share = {"features": patch_features(backbone, images, settings.layers),
-                 "target": batch[target_key].to(device, non_blocking=True),
-                 "slot": batch["slot"].to(device)}
-        step = _gather_in_plan_order(share)
-        prediction = head(step["features"], step["target"].shape[-2:])
-        loss = loss_fn(prediction, step["target"])
+    for features, target in make_batches(backbone, dataset, target_key, settings, generator):
+        loss = loss_fn(head(features, target.shape[-2:]), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -4,9 +4,9 @@ Why it exists: training, the classification evaluation and the dense probes (seg
 must run end to end offline on a CPU, with labels that a tiny ViT can actually learn. Every sample
 has the four columns the real datasets have, in the same storage conventions:
 
-- ``image``: RGB PNG. One large *main* shape (bounding circle 40-75 % of the image side) defines
+- ``image``: RGB PNG. One large *main* shape (bounding circle 60-90 % of the image side) defines
   the label; 0-2 small distractor shapes of other classes make segmentation non-trivial.
-  Background textures (smooth noise, stripes, gradients) use the same colour distribution as the
+  Background textures (smooth noise, stripes, gradients, at half contrast) use the same colours as the
   shapes, so colour alone does not give the mask away.
 - ``label``: the main shape's class (a ``ClassLabel`` with the names in :data:`CLASS_NAMES`).
 - ``mask``: 8-bit PNG (mode L), 0 = background, ``k + 1`` = class ``k`` (the top-most shape wins),
@@ -36,13 +36,13 @@ from datasets import Image as ImageFeature
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1  # bump when the rendering changes, so stale caches are not reused
+FORMAT_VERSION = 2  # bump when the rendering changes, so stale caches are not reused
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross",
                "ring", "ellipse", "hexagon", "diamond", "crescent")
 SUPERSAMPLE = 4
 FLOOR_FAR_M, FLOOR_NEAR_M = 4.0, 1.5  # floor depth at the top and bottom image rows
-MAIN_DIAMETER = (0.40, 0.75)          # main shape bounding-circle diameter, fraction of the side
-DISTRACTOR_DIAMETER = (0.15, 0.30)
+MAIN_DIAMETER = (0.60, 0.90)          # main shape bounding-circle diameter, fraction of the side
+DISTRACTOR_DIAMETER = (0.12, 0.25)
 MIN_COLOUR_CONTRAST = 0.35            # RGB distance (0-1 scale) from the background under the shape
 SPLIT_IDS = {"train": 0, "validation": 1}
 
@@ -104,13 +104,16 @@ def _rasterise(name: str, centre: np.ndarray, radius: float, angle: float, size:
 # ---------------------------------------------------------------- backgrounds
 
 def _background(rng: np.random.Generator, side: int) -> np.ndarray:
-    """A random texture (float32 HxWx3 in [0, 1]): smooth noise, stripes or a gradient, or a blend."""
+    """A random texture (float32 HxWx3 in [0.25, 0.75]): smooth noise, stripes or a gradient, or a
+    blend, at half contrast. Full-contrast textures made the toy task too hard for a tiny ViT to
+    learn in a few CPU minutes (chance accuracy after 600 steps; 53 % at half contrast with larger
+    main shapes, measured with AdamW on 5000 images at 32 px)."""
     kinds = [_smooth_noise, _stripes, _gradient]
     texture = kinds[rng.integers(3)](rng, side)
     if rng.random() < 0.5:
         alpha = rng.uniform(0.2, 0.5)
         texture = (1 - alpha) * texture + alpha * kinds[rng.integers(3)](rng, side)
-    return texture
+    return 0.25 + 0.5 * texture
 
 
 def _smooth_noise(rng: np.random.Generator, side: int) -> np.ndarray:

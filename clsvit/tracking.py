@@ -20,6 +20,8 @@ import torch
 
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
+# scalars eval.py writes into a run's TensorBoard (its eval.json keys with the first "." as "/")
+EVAL_METRICS = ("cls/top1", "cls/top5", "seg/miou", "depth/rmse", "depth/abs_rel", "depth/delta1")
 
 
 class RunLog:
@@ -53,12 +55,14 @@ class RunLog:
 
     def hparams(self, flat_config: Mapping[str, Any], final_metrics: Mapping[str, float]) -> None:
         """One HParams entry per run: the flattened recipe and its final metrics, in the run's own
-        event file so TensorBoard's HParams tab lines ablations up against their curves."""
+        event file so TensorBoard's HParams tab lines ablations up against their curves. The
+        metrics eval.py adds later (EVAL_METRICS, same tags) are declared now, so they join the table."""
         if not self.enabled or self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        for summary in hparams(dict(flat_config), dict(final_metrics)):
+        declared = {**{tag: float("nan") for tag in EVAL_METRICS}, **final_metrics}
+        for summary in hparams(dict(flat_config), declared):
             self.writer.file_writer.add_summary(summary)
         for key, value in final_metrics.items():
             self.writer.add_scalar(key, value)

@@ -86,6 +86,34 @@ def test_hook_sites_are_the_block_tensors():
     assert not captured
 
 
+def test_hooks_see_the_specialized_global_token_rows():
+    """With [CLS]-specialized norms, the norm1/norm2 sites must hold the rows the block really uses:
+    [CLS] normalised by its own copy, patches by the shared weights."""
+    from clsvit.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_224", specialize={"norm": 1.0}, img_size=32, patch_size=8,
+                         embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.global_copy.weight.normal_()
+                norm.global_copy.bias.normal_()
+    captured = {}
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), analysis.hooked_sites(model, lambda b, s, t: captured.__setitem__((b, s), t.clone())):
+        model.forward_features(images)
+    for i, blk in enumerate(model.blocks):
+        for norm, before, after in ((blk.norm1, "input", "norm1"), (blk.norm2, "pre_norm2", "norm2")):
+            x = captured[i, before]
+            shared = torch.nn.functional.layer_norm(x, (32,), norm.weight, norm.bias, norm.eps)
+            own = torch.nn.functional.layer_norm(x[:, :1], (32,), norm.global_copy.weight, norm.global_copy.bias,
+                                                 norm.eps)
+            torch.testing.assert_close(captured[i, after][:, 1:], shared[:, 1:])
+            torch.testing.assert_close(captured[i, after][:, :1], own)
+            assert not torch.allclose(own, shared[:, :1])
+
+
 def test_analyze_tokens_matches_direct_computation_and_shapes():
     model = tiny_vit(reg_tokens=2)
     images = torch.randn(4, 3, 32, 32)

@@ -72,7 +72,8 @@ def reference_top1(run_dir: Path) -> float:
     _, val, _ = load_splits(cfg["data"])
     dataset = ImageClassDataset(val, build_eval_transform(cfg), num_classes=4)
     with torch.no_grad():
-        hits = [int(model(image[None]).argmax(1).item() == label) for image, label in dataset]
+        samples = [dataset[i] for i in range(len(dataset))]  # (iterating would wrap around forever)
+        hits = [int(model(image[None]).argmax(1).item() == label) for image, label in samples]
     return 100.0 * sum(hits) / len(hits)
 
 
@@ -98,7 +99,7 @@ def test_eval_all_tasks_writes_json_tensorboard_and_pngs(tmp_path, capsys):
     for name in ("cos_cls_patch", "cos_patch_patch", "cls_dominant_dims", "patch_dominant_dims"):
         for site in ("input", "norm1", "pre_norm2", "norm2"):
             assert len(saved[f"analysis.{name}.{site}"]) == 2  # one value per block
-    for png in ("analysis_tokens.png", "analysis_pca.png"):
+    for png in ("analysis_token_statistics.png", "analysis_pca.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     tb = scalar_tags(run)
     assert tb["scalars"]["cls/top1"].value == pytest.approx(saved["cls.top1"])
@@ -183,13 +184,14 @@ def test_run_without_weights_is_a_one_line_error(tmp_path):
 
 def test_unknown_task_and_bad_compare_are_errors(tmp_path):
     run = make_run(tmp_path / "base")
-    proc = _cli("--run", str(run), "--tasks", "cls,segm")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "unknown task 'segm'" in proc.stderr and "cls, seg, depth, analysis" in proc.stderr
+    with pytest.raises(ValueError, match=r"^unknown task 'segm'; choose from cls, seg, depth, analysis$"):
+        eval_script.main(["--run", str(run), "--tasks", "cls,segm"])
     with pytest.raises(ValueError, match="no run directories match"):
         eval_script.main(["--compare", str(tmp_path / "nothing*")])
     with pytest.raises(ValueError, match="not a run directory"):
         eval_script.main(["--compare", str(tmp_path)])
+    with pytest.raises(ValueError, match="eval.depth.source must be one of"):
+        eval_script.main(["--run", str(run), "--tasks", "depth", "eval.depth.source=nowhere"])
 
 
 def test_seg_on_dataset_without_masks_is_an_error(tmp_path):
@@ -201,7 +203,8 @@ def test_seg_on_dataset_without_masks_is_an_error(tmp_path):
                                    features=datasets.Features(image=datasets.Image(), label=datasets.Value("int64"))
                                    ).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
     run = make_run(tmp_path / "base")
-    with pytest.raises(ValueError, match=r"eval.seg: .* has no mask_column 'mask' \(columns: image, label\)"):
+    with pytest.raises(ValueError, match=r"^eval.seg.mask_column 'mask' is not a column of parquet dataset .* "
+                                         r"split 'train' \(columns: image, label\)$"):
         eval_script.main(["--run", str(run), "--tasks", "seg", "eval.seg.source=parquet", f"eval.seg.path={folder}"])
 
 

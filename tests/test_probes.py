@@ -96,18 +96,21 @@ def tiny_vit(img_size=32):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_perfect_features_reach_miou_one():
+@pytest.mark.parametrize("cache", [False, True], ids=["online", "cached"])
+def test_perfect_features_reach_miou_one(cache):
     result = probes.run_segmentation_probe(
-        OneHotBackbone(4, 5, 32), perfect_seg_dataset(64, 5), perfect_seg_dataset(32, 5, seed=1), 5, settings()
+        OneHotBackbone(4, 5, 32), perfect_seg_dataset(64, 5), perfect_seg_dataset(32, 5, seed=1), 5,
+        settings(cache_features=cache, max_train_images=48),
     )
     assert result["miou"] > 0.99
 
 
-def test_perfect_features_reach_rmse_zero():
+@pytest.mark.parametrize("cache", [False, True], ids=["online", "cached"])
+def test_perfect_features_reach_rmse_zero(cache):
     depths = torch.tensor([1.0, 2.0, 3.0])
     result = probes.run_depth_probe(
         OneHotBackbone(4, 3, 32), perfect_depth_dataset(64, depths), perfect_depth_dataset(32, depths, seed=1),
-        settings(), n_bins=8, min_depth=0.5, max_depth=4.0,
+        settings(cache_features=cache, max_train_images=48), n_bins=8, min_depth=0.5, max_depth=4.0,
     )
     assert result["rmse"] < 0.01 and result["abs_rel"] < 0.005 and result["delta1"] == 1.0
 
@@ -234,6 +237,7 @@ def test_training_crops_keep_image_and_targets_aligned():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="eval.seg: missing probe key"):
         probes.ProbeSettings.from_config({"resolution": 32}, "eval.seg")
+    assert not probes.ProbeSettings.from_config(vars(settings()), "eval.seg").cache_features
     with pytest.raises(ValueError, match="eval.depth.iterations"):
         probes.ProbeSettings.from_config({**vars(settings()), "iterations": 0}, "eval.depth")
     with pytest.raises(ValueError, match="bin_spacing"):
@@ -250,8 +254,12 @@ def _worker_metrics() -> dict:
     fast = settings(iterations=6, batch_size=5, slide_stride=16, eval_batch_size=2)
     seg = probes.run_segmentation_probe(vit, train, val, 3, fast)
     depth = probes.run_depth_probe(vit, train, val, fast, n_bins=8, min_depth=0.1, max_depth=4.0)
+    cached = settings(iterations=6, batch_size=5, slide_stride=16, eval_batch_size=3, cache_features=True,
+                      max_train_images=11)
+    seg_cached = probes.run_segmentation_probe(vit, train, val, 3, cached)
     return {"miou": seg["miou"], **{k: depth[k] for k in ("rmse", "abs_rel", "delta1")},
-            "head": seg["head"].conv.weight.sum().item()}
+            "head": seg["head"].conv.weight.sum().item(), "miou_cached": seg_cached["miou"],
+            "head_cached": seg_cached["head"].conv.weight.sum().item()}
 
 
 def test_two_processes_match_one(tmp_path):
@@ -279,3 +287,4 @@ if __name__ == "__main__" and "--worker" in sys.argv:
     metrics = _worker_metrics()
     if accelerator.is_main_process:
         Path(sys.argv[sys.argv.index("--worker") + 1]).write_text(json.dumps(metrics))
+    accelerator.end_training()  # destroy the process group before exit (else gloo may abort at exit)

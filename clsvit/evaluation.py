@@ -1,0 +1,25 @@
+"""Classification accuracy on a validation loader, shared by train.py and eval.py."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 (%) and the number of images seen, over a loader prepared by `accelerator`.
+
+    Exact under several processes: `gather_for_metrics` drops the samples duplicated to pad an uneven
+    split. Hits are counted on the device and read once at the end (no host sync per batch)."""
+    model.eval()
+    hits = torch.zeros(3, dtype=torch.long, device=accelerator.device)  # top-1, top-5, images
+    for index, (images, labels) in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        with accelerator.autocast():
+            logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
+        hits += torch.stack([top1.sum(), top5.sum(), torch.tensor(top1.numel(), device=hits.device)])
+    top1, top5, seen = hits.tolist()
+    return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen}
