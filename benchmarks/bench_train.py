@@ -13,6 +13,7 @@ It also reports the data pipeline's images/s per worker with the recipe's augmen
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -35,22 +36,25 @@ from clsvit.model import build_model  # noqa: E402
 
 
 def bare_loop_images_per_s(cfg, batches, steps: int) -> float:
+    """The recipe's model, optimizer and loss on `batches`: a list held in memory, or a DataLoader
+    (then the data pipeline shares the CPU with the model, as it does in train.py)."""
     torch.manual_seed(0)
     num_classes = cfg["model"]["num_classes"]
     model = build_model(cfg["model"], num_classes).train()
     optimizer = build_optimizer(model, cfg["optim"])
     criterion = build_loss(cfg["train"])
-    targets = [one_hot_targets(labels, num_classes, 0.0) for _, labels in batches]
-    start = None
+    stream = itertools.cycle(batches) if isinstance(batches, list) else iter(batches)
+    start, seen = None, 0
     for step in range(steps + 2):
         if step == 2:  # two warm-up steps
             start = time.perf_counter()
-        images = batches[step % len(batches)][0]
-        loss = criterion(model(images), targets[step % len(batches)])
+        images, labels = next(stream)
+        loss = criterion(model(images), one_hot_targets(labels, num_classes, 0.0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps * batches[0][0].shape[0] / (time.perf_counter() - start)
+        seen += images.shape[0] if step >= 2 else 0
+    return seen / (time.perf_counter() - start)
 
 
 def train_py_images_per_s(config: str, steps: int, log_every: int, workdir: Path) -> float:
@@ -99,21 +103,29 @@ def main() -> None:
     loader = build_train_loader(dataset, sampler, batch, {**cfg["data"], "num_workers": 0})
     batches = [b for b, _ in zip(loader, range(4))]
 
-    bare, trainer, wait = [], [], []
+    bare, fed, trainer, wait = [], [], [], []
     with tempfile.TemporaryDirectory() as workdir:
         for rep in range(args.reps):
             bare.append(bare_loop_images_per_s(cfg, batches, args.steps))
+            sampler.set_epoch(rep)
+            fed.append(bare_loop_images_per_s(cfg, build_train_loader(dataset, sampler, batch, cfg["data"]),
+                                              args.steps))
             images_per_s, data_wait = train_py_images_per_s(args.config, args.steps, max(args.steps // 3, 1),
                                                             Path(workdir))
             trainer.append(images_per_s)
             wait.append(data_wait)
-            print(f"rep {rep}: bare {bare[-1]:.1f} img/s, train.py {trainer[-1]:.1f} img/s "
+            print(f"rep {rep}: bare {bare[-1]:.1f} img/s, bare + DataLoader {fed[-1]:.1f} img/s, "
+                  f"train.py {trainer[-1]:.1f} img/s "
                   f"(data wait {data_wait:.1%}), ratio {trainer[-1] / bare[-1]:.3f}", flush=True)
     print(f"\n{Path(args.config).name}, batch {batch}, {torch.get_num_threads()} threads, {args.reps} reps")
     print("| loop | images/s (median) | ratio |\n|---|---|---|")
     print(f"| bare timm loop (batches in memory) | {statistics.median(bare):.1f} | 1.000 |")
+    print(f"| bare loop fed by the recipe's DataLoader | {statistics.median(fed):.1f} | "
+          f"{statistics.median(fed) / statistics.median(bare):.3f} |")
     print(f"| train.py (data, logging, everything) | {statistics.median(trainer):.1f} | "
           f"{statistics.median(trainer) / statistics.median(bare):.3f} |")
+    print(f"\ntrain.py vs the bare loop with the same DataLoader (the loop's own overhead): "
+          f"{statistics.median(trainer) / statistics.median(fed):.3f}")
     print(f"\ndata pipeline ({'3-Augment' if cfg['aug']['three_augment'] else 'no 3-Augment'}, "
           f"{cfg['model']['img_size']} px):")
     for workers in args.workers:
