@@ -11,6 +11,7 @@ checkpoint in the run directory.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -26,14 +27,14 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from clsvit.checkpoint import (checkpoint_step, latest_checkpoint, remove_partial_checkpoints,
-                               save_checkpoint)
+from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
+                               remove_partial_checkpoints, save_checkpoint)
 from clsvit.config import ConfigError, diff, flatten, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, build_eval_loader, build_eval_transform,
                          build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import topk_accuracy
-from clsvit.model import build_model, count_parameters, load_pretrained
+from clsvit.model import COMPONENTS, build_model, count_parameters, load_pretrained
 from clsvit.tracking import RunLog, provenance
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
@@ -129,8 +130,8 @@ def main() -> None:
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)
-    baseline_cfg = {**cfg["model"], "specialize": {**cfg["model"]["specialize"], "norm": 0.0, "layerscale": 0.0,
-                                                    "qkv": 0.0, "proj": 0.0, "mlp": 0.0, "final_norm": False}}
+    unspecialized = {**cfg["model"]["specialize"], **dict.fromkeys(COMPONENTS, 0.0), "final_norm": False}
+    baseline_cfg = {**cfg["model"], "specialize": unspecialized}
     with torch.device("meta"):
         baseline_params = count_parameters(build_model(baseline_cfg, num_classes))
 
@@ -160,9 +161,10 @@ def main() -> None:
         accelerator.load_state(str(resume_from))
         scheduler.step_update(num_updates=progress.step)
         say(f"resumed from {resume_from} (step {progress.step}, epoch {progress.epoch})")
-    elif main_proc and ckpt_dir.exists():
-        import shutil
-        shutil.rmtree(ckpt_dir)  # train.resume=false: a fresh run must not later resume stale state
+    elif main_proc and complete_checkpoints(ckpt_dir):  # train.resume=false: keep them, out of the way
+        moved = ckpt_dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(moved)
+        say(f"train.resume=false: the earlier checkpoints were moved to {moved}")
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -173,7 +175,6 @@ def main() -> None:
     log = RunLog(run_dir, enabled=main_proc, tensorboard=cfg["log"]["tensorboard"],
                  resume_step=progress.step if resume_from is not None else None)
     if main_proc:
-        import json
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
         say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "
             f"{world} process(es) x {train_cfg['batch_per_device']} x {accum_steps} accumulation = "

@@ -104,6 +104,8 @@ def test_resume_refuses_changed_schedule(tmp_path, env):
     assert result.returncode == 2
     assert "optim.lr" in result.stderr and "train.resume=false" in result.stderr
     run_train(recipe, "train.max_steps=4", "optim.lr=1e-2", "train.resume=false", env=env)
+    moved = list((tmp_path / "tiny").glob("checkpoints.replaced-*/step_2/COMPLETE"))
+    assert len(moved) == 1  # starting fresh keeps the earlier checkpoints, out of the way
 
 
 def test_two_processes_match_one_process_eval(tmp_path, env):
