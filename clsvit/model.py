@@ -152,7 +152,7 @@ def _token_wise_module(model: nn.Module, name: str, component: str) -> nn.Module
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        block = type(model.get_submodule(name.split(".")[0] + "." + name.split(".")[1])).__name__
+        block = type(model.get_submodule(".".join(name.split(".")[:2]))).__name__  # "blocks.<i>"
         raise ValueError(f"{component}: block type {block} has no module {name!r}") from None
     if isinstance(module, nn.Identity):
         why = " (build the model with LayerScale: layerscale_init/init_values)" if component == "layerscale" else ""
