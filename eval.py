@@ -122,8 +122,7 @@ def _classification_val_set(cfg: dict, accelerator):
         _, val_hf, found_classes = load_splits(data_cfg)
     return ImageClassDataset(val_hf, build_eval_transform(cfg),
                              num_classes=cfg["model"]["num_classes"] or found_classes,
-                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"],
-                             max_bad_fraction=data_cfg["max_bad_fraction"])
+                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
 
 
 def classification(model, cfg: dict, accelerator) -> dict:
@@ -131,6 +130,10 @@ def classification(model, cfg: dict, accelerator) -> dict:
     loader = accelerator.prepare(build_eval_loader(_classification_val_set(cfg, accelerator),
                                                    cfg["eval"]["batch_per_device"], cfg["data"]))
     accuracy = topk_accuracy(model, loader, accelerator, cfg["eval"]["max_batches"])
+    undecodable = accuracy.pop("undecodable")
+    if undecodable and accelerator.is_main_process:
+        print(f"warning: {undecodable} validation images could not be decoded and were replaced by the next one",
+              file=sys.stderr)
     return {f"cls.{key}": value for key, value in accuracy.items()}
 
 
@@ -206,7 +209,7 @@ def token_analysis(model, cfg: dict, accelerator):
     count = min(section["num_images"], len(val_set))
     shard = Subset(val_set, range(accelerator.process_index, count, accelerator.num_processes))
     loader = build_eval_loader(shard, cfg["eval"]["batch_per_device"], cfg["data"])
-    stats = analysis.analyze_tokens(model, (images for images, _ in loader))
+    stats = analysis.analyze_tokens(model, (images for images, _, _ in loader))
     pca = None
     if accelerator.is_main_process and section["pca_images"] > 0:
         shown = torch.stack([val_set[i][0] for i in range(min(section["pca_images"], len(val_set)))])

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
+from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint)
 from clsvit.config import ConfigError, diff, flatten, load_config, save_config
-from clsvit.data import (ImageClassDataset, TrainSampler, build_eval_loader, build_eval_transform,
-                         build_train_loader, build_train_transform, load_splits)
+from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
+                         build_eval_transform, build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import topk_accuracy
 from clsvit.model import COMPONENTS, build_model, count_parameters, load_pretrained
@@ -74,6 +74,8 @@ def main() -> None:
 
     # ---- config -------------------------------------------------------------------------------
     cfg = load_config(args.config, args.overrides)
+    with torch.device("meta"):  # a model the recipe cannot build fails here, in one line, before any data work
+        build_model(cfg["model"], cfg["model"]["num_classes"] or 1)
     run_dir = Path(cfg["run"]["root"]) / cfg["run"]["name"]
     ckpt_dir = run_dir / "checkpoints"
     train_cfg, data_cfg = cfg["train"], cfg["data"]
@@ -103,10 +105,10 @@ def main() -> None:
     if cfg["model"]["num_classes"] is None:
         cfg["model"]["num_classes"] = num_classes
     num_classes = cfg["model"]["num_classes"]
-    columns = dict(num_classes=num_classes, image_column=data_cfg["image_column"],
-                   label_column=data_cfg["label_column"], max_bad_fraction=data_cfg["max_bad_fraction"])
+    columns = dict(num_classes=num_classes, image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
     train_set = ImageClassDataset(train_hf, build_train_transform(cfg), **columns)
     val_set = ImageClassDataset(val_hf, build_eval_transform(cfg), **columns)
+    undecodable = UndecodableImages(len(train_set), data_cfg["max_bad_fraction"])  # broken files: skipped, counted
     # The train loader is NOT passed to accelerator.prepare: the sampler is already rank-aware
     # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).
     sampler = TrainSampler(len(train_set), num_replicas=world, rank=accelerator.process_index,
@@ -143,7 +145,7 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_for_checkpointing(scheduler, progress, undecodable)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -182,8 +184,15 @@ def main() -> None:
             f"precision {accelerator.mixed_precision}, compile {run_info['dynamo_backend']}")
 
     stop_signal = []  # pre-emption: SIGTERM / SIGUSR1 (SLURM's warning) -> checkpoint and exit cleanly
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: stop now (a launcher tearing the job down after a failure)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop_signal.append(signum)
+
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+        signal.signal(sig, on_signal)
 
     def micro_batches():
         """The training stream: (images, labels) forever, epoch after epoch, resuming mid-epoch.
@@ -196,9 +205,9 @@ def main() -> None:
                 progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
             sampler.set_epoch(progress.epoch)
             sampler.set_start(progress.batches_in_epoch * train_cfg["batch_per_device"])
-            for images, labels in train_loader:
+            for batch in train_loader:
                 progress.batches_in_epoch += 1
-                yield images, labels
+                yield batch
                 if progress.batches_in_epoch >= batches_per_epoch:
                     break
 
@@ -214,12 +223,14 @@ def main() -> None:
                dynamic_ncols=True, desc="train")
     loss_sum = torch.zeros((), device=accelerator.device)
     window_start, window_steps, data_wait, last_log_step = time.perf_counter(), 0, 0.0, progress.step
+    problems = []  # undecodable-image reports of this process since the last log step
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum_steps):
             wait_start = time.perf_counter()
-            images, labels = next(batches)
+            images, labels, batch_problems = next(batches)
             data_wait += time.perf_counter() - wait_start
+            problems += [problem for problem in batch_problems if problem]
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             if mixup is not None:
@@ -260,11 +271,22 @@ def main() -> None:
         bar.update(1)
         window_steps += 1
 
-        if log_now:  # the only host-device sync of a normal step
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / window_steps
+        if log_now:  # the only host-device sync of a normal step: one all-reduce, read once
+            local = torch.stack([loss_sum, torch.tensor(float(bool(stop_signal)), device=accelerator.device),
+                                 torch.tensor(float(len(problems)), device=accelerator.device)])
+            loss_total, stop_votes, num_problems = accelerator.reduce(local, reduction="sum").tolist()
+            mean_loss = loss_total / world / window_steps
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"non-finite loss between steps {last_log_step + 1} and {progress.step}; "
                                     f"the last checkpoint before step {last_log_step + 1} is intact")
+            if num_problems:  # every process takes part: they all see the same total
+                new = undecodable.add(gather_object(problems) if world > 1 else problems)
+                problems.clear()
+                if new:
+                    say(f"warning: {len(new)} undecodable image(s) in steps {last_log_step + 1}-{progress.step}, "
+                        f"replaced by the next sample ({len(undecodable.names)} so far): " + "; ".join(new[:3])
+                        + (" ..." if len(new) > 3 else ""))
+                undecodable.check()
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "train/loss": mean_loss,
@@ -273,14 +295,13 @@ def main() -> None:
                 "train/images_per_s": window_steps * train_cfg["global_batch"] / elapsed,
                 "train/data_wait": data_wait / elapsed,
                 "train/epoch": progress.epoch + progress.batches_in_epoch / (steps_per_epoch * accum_steps),
+                "data/undecodable": len(undecodable.names),
             }
             log.log(progress.step, metrics)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
             loss_sum.zero_()
             window_start, window_steps, data_wait, last_log_step = time.perf_counter(), 0, 0.0, progress.step
-            stop_now = accelerator.reduce(torch.tensor(float(bool(stop_signal)), device=accelerator.device),
-                                          reduction="sum").item() > 0
-            if stop_now:
+            if stop_votes > 0:
                 checkpoint()
                 say(f"pre-empted (signal received): checkpoint saved at step {progress.step}; relaunch to resume")
                 log.close()
@@ -317,8 +338,10 @@ def evaluate(model, loader, accelerator, max_batches) -> dict[str, float]:
 
 def report(step: int, metrics: dict, log: RunLog, say) -> None:
     log.log(step, metrics)
-    say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "val/images")
-        + f" ({int(metrics['val/images'])} images)")
+    counts = ("images", "undecodable")
+    bad = int(metrics["val/undecodable"])
+    say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.split("/")[1] not in counts)
+        + f" ({int(metrics['val/images'])} images" + (f", {bad} undecodable replaced)" if bad else ")"))
 
 
 def export(model: torch.nn.Module, path: Path) -> None:
@@ -329,11 +352,22 @@ def export(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def one_line(error: BaseException) -> str:
+    """The message of an expected failure in one line. An error raised in a DataLoader worker
+    arrives wrapped with the worker's traceback: its last line is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as error:
         if os.environ.get("CLSVIT_TRACEBACK"):
             raise
-        print(f"train.py: error: {error}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+        print(f"train.py: error{where}: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

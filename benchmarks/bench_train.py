@@ -48,7 +48,7 @@ def bare_loop_images_per_s(cfg, batches, steps: int) -> float:
     for step in range(steps + 2):
         if step == 2:  # two warm-up steps
             start = time.perf_counter()
-        images, labels = next(stream)
+        images, labels, _ = next(stream)
         loss = criterion(model(images), one_hot_targets(labels, num_classes, 0.0))
         loss.backward()
         optimizer.step()

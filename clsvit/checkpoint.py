@@ -5,7 +5,13 @@ states, plus the objects registered with `register_for_checkpointing`: LR schedu
 trainer's progress) written into `checkpoints/.step_<N>.partial/`, completed with a `COMPLETE`
 marker, and only then renamed to `checkpoints/step_<N>/`. A rename within one directory is atomic,
 so a run killed at any moment leaves either the previous checkpoints or the new one — never a
-directory that looks complete and is not. Leftover `.partial` directories are deleted on start.
+directory that looks complete and is not. Old checkpoints are renamed to `.step_<N>.removing`
+before they are deleted, for the same reason. Leftover hidden directories are deleted on start.
+
+A write that fails (a full disk, a lost mount) on any process fails on every process: the
+processes agree on the outcome with one collective, the partial directory is removed, and
+:class:`CheckpointError` names the process and the error. The run then stops — it never goes on
+believing it saved — and the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -38,12 +46,16 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some process; the earlier checkpoints are intact."""
+
+
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Delete what a killed save left behind (main process only)."""
+    """Delete what a killed save or clean-up left behind (main process only)."""
     if not checkpoint_dir.is_dir():
         return []
     partial = [p for p in checkpoint_dir.iterdir()
-               if p.name.endswith(".partial") or (_STEP_DIR.match(p.name) and not (p / COMPLETE_MARKER).is_file())]
+               if p.name.startswith(".step_") or (_STEP_DIR.match(p.name) and not (p / COMPLETE_MARKER).is_file())]
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial
@@ -52,27 +64,60 @@ def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
     """Save the full training state for `step` atomically; keep the newest `keep` checkpoints.
 
-    Every process takes part (each saves its own RNG state). Raises if the write fails on any
-    process — the previous checkpoints are untouched in that case."""
+    Every process takes part (each saves its own RNG state). If the write fails on any process,
+    every process raises :class:`CheckpointError` and the previous checkpoints are untouched."""
     final = checkpoint_dir / f"step_{step}"
+    if final in complete_checkpoints(checkpoint_dir):  # this very state is already on disk (resumed at the end)
+        return final
     partial = checkpoint_dir / f".step_{step}.partial"
-    if accelerator.is_main_process:
+
+    def write(action) -> None:
+        """Run `action` (on the processes that have one), then agree with the others on the outcome."""
+        error = None
+        try:
+            if action is not None:
+                action()
+        except Exception as caught:  # noqa: BLE001 — any failure of a write is reported the same way
+            error = f"process {accelerator.process_index}: {type(caught).__name__}: {caught}"
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+        if failed.item() == 0:
+            return
+        errors = [e for e in gather_object([error]) if e] if accelerator.num_processes > 1 else [error]
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(checkpoint_dir)
+        raise CheckpointError(f"the checkpoint for step {step} could not be written ({errors[0]}); "
+                              f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}: "
+                              f"fix the cause and relaunch to resume")
+
+    def prepare() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / COMPLETE_MARKER).write_text(f"{step}\n")
-        _fsync_dir(partial)
-        if final.exists():  # a checkpoint for this step already exists (e.g. the final one again)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(checkpoint_dir)
+
+    main = accelerator.is_main_process
+    write(prepare if main else None)  # each write() ends in a collective: it is also the barrier
+    write(lambda: accelerator.save_state(str(partial)))
+    write((lambda: _publish(partial, final, checkpoint_dir, step)) if main else None)
+    if main:
         for old in complete_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+            _remove(old)
     return final
+
+
+def _publish(partial: Path, final: Path, checkpoint_dir: Path, step: int) -> None:
+    """Mark the partial directory complete, flush it, and rename it into place."""
+    (partial / COMPLETE_MARKER).write_text(f"{step}\n")
+    _fsync_dir(partial)
+    os.replace(partial, final)
+    _fsync_dir(checkpoint_dir)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Hide a checkpoint with one atomic rename, then delete it: a kill mid-delete leaves no
+    half-deleted directory that still carries its COMPLETE marker."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.removing")
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -215,56 +215,102 @@ def seeded_rngs(seed: int):
 # ---------------------------------------------------------------- classification
 
 class ImageClassDataset(Dataset):
-    """An HF dataset + a transform -> ``(image tensor, label)``, decoded lazily per sample.
+    """An HF dataset + a transform -> ``(image tensor, label, problem)``, decoded lazily per sample.
 
     ``dataset[i]`` uses the global RNGs; ``dataset[(i, sample_seed)]`` (what :class:`TrainSampler`
     yields) runs the transform under :func:`seeded_rngs`, so the augmentation is a pure function
     of (index, seed) whichever worker process runs it.
 
-    Undecodable images: up to ``max_bad_fraction`` of the dataset (counted per process) are
-    replaced by the next index with a warning, beyond that a ``ValueError`` stops training.
+    ``problem`` is ``""`` for a clean sample. An image that cannot be decoded (truncated, empty,
+    not an image, a decompression bomb) is replaced by the next decodable sample and ``problem``
+    names the file and the error, so the training loop can count and report broken files across
+    DataLoader workers and processes (:class:`UndecodableImages` holds the policy). A label
+    outside ``[0, num_classes)`` is an error naming the sample: a wrong label is not noise to skip.
     """
 
     def __init__(self, dataset, transform, *, num_classes: int, image_column: str = "image",
-                 label_column: str = "label", max_bad_fraction: float = 0.0):
+                 label_column: str = "label"):
         for column in (image_column, label_column):
             _check_column(dataset, column, "column", "the dataset")
         self.dataset = _without_decoding(dataset, [image_column, label_column])
         self.transform = transform
         self.num_classes = num_classes
         self.image_column, self.label_column = image_column, label_column
-        self.max_bad = int(max_bad_fraction * len(dataset))
-        self.num_bad = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
-        image, label = self._load(index)
+        image, label, problem = self._load(index)
         if sample_seed is None:
-            return self.transform(image), label
+            return self.transform(image), label, problem
         with seeded_rngs(sample_seed):
-            return self.transform(image), label
+            return self.transform(image), label, problem
 
     def _load(self, index: int):
+        problems = []
         for attempt in range(len(self)):
-            row = self.dataset[(index + attempt) % len(self)]
+            position = (index + attempt) % len(self)
+            row = self.dataset[position]
+            name = sample_name(row[self.image_column], position)
             label = int(row[self.label_column])
             if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {index + attempt}: label {label} outside [0, {self.num_classes})")
+                raise ValueError(f"sample {name}: label {label} is outside [0, {self.num_classes}) "
+                                 f"(column {self.label_column!r}; set model.num_classes or fix the label)")
             try:
-                return to_rgb(decode_image(row[self.image_column])), label
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                self._count_bad(index + attempt, error)
-        raise ValueError("no sample of the dataset can be decoded")
+                return to_rgb(decode_image(row[self.image_column])), label, "\n".join(problems)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                problems.append(f"{name}: {type(error).__name__}: {_first_line(error)}")
+        raise ValueError(f"no image of the dataset can be decoded (first: {problems[0]})")
 
-    def _count_bad(self, index: int, error: Exception):
-        self.num_bad += 1
-        if self.num_bad > self.max_bad:
-            raise ValueError(f"sample {index}: image cannot be decoded ({error}); {self.num_bad} bad "
-                             f"samples exceed data.max_bad_fraction of {len(self)}") from error
-        warnings.warn(f"sample {index}: image cannot be decoded ({error}); using the next sample")
+
+def sample_name(value, position: int) -> str:
+    """The file a sample came from when the dataset knows it, else its row number."""
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"{path} (row {position})" if path else f"row {position}"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
+
+
+class UndecodableImages:
+    """The one place of the broken-file policy: undecodable images reported by every process are
+    collected (distinct by name), and more than ``max_fraction`` of the dataset stops the run.
+
+    The training loop feeds it the ``problem`` strings of :class:`ImageClassDataset` gathered from
+    all processes at each log step; its state is saved in checkpoints."""
+
+    def __init__(self, dataset_size: int, max_fraction: float):
+        self.limit = int(max_fraction * dataset_size)
+        self.dataset_size, self.max_fraction = dataset_size, max_fraction
+        self.names: list[str] = []
+
+    def add(self, problems) -> list[str]:
+        """Record problem strings; returns the names not seen before."""
+        known = {name for name in self.names}
+        new = []
+        for problem in problems:
+            for line in problem.splitlines():
+                name = line.split(": ", 1)[0]
+                if name not in known:
+                    known.add(name)
+                    new.append(line)
+        self.names.extend(line.split(": ", 1)[0] for line in new)
+        return new
+
+    def check(self) -> None:
+        if len(self.names) > self.limit:
+            raise ValueError(f"{len(self.names)} of {self.dataset_size} images cannot be decoded, more than "
+                             f"data.max_bad_fraction={self.max_fraction} allows; first: {', '.join(self.names[:3])}")
+
+    def state_dict(self) -> dict:
+        return {"names": list(self.names)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.names = list(state["names"])
 
 
 class TrainSampler(Sampler):

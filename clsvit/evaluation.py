@@ -7,13 +7,15 @@ import torch
 
 @torch.no_grad()
 def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 (%) and the number of images seen, over a loader prepared by `accelerator`.
-
-    Exact under several processes: `gather_for_metrics` drops the samples duplicated to pad an uneven
-    split. Hits are counted on the device and read once at the end (no host sync per batch)."""
+    """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (see
+    `clsvit.data.ImageClassDataset`), over a loader of `(images, labels, problems)` prepared by
+    `accelerator`. Exact under several processes: `gather_for_metrics` drops the samples duplicated
+    to pad an uneven split. Hits are counted on the device and read once at the end (no host sync
+    per batch)."""
     model.eval()
     hits = torch.zeros(3, dtype=torch.long, device=accelerator.device)  # top-1, top-5, images
-    for index, (images, labels) in enumerate(loader):
+    undecodable = 0
+    for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
         with accelerator.autocast():
@@ -21,5 +23,8 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) ->
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
         top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
         hits += torch.stack([top1.sum(), top5.sum(), torch.tensor(top1.numel(), device=hits.device)])
+        undecodable += sum(problem.count("\n") + 1 for problem in problems if problem)
+    undecodable = accelerator.reduce(torch.tensor(undecodable, device=hits.device), reduction="sum")
     top1, top5, seen = hits.tolist()
-    return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen}
+    return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
+            "undecodable": int(undecodable)}

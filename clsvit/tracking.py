@@ -76,9 +76,16 @@ class RunLog:
 
 
 def _drop_events_after(path: Path, step: int) -> None:
+    """Keep the events up to the checkpoint's step; a line torn by a kill mid-write is dropped."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

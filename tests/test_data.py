@@ -3,8 +3,10 @@
 import io
 import random
 import shutil
+import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -313,11 +315,11 @@ def rng_states():
 
 
 def test_seeded_sample_is_reproducible(train_dataset):
-    first, label = train_dataset[(2, 1234)]
+    first, label, problem = train_dataset[(2, 1234)]
     random.random(), np.random.rand(), torch.rand(3)
-    again, _ = train_dataset[(2, 1234)]
-    other, _ = train_dataset[(2, 1235)]
-    assert label == 2
+    again, _, _ = train_dataset[(2, 1234)]
+    other, _, _ = train_dataset[(2, 1235)]
+    assert label == 2 and problem == ""
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     unseeded = [train_dataset[2][0] for _ in range(3)]
@@ -336,7 +338,7 @@ def test_label_out_of_range_names_index():
     images = [png_bytes(random_image(i)) for i in range(3)]
     dataset = D.ImageClassDataset(class_dataset(images, [0, 5, 1], num_classes=6), T.ToTensor(), num_classes=3)
     assert dataset[0][1] == 0
-    with pytest.raises(ValueError, match="sample 1: label 5"):
+    with pytest.raises(ValueError, match=r"sample row 1: label 5 is outside \[0, 3\)"):
         dataset[1]
 
 
@@ -347,22 +349,59 @@ def test_image_modes_decode_to_rgb():
               png_bytes(ramp16), png_bytes(base.convert("RGBA")), png_bytes(base.convert("LA"))]
     dataset = D.ImageClassDataset(class_dataset(images, [0] * len(images)), T.ToTensor(), num_classes=3)
     for i in range(len(images)):
-        tensor, _ = dataset[i]
+        tensor, _, problem = dataset[i]
+        assert problem == ""
         assert tensor.shape == (3, 30, 40), i
     sixteen = dataset[3][0]
     expected = torch.from_numpy((np.asarray(ramp16).astype(np.int64) >> 8).astype(np.float32) / 255)
     assert torch.allclose(sixteen[0], expected)  # scaled to 8 bits, not clipped white
 
 
-def test_undecodable_images(recwarn):
-    images = [png_bytes(random_image(0)), {"bytes": b"not an image", "path": None}, png_bytes(random_image(2))]
-    strict = D.ImageClassDataset(class_dataset(images, [0, 1, 2]), T.ToTensor(), num_classes=3)
-    with pytest.raises(ValueError, match="sample 1"):
-        strict[1]
-    tolerant = D.ImageClassDataset(class_dataset(images, [0, 1, 2]), T.ToTensor(), num_classes=3,
-                                   max_bad_fraction=0.5)
-    assert tolerant[1][1] == 2  # replaced by the next sample
-    assert any("sample 1" in str(w.message) for w in recwarn)
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (PIL checks the size when it opens the file)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def broken_images() -> dict[str, bytes]:
+    """Files a real dataset contains, each undecodable in its own way."""
+    jpeg = png_bytes(random_image(7, size=(64, 48)), "JPEG")["bytes"]
+    return {"truncated.jpg": jpeg[: len(jpeg) // 2], "empty.jpg": b"", "notes.txt": b"not an image\n",
+            "bomb.png": huge_png_header(20000, 20000)}
+
+
+def test_undecodable_images_are_replaced_and_named():
+    good = [png_bytes(random_image(i)) for i in range(3)]
+    bad = [{"bytes": data, "path": name} for name, data in broken_images().items()]
+    images = [good[0], *bad, good[1], good[2]]
+    dataset = D.ImageClassDataset(class_dataset(images, [0, 1, 1, 1, 1, 2, 0]), T.ToTensor(), num_classes=3)
+    assert dataset[0][2] == ""
+    tensor, label, problem = dataset[1]  # four broken files in a row: replaced by the next good one
+    assert label == 2 and torch.equal(tensor, T.ToTensor()(random_image(1)))
+    lines = problem.splitlines()
+    assert [line.split(" (row")[0] for line in lines] == list(broken_images())
+    assert "row 1)" in lines[0] and "truncated" in lines[0]
+    assert "DecompressionBombError" in lines[3]
+    assert dataset[4][2].count("\n") == 0  # the bomb alone
+    only_bad = D.ImageClassDataset(class_dataset(bad, [0] * len(bad)), T.ToTensor(), num_classes=3)
+    with pytest.raises(ValueError, match="no image of the dataset can be decoded"):
+        only_bad[0]
+
+
+def test_undecodable_policy_counts_distinct_files_and_stops_beyond_the_fraction():
+    policy = D.UndecodableImages(dataset_size=1000, max_fraction=0.002)  # 2 files tolerated
+    assert policy.add(["a.jpg (row 3): OSError: truncated", ""]) == ["a.jpg (row 3): OSError: truncated"]
+    assert policy.add(["a.jpg (row 3): OSError: truncated\nb.jpg (row 4): OSError: empty"]) == [
+        "b.jpg (row 4): OSError: empty"]  # a file seen again (another epoch, another process) counts once
+    policy.check()
+    restored = D.UndecodableImages(dataset_size=1000, max_fraction=0.002)
+    restored.load_state_dict(policy.state_dict())
+    restored.add(["c.png (row 9): OSError: x"])
+    with pytest.raises(ValueError, match=r"3 of 1000 images cannot be decoded, more than "
+                                         r"data.max_bad_fraction=0.002 allows; first: a.jpg \(row 3\)"):
+        restored.check()
 
 
 # ---------------------------------------------------------------- TrainSampler
@@ -458,7 +497,7 @@ def test_eval_loader_is_sequential_and_keeps_last_batch():
     dataset = D.ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1]), D.build_eval_transform(recipe()),
                                   num_classes=3)
     loader = D.build_eval_loader(dataset, 2, data_cfg())
-    labels = torch.cat([y for _, y in loader])
+    labels = torch.cat([y for _, y, _ in loader])
     assert labels.tolist() == [0, 1, 2, 0, 1]
     options = D._loader_options(data_cfg(num_workers=3))
     assert options["prefetch_factor"] == 2 and options["persistent_workers"] is True

@@ -73,7 +73,7 @@ def reference_top1(run_dir: Path) -> float:
     dataset = ImageClassDataset(val, build_eval_transform(cfg), num_classes=4)
     with torch.no_grad():
         samples = [dataset[i] for i in range(len(dataset))]  # (iterating would wrap around forever)
-        hits = [int(model(image[None]).argmax(1).item() == label) for image, label in samples]
+        hits = [int(model(image[None]).argmax(1).item() == label) for image, label, _ in samples]
     return 100.0 * sum(hits) / len(hits)
 
 

@@ -1,13 +1,18 @@
-"""What a run does when things go wrong: pre-emption signals and non-finite losses (issue #5)."""
+"""What a run does when things go wrong (issue #5): pre-emption signals, non-finite losses, SIGKILL at
+any point, a checkpoint that cannot be written, a failing process, broken files in the dataset.
+Faults are injected from outside train.py (tests/fault_injection.py), never by hooks in its code."""
 
 from __future__ import annotations
 
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
@@ -41,6 +46,25 @@ def test_preemption_signal_checkpoints_and_the_relaunch_continues(tmp_path, env,
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
 
 
+def test_a_second_sigterm_stops_at_once(tmp_path, env):
+    """A launcher tearing a job down (torchrun after another process failed) sends SIGTERM, then
+    waits: the first signal asks for a checkpoint at the next log step, a second one ends the process."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    process = launch(recipe, "train.max_steps=100000", "log.every=50000", "eval.every=100000", env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "tiny").glob("provenance.json")):
+        time.sleep(0.1)
+    time.sleep(1.0)  # in the step loop now
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert process.poll() is None  # the first signal waits for the next log step
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGTERM
+    assert not metrics.exists() or not read_jsonl(metrics)
+
+
 def test_non_finite_loss_stops_with_the_step_range(tmp_path, env):
     """AdamW with lr 1e30 blows the weights up after the first update: the loss turns non-finite."""
     recipe = write_tiny_recipe(tmp_path, tmp_path)
@@ -59,3 +83,177 @@ def test_skip_nonfinite_tolerates_then_stops(tmp_path, env):
     assert result.returncode == 2
     assert (result.stdout + result.stderr).count("update skipped") == 2
     assert "more than train.skip_nonfinite=2" in result.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- killed at any point
+
+def launch(recipe, *overrides, env, fault=None):
+    """train.py as a child process (with a fault injected from outside when asked)."""
+    prefix = [str(REPO / "tests" / "fault_injection.py"), fault] if fault else []
+    return subprocess.Popen([sys.executable, *prefix, str(REPO / "train.py"), "--config", str(recipe), *overrides],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_step(metrics, since: float) -> int:
+    """The last step in metrics.jsonl once the relaunched run has rewritten it (after `since`)."""
+    try:
+        if metrics.stat().st_mtime < since:
+            return 0
+        return max((event["step"] for event in read_jsonl(metrics)), default=0)
+    except (FileNotFoundError, ValueError):  # not written yet, or a line being written
+        return 0
+
+
+def complete_steps(run_dir) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
+                  if (p / "COMPLETE").is_file())
+
+
+def weights(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_sigkill_at_random_points_loses_nothing(tmp_path, env):
+    """SIGKILL at random steps and once in the middle of a checkpoint write; each relaunch resumes
+    from the newest complete checkpoint and the final weights equal an uninterrupted run's."""
+    overrides = ["train.max_steps=48", "train.checkpoint_every=3", "train.keep_checkpoints=2", "eval.every=10"]
+    reference_recipe = write_tiny_recipe(tmp_path, tmp_path / "reference")
+    run_train(reference_recipe, *overrides, env=env)
+    reference = weights(tmp_path / "reference" / "tiny" / "model.safetensors")
+
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "killed")
+    run_dir = tmp_path / "killed" / "tiny"
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # what was printed before a SIGKILL is not lost in a buffer
+    rng = random.Random(5)
+    kill_at = sorted(rng.sample(range(2, 46), 3))
+    history = []
+    for attempt, target in enumerate([*kill_at, "in-save", None]):
+        before = complete_steps(run_dir)
+        fault = "kill-in-save:1" if target == "in-save" else None
+        started = time.time()
+        process = launch(recipe, *overrides, env=env, fault=fault)
+        if isinstance(target, int):
+            while process.poll() is None and logged_step(run_dir / "metrics.jsonl", started) < target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+            process.kill()
+        output = process.communicate(timeout=300)[0]
+        history.append((target, before, process.returncode))
+        if before:  # a complete checkpoint existed: the relaunch must have resumed from the newest one
+            assert f"resumed from {run_dir / 'checkpoints' / f'step_{before[-1]}'} " in output, output[-3000:]
+        assert "train.py: error" not in output and "Traceback" not in output, output[-3000:]
+        if target is None:
+            assert process.returncode == 0, output[-3000:]
+        else:
+            assert process.returncode == -signal.SIGKILL, (history, output[-3000:])
+        # whatever was killed, every visible checkpoint is complete
+        assert all((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")), history
+    assert history[3][1], "the kill inside a checkpoint write must come after a complete checkpoint"
+    final = weights(run_dir / "model.safetensors")
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in reference), history
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [] and complete_steps(run_dir) == [45, 48]
+
+
+# ---------------------------------------------------------------- a checkpoint that cannot be written
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_failed_checkpoint_write_stops_every_process_and_keeps_the_previous(tmp_path, env, processes):
+    """The second checkpoint write fails with ENOSPC (on process 1 only, when there are two)."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    run_dir = tmp_path / "tiny"
+    fault = "disk-full:2" if processes == 1 else "disk-full:2@1"
+    started = time.time()
+    result = run_train(recipe, "train.max_steps=20", f"train.batch_per_device={32 // processes}",
+                       env=env, processes=processes, check=False, fault=fault, timeout=180)
+    assert time.time() - started < 120  # no process waits forever for the one that failed
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error")]
+    assert len(errors) == processes, result.stderr[-3000:]
+    for line in errors:
+        assert "the checkpoint for step 8 could not be written" in line and "No space left on device" in line
+        assert f"{run_dir / 'checkpoints' / 'step_4'} is intact" in line
+    assert complete_steps(run_dir) == [4]
+    assert not any(p.name.startswith(".") for p in (run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "model.safetensors").exists()
+    relaunch = run_train(recipe, "train.max_steps=20", f"train.batch_per_device={32 // processes}",
+                         env=env, processes=processes)
+    assert "resumed from" in relaunch.stdout + relaunch.stderr and (run_dir / "model.safetensors").is_file()
+
+
+def test_one_failing_process_stops_the_other(tmp_path, env):
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    started = time.time()
+    result = run_train(recipe, "train.max_steps=50", "train.batch_per_device=16", env=env, processes=2,
+                       check=False, fault="raise:3@1", timeout=180)
+    assert time.time() - started < 120
+    assert result.returncode != 0
+    assert "RuntimeError: injected failure at optimizer step 3 on process 1" in result.stderr
+    assert "closing signal" in result.stderr or "Connection closed" in result.stderr
+    assert not (tmp_path / "tiny" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- broken files in the dataset
+
+def write_imagefolder(root, broken: bool = True):
+    """train/{a,b,c}/ with 16 good images each (PNG and JPEG, RGB), the odd-but-valid files a real
+    dataset has (CMYK, palette, greyscale, 16-bit PNG), and, when `broken`, undecodable files."""
+    import numpy as np
+    from PIL import Image
+
+    from test_data import broken_images
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 16), ("val", 4)):
+        for label, name in enumerate("abc"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                array = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+                array[..., label] += 190  # a learnable colour cue
+                Image.fromarray(array).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    odd = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    odd.convert("CMYK").save(root / "train" / "a" / "cmyk.jpg")
+    odd.convert("P").save(root / "train" / "b" / "palette.png")
+    odd.convert("L").save(root / "train" / "c" / "grey.png")
+    Image.fromarray((np.arange(40 * 48).reshape(40, 48) * 30).astype(np.uint16)).save(root / "train" / "c" / "deep16.png")
+    if broken:
+        for (name, data), folder in zip(broken_images().items(), "abca"):
+            name = name.replace(".txt", ".jpg")  # imagefolder picks files by extension
+            (root / "train" / folder / name).write_bytes(data)
+    return root
+
+
+def test_broken_files_are_skipped_counted_and_named(tmp_path, env):
+    data = write_imagefolder(tmp_path / "data")
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    common = ["data.source=imagefolder", f"data.path={data}", "data.num_workers=2", "train.max_steps=8",
+              "log.every=1"]
+    result = run_train(recipe, *common, "data.max_bad_fraction=0.1", env=env)
+    output = result.stdout + result.stderr
+    warnings = [line for line in output.splitlines() if "undecodable image(s) in steps" in line]
+    assert warnings, output[-3000:]
+    named = " ".join(warnings)
+    for name in ("truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"):
+        assert name in named or "..." in named, named  # at most three names per line
+    events = read_jsonl(tmp_path / "tiny" / "metrics.jsonl")
+    assert max(e.get("data/undecodable", 0) for e in events) == 4  # each file once, whatever the epochs
+    assert not any(name in named for name in ("cmyk", "palette", "grey", "deep16"))  # odd modes decode
+
+    strict = run_train(recipe, *common, "data.max_bad_fraction=0.01", "train.resume=false", env=env, check=False)
+    assert strict.returncode == 2
+    assert re.match(r"train\.py: error: \d+ of 56 images cannot be decoded, more than "
+                    r"data\.max_bad_fraction=0\.01 allows; first: \S+\.(jpg|png) \(row \d+\)",
+                    strict.stderr.strip().splitlines()[-1]), strict.stderr[-2000:]
+
+
+def test_label_out_of_range_is_an_error_naming_the_file(tmp_path, env):
+    data = write_imagefolder(tmp_path / "data", broken=False)
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    result = run_train(recipe, "data.source=imagefolder", f"data.path={data}", "data.num_workers=2",
+                       "model.num_classes=2", "train.max_steps=8", env=env, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(rf"train\.py: error: sample {data}/train/c/\S+ \(row \d+\): label 2 is outside \[0, 2\)", last), last

@@ -127,17 +127,33 @@ def test_two_processes_match_one_process_eval(tmp_path, env):
     assert (one["val/top1"], one["val/top5"], one["val/images"]) == (two["val/top1"], two["val/top5"], 50)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'"),
-    ("data.source=imagefolder", "data.path"),
-    ("train.global_batch=30", "train.global_batch=30"),
-    ("data.label_column=nope", "nope"),
+@pytest.mark.parametrize("override, recipe_text, message", [
+    ("optim.lrr=1", "", "unknown key 'optim.lrr' in override 'optim.lrr=1'; did you mean 'optim.lr'?"),
+    ("", "train:\n  max_steps: 3\n  max_steps: 4\n", "duplicate key 'max_steps' in {recipe} line 4"),
+    ("train.max_steps=many", "", "'train.max_steps' must be int, got 'many'"),
+    ("train.global_batch=30", "", "train.global_batch=30 is not a multiple of train.batch_per_device=32 x 1"),
+    ("", "base: {tmp}/missing.yaml\n", "recipe not found: {tmp}/missing.yaml (named as base by {recipe})"),
+    ("model.specialize.qkv=1.5", "", "'model.specialize.qkv' must be a fraction in [0, 1]"),
+    ("model.specialize.norm=[0,7]", "", "model.specialize.norm: block index 7 is not in [0, 1] (depth 2)"),
+    ("model.arch=resnet50", "", "model.arch: 'resnet50'"),
+    ("data.source=imagefolder", "", "data.path '/nonexistent/imagenet' does not exist"),
+    ("data.label_column=nope", "", "data.label_column 'nope' not in split 'train'"),
 ])
-def test_bad_input_is_one_line(tmp_path, env, override, message):
+def test_bad_input_is_one_line_before_heavy_work(tmp_path, override, recipe_text, message):
+    """Recipe errors stop in one line naming the key and value; those that need no data stop before
+    the dataset is even generated (a fresh cache stays empty)."""
+    env = subprocess_env(tmp_path / "fresh_cache")
     recipe = write_tiny_recipe(tmp_path, tmp_path)
+    if recipe_text:
+        recipe = tmp_path / "child.yaml"
+        base = "" if recipe_text.startswith("base:") else f"base: {tmp_path / 'tiny.yaml'}\n"
+        recipe.write_text(base + recipe_text.format(tmp=tmp_path))
     extra = ["data.path=/nonexistent/imagenet"] if "imagefolder" in override else []
-    result = run_train(recipe, override, *extra, env=env, check=False)
+    result = run_train(recipe, *filter(None, [override]), *extra, env=env, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("train.py: error:") and message in lines[-1], result.stderr[-2000:]
+    expected = message.format(tmp=tmp_path, recipe=recipe)
+    assert lines[-1].startswith("train.py: error:") and expected in lines[-1], result.stderr[-2000:]
+    needs_data = "label_column" in override
+    assert needs_data or not (tmp_path / "fresh_cache").exists(), override
     assert "Traceback" not in result.stderr
