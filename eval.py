@@ -40,7 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 from clsvit import analysis, probes
 from clsvit.config import ConfigError, load_config
 from clsvit.data import (DenseDataset, ImageClassDataset, build_eval_loader, build_eval_transform,
-                         load_splits)
+                         load_raw_splits, load_splits)
 from clsvit.evaluation import topk_accuracy
 from clsvit.model import build_model, count_parameters, load_run, weights_path
 from clsvit.tracking import TENSORBOARD_DIR, read_metrics
@@ -146,32 +146,13 @@ def _dense_splits(cfg: dict, task: str, column_key: str, accelerator):
     data_cfg = {**cfg["data"], **{key: section[key] for key in
                                   ("source", "path", "train_split", "val_split", "image_column")}}
     with accelerator.main_process_first():  # the main process generates / caches the dataset first
-        if section["source"] == "shapes":
-            train, val, _ = load_splits(data_cfg)
-        else:
-            train, val = _load_unlabelled_splits(data_cfg, f"eval.{task}")
+        train, val = load_raw_splits(data_cfg, f"eval.{task}")
     column = section[column_key]
     for split, dataset in ((section["train_split"], train), (section["val_split"], val)):
         if column not in dataset.column_names:
             raise ValueError(f"eval.{task}.{column_key} {column!r} is not a column of {section['source']} dataset "
                              f"{section['path'] or ''!r} split {split!r} (columns: {', '.join(dataset.column_names)})")
     return train, val
-
-
-def _load_unlabelled_splits(data_cfg: dict, name: str):
-    """The (train, val) splits of a hub/imagefolder/parquet source without load_splits' class-label
-    check (dense datasets have no label column); reuses clsvit.data's loaders."""
-    from clsvit import data
-
-    splits = [data_cfg["train_split"], data_cfg["val_split"]]
-    loaders = {"hub": lambda: data._load_hub(data_cfg["path"]),
-               "imagefolder": lambda: data._load_imagefolder(data_cfg["path"]),
-               "parquet": lambda: data._load_parquet(data_cfg["path"], splits)}
-    if data_cfg["source"] not in loaders:
-        raise ValueError(f"{name}.source must be one of {', '.join(data.SOURCES)}, got {data_cfg['source']!r}")
-    by_split = loaders[data_cfg["source"]]()
-    return tuple(data._pick_split(by_split, f"{name}.{key}", data_cfg[key], data_cfg["path"])
-                 for key in ("train_split", "val_split"))
 
 
 def segmentation(model, cfg: dict, seed: int, accelerator) -> dict:

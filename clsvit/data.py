@@ -49,8 +49,18 @@ def load_splits(data_cfg: dict):
     Datasets come back as HF ``datasets.Dataset`` with all their columns (the dense probes use
     ``mask``/``depth``); :class:`ImageClassDataset` picks the image and label columns.
     """
+    train, val = load_raw_splits(data_cfg)
+    for split_name, dataset in ((data_cfg["train_split"], train), (data_cfg["val_split"], val)):
+        for key in ("image_column", "label_column"):
+            _check_column(dataset, data_cfg[key], f"data.{key}", f"split {split_name!r}")
+    return train, val, _num_classes(train, val, data_cfg["label_column"])
+
+
+def load_raw_splits(data_cfg: dict, section: str = "data"):
+    """(train, val) HF datasets of any source, without looking at their columns (the dense probes'
+    datasets have no labels). ``section`` names the recipe section in error messages."""
     source, path = data_cfg["source"], data_cfg.get("path")
-    splits = {"data.train_split": data_cfg["train_split"], "data.val_split": data_cfg["val_split"]}
+    splits = {f"{section}.train_split": data_cfg["train_split"], f"{section}.val_split": data_cfg["val_split"]}
     if source == "hub":
         by_split = _load_hub(path)
     elif source == "imagefolder":
@@ -60,12 +70,8 @@ def load_splits(data_cfg: dict):
     elif source == "shapes":
         by_split = _load_parquet(str(ensure_shapes_dataset(**data_cfg["shapes"])), list(splits.values()))
     else:
-        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {source!r}")
-    train, val = (_pick_split(by_split, key, name, path) for key, name in splits.items())
-    for split_name, dataset in zip(splits.values(), (train, val)):
-        for key in ("image_column", "label_column"):
-            _check_column(dataset, data_cfg[key], f"data.{key}", f"split {split_name!r}")
-    return train, val, _num_classes(train, val, data_cfg["label_column"])
+        raise ValueError(f"{section}.source must be one of {', '.join(SOURCES)}, got {source!r}")
+    return tuple(_pick_split(by_split, key, name, path) for key, name in splits.items())
 
 
 def _load_hub(path: str):
