@@ -195,8 +195,8 @@ def main() -> None:
         signal.signal(sig, on_signal)
 
     def micro_batches():
-        """The training stream: (images, labels) forever, epoch after epoch, resuming mid-epoch.
-        `progress` counts a batch as consumed when it is handed out, so a checkpoint taken after an
+        """The training stream: (images, labels, problems) batches forever, epoch after epoch,
+        resuming mid-epoch. `progress` counts a batch as consumed when it is handed out, so a checkpoint taken after an
         optimizer step records exactly where the next step starts. The last batches of an epoch
         that do not fill an optimizer step are dropped."""
         batches_per_epoch = steps_per_epoch * accum_steps
