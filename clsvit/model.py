@@ -8,13 +8,14 @@ the QKV projection of early blocks — while attention stays one joint softmax o
 
 How it is done here: a specialized module keeps its shared weights under its usual name
 (`blocks.0.norm1.weight`, so vanilla timm / DeiT-III checkpoints still load) and gains a child
-`global_copy` (`blocks.0.norm1.global_copy.weight`). A forward hook recomputes the output rows
-of the global tokens with that copy:
+`global_copy` (`blocks.0.norm1.global_copy.weight`). Its class becomes a subclass of its own
+(`GlobalTokenLayerNorm`, `GlobalTokenLinear`, ...; `split_class`) whose forward recomputes the
+output rows of the global tokens with that copy:
 
-    out = module(x)                          # timm's own forward, every token
-    out[:, :n] = module.global_copy(x[:, :n])  # global tokens: their own weights
+    out = super().forward(x)                 # timm's own forward, every token
+    out[:, :n] = self.global_copy(x[:, :n])  # global tokens: their own weights
 
-Because the hook sits on token-wise modules only (norms, LayerScale, Linear, Mlp), timm's
+Because the split sits in token-wise modules only (norms, LayerScale, Linear, Mlp), timm's
 `Block.forward` and `Attention.forward` run unchanged: attention is still one
 `F.scaled_dot_product_attention` over the concatenated sequence, and every timm API
 (`forward_features`, `forward_intermediates`, grad checkpointing, `no_weight_decay`,
@@ -22,6 +23,41 @@ Because the hook sits on token-wise modules only (norms, LayerScale, Linear, Mlp
 overwritten: n/N of one op (1/197 for ViT-S/16 at 224) is cheaper than slicing the patch rows
 out, which would copy the whole activation. Autograd routes the prefix rows' gradient to the
 copy only (the overwritten rows contribute nothing to the shared weights).
+
+Why a class and not a forward hook (the design before issue #6): torch.compile does not guard
+nn.Module hook dictionaries (`torch._dynamo.config.skip_nnmodule_hook_guards`, on by default), but
+it does guard module types. With hooks, a graph traced for a block without a QKV copy was silently
+reused for a block with one (regional compilation, `block.compile()`, of the paper default: QKV
+copies in the first third only), and a baseline model compiled first in the same process made a
+specialized model run the baseline graph. With a class per split, each structure gets its own graph
+(tests/test_performance_paths.py).
+
+LayerScale is split differently: `GlobalTokenLayerScale` multiplies by a per-token gamma
+(`cat([copy.gamma] * n + [gamma] * (N - n))`, shape (N, D)) instead of overwriting rows.
+
+Why (issue #6, `python benchmarks/bench_split.py`: one module's forward + backward at ViT-S/16
+shapes, B=16 N=197 D=384, 1 CPU thread, as a multiple of the timm module's time): the in-place
+overwrite costs little forward, but its backward makes three passes over full-size tensors:
+autograd's CopySlices clones the output gradient to zero the global rows, the `x[:, :n]` slice
+gives back a zero-filled input-size gradient, and that is added to the shared path's. For a
+LayerScale or a LayerNorm that is as much as the module's own backward. The alternatives, all
+computing the same function:
+- LayerScale, per-token gamma: the same element-wise multiply, no overwrite; the gamma gradient
+  is reduced per token and then split by rows, so a shared gamma whose patch rows get no gradient
+  gets exactly 0. 1.02x instead of 1.7-2.2x with the overwrite: adopted (when autograd records;
+  without a backward, e.g. under inference_mode, the overwrite is the cheaper one and is used).
+- LayerNorm, `layer_norm` without affine + a per-token affine (`addcmul`): an extra full pass
+  forward and three backward: 3.0x vs 1.8x with the overwrite. Rejected. (Compiled, both fuse to
+  the same cost.)
+- LayerNorm / Linear, a custom autograd.Function that runs the shared backward on every row and
+  subtracts the global rows' share of the shared weight gradient: 1.33x for LayerNorm, but the
+  subtraction leaves rounding noise where the true gradient is exactly 0 (the shared norm2, ls2
+  and MLP of the last block of a [CLS]-pooled model: the patch rows never reach the loss), and
+  Adam/LAMB normalise that noise into real updates; in bf16 the error grows with the [CLS] share
+  of the gradient. Rejected: the shared weights must get exactly the patch rows' sum.
+- One fused projection on the concatenated weight [W; W_copy] with a per-token select: doubles
+  the projection's FLOPs to save the copies (QKV: 2x instead of 1.07x with the overwrite). Rejected.
+Whole model (`python benchmarks/bench_model.py`): see README "Performance".
 """
 
 from __future__ import annotations
@@ -56,10 +92,64 @@ PAPER_DEFAULT: Mapping[str, float] = MappingProxyType(
 INITS = ("clone", "fresh")
 
 
-def _overwrite_global_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    """Forward hook: the first `num_global_tokens` output rows come from `module.global_copy`."""
-    n = module.num_global_tokens
-    output[:, :n] = module.global_copy(args[0][:, :n])
+class GlobalTokenSplit(nn.Module):
+    """Mixin of every specialized module but LayerScale: the module's own forward on every token,
+    then the first `num_global_tokens` output rows overwritten by `global_copy`.
+
+    `specialize()` changes the class of the module in place to `GlobalToken<Class>` (this mixin +
+    the module's class, made once per class by `split_class`), so parameters, buffers, state-dict
+    keys and `isinstance` checks stay those of the timm module."""
+
+    num_global_tokens: int
+    global_copy: nn.Module
+    _split_base: type  # the class before specialization
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        n = self.num_global_tokens
+        out[:, :n] = self.global_copy(x[:, :n])
+        return out
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time, so pickle cannot find it by name: rebuild it from the base
+        # class (deepcopy, torch.save of a whole model, multiprocessing).
+        _, _, *state = super().__reduce_ex__(protocol)
+        return (_new_split_module, (self._split_base,), *state)
+
+
+class GlobalTokenLayerScale(LayerScale):
+    """A specialized timm LayerScale: one multiply by a per-token gamma, the copy's for the global
+    rows — element for element the multiplies of the shared and the copy's LayerScale, without the
+    overwrite (whose backward clones the output gradient; see the module docstring)."""
+
+    num_global_tokens: int
+    global_copy: LayerScale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_global_tokens
+        if not torch.is_grad_enabled():  # no backward: overwriting n rows is cheaper than an (N, D) gamma
+            out = x * self.gamma
+            out[:, :n] = x[:, :n] * self.global_copy.gamma
+            return out
+        gamma = torch.cat([self.global_copy.gamma.expand(n, -1), self.gamma.expand(x.shape[1] - n, -1)])
+        return x * gamma  # (B, N, D) * (N, D)
+
+
+_SPLIT_CLASSES: dict[type, type] = {LayerScale: GlobalTokenLayerScale}
+
+
+def split_class(cls: type) -> type:
+    """The specialized class of a token-wise module class (made once, then cached)."""
+    if cls not in _SPLIT_CLASSES:
+        name = f"GlobalToken{cls.__name__}"
+        _SPLIT_CLASSES[cls] = type(name, (GlobalTokenSplit, cls),
+                                   {"__module__": __name__, "__qualname__": name, "_split_base": cls})
+    return _SPLIT_CLASSES[cls]
+
+
+def _new_split_module(base: type) -> nn.Module:
+    cls = split_class(base)
+    return cls.__new__(cls)
 
 
 def _fill_missing_global_copies(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -81,7 +171,7 @@ def _add_global_copy(module: nn.Module, name: str, num_global_tokens: int, init:
         named_apply(init_fn, global_copy, name=f"{name}.global_copy", include_root=True)
     module.global_copy = global_copy
     module.num_global_tokens = num_global_tokens
-    module.register_forward_hook(_overwrite_global_rows)
+    module.__class__ = split_class(type(module))
     module.register_load_state_dict_pre_hook(_fill_missing_global_copies)
 
 
@@ -185,8 +275,8 @@ def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, drop
         timm_kwargs["init_values"] = layerscale_init
     try:
         model = timm.create_model(arch, **timm_kwargs)
-    except RuntimeError as error:
-        raise ValueError(f"arch: {error}") from None
+    except (RuntimeError, TypeError) as error:  # unknown name, or arguments this architecture does not take
+        raise ValueError(f"arch: {arch!r}: {error}") from None
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"arch: {arch!r} is a {type(model).__name__}, not a timm VisionTransformer")
     set_uniform_drop_path(model, drop_path)
@@ -200,16 +290,24 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
     num_classes = model_cfg["num_classes"] if num_classes is None else num_classes
     if num_classes is None:
         raise ValueError("model.num_classes: unknown; set it or build the model with the dataset's class count")
-    return create_model(
-        model_cfg["arch"],
-        specialize=model_cfg["specialize"],
-        drop_path=model_cfg["drop_path"],
-        layerscale_init=model_cfg["layerscale_init"],
-        img_size=model_cfg["img_size"],
-        num_classes=num_classes,
-        reg_tokens=model_cfg["reg_tokens"],  # None keeps the architecture's default
-        **model_cfg.get("timm_kwargs", {}),
-    )
+    try:
+        return create_model(
+            model_cfg["arch"],
+            specialize=model_cfg["specialize"],
+            drop_path=model_cfg["drop_path"],
+            layerscale_init=model_cfg["layerscale_init"],
+            img_size=model_cfg["img_size"],
+            num_classes=num_classes,
+            reg_tokens=model_cfg["reg_tokens"],  # None keeps the architecture's default
+            **model_cfg.get("timm_kwargs", {}),
+        )
+    except ValueError as error:  # name the recipe key: "qkv: ..." -> "model.specialize.qkv: ..."
+        key, _, rest = str(error).partition(": ")
+        if key in (*COMPONENTS, "final_norm", "init"):
+            raise ValueError(f"model.specialize.{key}: {rest}") from None
+        if key in ("arch", "drop_path"):
+            raise ValueError(f"model.{key}: {rest}") from None
+        raise
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -259,5 +357,5 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[V
     weights = weights_path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg["model"])
-    model.load_state_dict(load_file(weights, device=str(device)))
+    model.load_state_dict(load_file(weights))  # on the CPU, then moved: any torch device string works
     return model.to(device).eval(), cfg

@@ -17,7 +17,15 @@ from torch import nn
 
 from clsvit import COMPONENTS, PAPER_DEFAULT, create_model, specialize
 from clsvit.config import load_config, save_config
-from clsvit.model import block_indices, build_model, count_parameters, load_pretrained, load_run, set_uniform_drop_path
+from clsvit.model import (
+    block_indices,
+    build_model,
+    count_parameters,
+    load_pretrained,
+    load_run,
+    set_uniform_drop_path,
+    split_class,
+)
 
 EVERYTHING = {"norm": 1.0, "layerscale": 1.0, "qkv": 1.0, "proj": 1.0, "mlp": 1.0, "final_norm": True}
 EVERYTHING_NO_FINAL = {**EVERYTHING, "final_norm": False}
@@ -251,7 +259,9 @@ def test_specialize_is_idempotent():
     assert specialize(model, **PAPER_DEFAULT) is model
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # copies not re-cloned
-    assert all(len(m._forward_hooks) == 1 for m in global_copy_modules(model).values())
+    for m in global_copy_modules(model).values():  # split once: no second subclass, no second copy
+        assert type(m) is split_class(type(m.global_copy))  # e.g. GlobalTokenLayerNorm, not GlobalTokenGlobalToken...
+        assert not hasattr(m.global_copy, "global_copy") and not m._forward_hooks
     assert torch.equal(model(x), expected)
     specialize(model, **EVERYTHING)  # adds only what is missing
     assert count_parameters(model) == count_parameters(specialize(tiny_vit(), **EVERYTHING))
