@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from clsvit import analysis, probes
-from clsvit.config import ConfigError, load_config
+from clsvit.config import ConfigError, error_line, load_config
 from clsvit.data import (DenseDataset, ImageClassDataset, build_eval_loader, build_eval_transform,
                          load_raw_splits, load_splits)
 from clsvit.evaluation import topk_accuracy
@@ -76,8 +76,7 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
     cfg = load_config(run_dir / "config.yaml", overrides)
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
     accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
-    model, _ = load_run(run_dir)  # on CPU first: safetensors rejects accelerate's multi-CPU device "cpu:0"
-    model.to(accelerator.device)
+    model, _ = load_run(run_dir, device=accelerator.device)
     seed = cfg["run"]["seed"]
 
     results, figures, images = {}, {}, {}
@@ -382,5 +381,5 @@ if __name__ == "__main__":
     except (ConfigError, FileNotFoundError, ValueError) as error:
         if os.environ.get("CLSVIT_TRACEBACK"):
             raise
-        print(f"eval.py: error: {error}", file=sys.stderr)
+        print(error_line("eval.py", error), file=sys.stderr)
         sys.exit(2)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint)
-from clsvit.config import ConfigError, diff, flatten, load_config, save_config
+from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
                          build_eval_transform, build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
@@ -196,9 +196,9 @@ def main() -> None:
 
     def micro_batches():
         """The training stream: (images, labels, problems) batches forever, epoch after epoch,
-        resuming mid-epoch. `progress` counts a batch as consumed when it is handed out, so a checkpoint taken after an
-        optimizer step records exactly where the next step starts. The last batches of an epoch
-        that do not fill an optimizer step are dropped."""
+        resuming mid-epoch. `progress` counts a batch as consumed when it is handed out, so a
+        checkpoint taken after an optimizer step records exactly where the next step starts. The
+        last batches of an epoch that do not fill an optimizer step are dropped."""
         batches_per_epoch = steps_per_epoch * accum_steps
         while True:
             if progress.batches_in_epoch >= batches_per_epoch:
@@ -280,7 +280,7 @@ def main() -> None:
                 raise TrainingError(f"non-finite loss between steps {last_log_step + 1} and {progress.step}; "
                                     f"the last checkpoint before step {last_log_step + 1} is intact")
             if num_problems:  # every process takes part: they all see the same total
-                new = undecodable.add(gather_object(problems) if world > 1 else problems)
+                new = undecodable.add(gather_object(problems))  # (on one process: `problems` itself)
                 problems.clear()
                 if new:
                     say(f"warning: {len(new)} undecodable image(s) in steps {last_log_step + 1}-{progress.step}, "
@@ -352,22 +352,11 @@ def export(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def one_line(error: BaseException) -> str:
-    """The message of an expected failure in one line. An error raised in a DataLoader worker
-    arrives wrapped with the worker's traceback: its last line is the message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 if __name__ == "__main__":
     try:
         main()
     except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as error:
         if os.environ.get("CLSVIT_TRACEBACK"):
             raise
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
-        print(f"train.py: error{where}: {one_line(error)}", file=sys.stderr)
+        print(error_line("train.py", error), file=sys.stderr)
         sys.exit(2)

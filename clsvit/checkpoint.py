@@ -82,7 +82,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
         if failed.item() == 0:
             return
-        errors = [e for e in gather_object([error]) if e] if accelerator.num_processes > 1 else [error]
+        errors = [e for e in gather_object([error]) if e]
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(checkpoint_dir)

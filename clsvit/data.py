@@ -295,16 +295,14 @@ class UndecodableImages:
         self.names: list[str] = []
 
     def add(self, problems) -> list[str]:
-        """Record problem strings; returns the names not seen before."""
-        known = {name for name in self.names}
-        new = []
-        for problem in problems:
-            for line in problem.splitlines():
-                name = line.split(": ", 1)[0]
-                if name not in known:
-                    known.add(name)
-                    new.append(line)
-        self.names.extend(line.split(": ", 1)[0] for line in new)
+        """Record problem strings ("name: error" lines); returns the lines of names not seen before."""
+        known, new = set(self.names), []
+        for line in (line for problem in problems for line in problem.splitlines()):
+            name = line.split(": ", 1)[0]
+            if name not in known:
+                known.add(name)
+                self.names.append(name)
+                new.append(line)
         return new
 
     def check(self) -> None:
