@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,43 +22,26 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
-                               remove_partial_checkpoints, save_checkpoint)
+                               remove_partial_checkpoints, save_checkpoint, save_weights)
 from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
                          build_eval_transform, build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
-from clsvit.evaluation import topk_accuracy
-from clsvit.model import COMPONENTS, build_model, count_parameters, load_pretrained
+from clsvit.evaluation import format_metrics, validation_metrics
+from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
 from clsvit.tracking import RunLog, provenance
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
+                             nonfinite_on_any_process, split_global_batch)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
 RESUME_LOCKED = ("model.arch", "model.img_size", "model.num_classes", "model.drop_path", "model.layerscale_init",
                  "model.reg_tokens", "model.specialize", "data.source", "data.path", "data.train_split", "aug", "optim", "schedule",
                  "train.global_batch", "train.loss", "train.bce_threshold", "train.ema", "run.seed")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, bad batch geometry); reported in one line."""
-
-
-class Progress:
-    """The loop's position, saved in every checkpoint: optimizer steps done, and where in which
-    epoch the data stream is (micro-batches consumed), so a resume continues mid-epoch."""
-
-    def __init__(self):
-        self.step, self.epoch, self.batches_in_epoch, self.skipped_nonfinite = 0, 0, 0, 0
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,11 +70,9 @@ def main() -> None:
         step_scheduler_with_optimizer=False,
     )
     world = accelerator.num_processes
-    per_step = train_cfg["batch_per_device"] * world
-    if train_cfg["global_batch"] % per_step:
-        raise ConfigError(f"train.global_batch={train_cfg['global_batch']} is not a multiple of "
-                          f"train.batch_per_device={train_cfg['batch_per_device']} x {world} processes")
-    accum_steps = train_cfg["global_batch"] // per_step  # one recipe runs unchanged on 1, 8 or 64 GPUs
+    mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
+    # one recipe runs unchanged on 1, 8 or 64 GPUs: micro-batch and accumulation are derived
+    batch = split_global_batch(train_cfg["global_batch"], train_cfg["batch_per_device"], world, even=mixing)
     main_proc = accelerator.is_main_process
     say = tqdm.write if main_proc else (lambda *a, **k: None)
     if train_cfg["deterministic"]:
@@ -113,10 +93,10 @@ def main() -> None:
     # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).
     sampler = TrainSampler(len(train_set), num_replicas=world, rank=accelerator.process_index,
                            seed=cfg["run"]["seed"], repeats=cfg["aug"]["repeated_aug"])
-    train_loader = build_train_loader(train_set, sampler, train_cfg["batch_per_device"], data_cfg)
+    train_loader = build_train_loader(train_set, sampler, batch.micro_batch, data_cfg)
     val_loader = accelerator.prepare(build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg))
-    batches_per_epoch = len(sampler) // train_cfg["batch_per_device"]
-    steps_per_epoch = batches_per_epoch // accum_steps
+    steps_per_epoch = len(sampler) // batch.micro_batch // batch.accumulation
+    epoch_samples = steps_per_epoch * batch.accumulation * batch.micro_batch  # per process; the rest is dropped
     if steps_per_epoch == 0:
         raise ConfigError(f"train.global_batch={train_cfg['global_batch']} is larger than the "
                           f"{len(train_set)}-image training split")
@@ -132,10 +112,8 @@ def main() -> None:
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)
-    unspecialized = {**cfg["model"]["specialize"], **dict.fromkeys(COMPONENTS, 0.0), "final_norm": False}
-    baseline_cfg = {**cfg["model"], "specialize": unspecialized}
     with torch.device("meta"):
-        baseline_params = count_parameters(build_model(baseline_cfg, num_classes))
+        baseline_params = count_parameters(build_model(baseline_model_config(cfg["model"]), num_classes))
 
     # ---- optimizer, schedule, loss ------------------------------------------------------------
     optimizer = build_optimizer(model, cfg["optim"])
@@ -172,44 +150,16 @@ def main() -> None:
         save_config(cfg, run_dir / "config.yaml")
     run_info = provenance(accelerator, params=num_params, params_baseline=baseline_params,
                           param_overhead_pct=100.0 * (num_params - baseline_params) / baseline_params,
-                          accum_steps=accum_steps, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                          micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
+                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
     log = RunLog(run_dir, enabled=main_proc, tensorboard=cfg["log"]["tensorboard"],
                  resume_step=progress.step if resume_from is not None else None)
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
         say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "
-            f"{world} process(es) x {train_cfg['batch_per_device']} x {accum_steps} accumulation = "
-            f"{train_cfg['global_batch']} images/step, {total_steps} steps, "
+            f"{batch.describe()}, {total_steps} steps, "
             f"precision {accelerator.mixed_precision}, compile {run_info['dynamo_backend']}")
-
-    stop_signal = []  # pre-emption: SIGTERM / SIGUSR1 (SLURM's warning) -> checkpoint and exit cleanly
-
-    def on_signal(signum, frame):
-        if stop_signal:  # a second signal: stop now (a launcher tearing the job down after a failure)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        stop_signal.append(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, on_signal)
-
-    def micro_batches():
-        """The training stream: (images, labels, problems) batches forever, epoch after epoch,
-        resuming mid-epoch. `progress` counts a batch as consumed when it is handed out, so a
-        checkpoint taken after an optimizer step records exactly where the next step starts. The
-        last batches of an epoch that do not fill an optimizer step are dropped."""
-        batches_per_epoch = steps_per_epoch * accum_steps
-        while True:
-            if progress.batches_in_epoch >= batches_per_epoch:
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
-            sampler.set_epoch(progress.epoch)
-            sampler.set_start(progress.batches_in_epoch * train_cfg["batch_per_device"])
-            for batch in train_loader:
-                progress.batches_in_epoch += 1
-                yield batch
-                if progress.batches_in_epoch >= batches_per_epoch:
-                    break
 
     def checkpoint() -> None:
         path = save_checkpoint(accelerator, ckpt_dir, progress.step, train_cfg["keep_checkpoints"])
@@ -217,20 +167,16 @@ def main() -> None:
             save_config(cfg, path / "config.yaml")
 
     # ---- step loop ----------------------------------------------------------------------------
-    model.train()
-    batches = micro_batches()
+    preemption = PreemptionSignals()  # SIGTERM / SIGUSR1: checkpoint at the next log step, exit cleanly
+    batches = MicroBatchStream(train_loader, sampler, progress, batch.micro_batch, epoch_samples)
+    window = LogWindow(accelerator)
     bar = tqdm(total=total_steps, initial=progress.step, disable=not (main_proc and cfg["log"]["progress_bar"]),
                dynamic_ncols=True, desc="train")
-    loss_sum = torch.zeros((), device=accelerator.device)
-    window_start, window_steps, data_wait, last_log_step = time.perf_counter(), 0, 0.0, progress.step
-    problems = []  # undecodable-image reports of this process since the last log step
+    model.train()
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(accum_steps):
-            wait_start = time.perf_counter()
-            images, labels, batch_problems = next(batches)
-            data_wait += time.perf_counter() - wait_start
-            problems += [problem for problem in batch_problems if problem]
+        for micro in range(batch.accumulation):
+            images, labels = window.next_batch(batches)
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
             if mixup is not None:
@@ -238,30 +184,27 @@ def main() -> None:
             else:
                 targets = one_hot_targets(labels, num_classes, cfg["aug"]["label_smoothing"])
             # DDP: all-reduce gradients only on the last micro-batch of the optimizer step
-            with accelerator.no_sync(model) if micro < accum_steps - 1 else nullcontext():
+            with accelerator.no_sync(model) if micro < batch.accumulation - 1 else nullcontext():
                 with accelerator.autocast():
                     loss = criterion(model(images), targets)
-                accelerator.backward(loss / accum_steps)
-            step_loss += loss.detach() / accum_steps
+                accelerator.backward(loss / batch.accumulation)
+            step_loss += loss.detach() / batch.accumulation
 
-        if train_cfg["skip_nonfinite"] and not torch.isfinite(step_loss).item():  # a host sync, only when asked
+        if train_cfg["skip_nonfinite"] and nonfinite_on_any_process(step_loss, accelerator):  # only when asked
             progress.skipped_nonfinite += 1
             if progress.skipped_nonfinite > train_cfg["skip_nonfinite"]:
                 raise TrainingError(f"non-finite loss at step {progress.step + 1}: more than "
                                     f"train.skip_nonfinite={train_cfg['skip_nonfinite']} such steps")
-            say(f"warning: non-finite loss at step {progress.step + 1}, update skipped "
+            say(f"warning: non-finite loss at step {progress.step + 1}, update skipped on every process "
                 f"({progress.skipped_nonfinite}/{train_cfg['skip_nonfinite']})")
             optimizer.zero_grad(set_to_none=True)
             continue
-        loss_sum += step_loss
+        window.add_step(step_loss)
 
         log_now = (progress.step + 1) % cfg["log"]["every"] == 0 or progress.step + 1 == total_steps
         grad_norm = None
-        if cfg["optim"]["grad_clip"] is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])
-        elif log_now:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if cfg["optim"]["grad_clip"] is not None or log_now:
+            grad_norm = gradient_norm(accelerator, model, cfg["optim"]["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
@@ -269,39 +212,33 @@ def main() -> None:
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=progress.step)
         bar.update(1)
-        window_steps += 1
 
-        if log_now:  # the only host-device sync of a normal step: one all-reduce, read once
-            local = torch.stack([loss_sum, torch.tensor(float(bool(stop_signal)), device=accelerator.device),
-                                 torch.tensor(float(len(problems)), device=accelerator.device)])
-            loss_total, stop_votes, num_problems = accelerator.reduce(local, reduction="sum").tolist()
-            mean_loss = loss_total / world / window_steps
-            if not math.isfinite(mean_loss):
-                raise TrainingError(f"non-finite loss between steps {last_log_step + 1} and {progress.step}; "
-                                    f"the last checkpoint before step {last_log_step + 1} is intact")
-            if num_problems:  # every process takes part: they all see the same total
-                new = undecodable.add(gather_object(problems))  # (on one process: `problems` itself)
-                problems.clear()
+        if log_now:  # the only host-device sync of a normal step: one all-reduce
+            summary = window.reduce(preemption.requested)
+            if not math.isfinite(summary["mean_loss"]):
+                first = progress.step - window.steps + 1
+                raise TrainingError(f"non-finite loss between steps {first} and {progress.step}; "
+                                    f"the last checkpoint before step {first} is intact")
+            if summary["problems"]:  # every process takes part: they all see the same total
+                new = undecodable.add(gather_object(window.problems))
+                window.problems.clear()
                 if new:
-                    say(f"warning: {len(new)} undecodable image(s) in steps {last_log_step + 1}-{progress.step}, "
-                        f"replaced by the next sample ({len(undecodable.names)} so far): " + "; ".join(new[:3])
-                        + (" ..." if len(new) > 3 else ""))
+                    say(f"warning: {len(new)} undecodable image(s) in steps {progress.step - window.steps + 1}-"
+                        f"{progress.step}, replaced by the next sample ({len(undecodable.names)} so far): "
+                        + "; ".join(new[:3]) + (" ..." if len(new) > 3 else ""))
                 undecodable.check()
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "train/loss": mean_loss,
+            log.log(progress.step, {
+                "train/loss": summary["mean_loss"],
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/grad_norm": float(grad_norm),
-                "train/images_per_s": window_steps * train_cfg["global_batch"] / elapsed,
-                "train/data_wait": data_wait / elapsed,
-                "train/epoch": progress.epoch + progress.batches_in_epoch / (steps_per_epoch * accum_steps),
+                "train/images_per_s": window.steps * train_cfg["global_batch"] / summary["elapsed"],
+                "train/data_wait": summary["data_wait"],
+                "train/epoch": progress.epoch + progress.samples_in_epoch / epoch_samples,
                 "data/undecodable": len(undecodable.names),
-            }
-            log.log(progress.step, metrics)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}")
-            loss_sum.zero_()
-            window_start, window_steps, data_wait, last_log_step = time.perf_counter(), 0, 0.0, progress.step
-            if stop_votes > 0:
+            })
+            bar.set_postfix(loss=f"{summary['mean_loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            window.reset()
+            if summary["stop"]:
                 checkpoint()
                 say(f"pre-empted (signal received): checkpoint saved at step {progress.step}; relaunch to resume")
                 log.close()
@@ -309,7 +246,8 @@ def main() -> None:
                 return
 
         if progress.step % cfg["eval"]["every"] == 0 and progress.step < total_steps:
-            report(progress.step, evaluate(model, val_loader, accelerator, cfg["eval"]["max_batches"]), log, say)
+            report(progress.step, validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"]),
+                   log, say)
             model.train()
         if progress.step % train_cfg["checkpoint_every"] == 0 and progress.step < total_steps:
             checkpoint()
@@ -318,38 +256,23 @@ def main() -> None:
     # ---- final checkpoint, eval and export ----------------------------------------------------
     if resume_from is None or checkpoint_step(resume_from) != progress.step:
         checkpoint()
-    final = evaluate(model, val_loader, accelerator, cfg["eval"]["max_batches"])
+    final = validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"])
     if ema is not None:
-        final.update({f"val_ema/{k.split('/')[1]}": v for k, v in
-                      evaluate(ema.module, val_loader, accelerator, cfg["eval"]["max_batches"]).items()})
+        final.update(validation_metrics(ema.module, val_loader, accelerator, cfg["eval"]["max_batches"],
+                                        prefix="val_ema"))
     report(progress.step, final, log, say)
     if main_proc:
-        export(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir / "model.safetensors")
+        save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir / "model.safetensors")
         if ema is not None:
-            export(ema.module, run_dir / "model_ema.safetensors")
+            save_weights(ema.module, run_dir / "model_ema.safetensors")
         log.hparams(flatten(cfg), {**final, "params": float(num_params)})
     log.close()
     accelerator.end_training()
 
 
-def evaluate(model, loader, accelerator, max_batches) -> dict[str, float]:
-    return {f"val/{key}": float(value) for key, value in topk_accuracy(model, loader, accelerator, max_batches).items()}
-
-
 def report(step: int, metrics: dict, log: RunLog, say) -> None:
     log.log(step, metrics)
-    counts = ("images", "undecodable")
-    bad = int(metrics["val/undecodable"])
-    say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.split("/")[1] not in counts)
-        + f" ({int(metrics['val/images'])} images" + (f", {bad} undecodable replaced)" if bad else ")"))
-
-
-def export(model: torch.nn.Module, path: Path) -> None:
-    """The final weights as float32 safetensors, written to a temp name and renamed (never half-written)."""
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    say(f"step {step}: {format_metrics(metrics)}")
 
 
 if __name__ == "__main__":

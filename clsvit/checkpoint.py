@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors.torch import save_file
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -118,6 +119,15 @@ def _remove(checkpoint: Path) -> None:
     hidden = checkpoint.with_name(f".{checkpoint.name}.removing")
     os.replace(checkpoint, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """A model's weights as float32 safetensors, written to a hidden name and renamed into place
+    (never half-written): the run's exported `model.safetensors`."""
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
 
 
 def checkpoint_step(path: Path) -> int:

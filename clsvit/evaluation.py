@@ -28,3 +28,22 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) ->
     top1, top5, seen = hits.tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
             "undecodable": int(undecodable)}
+
+
+def validation_metrics(model, loader, accelerator, max_batches: int | None = None,
+                       prefix: str = "val") -> dict[str, float]:
+    """:func:`topk_accuracy` as training metrics: ``{"val/top1": ..., "val/top5": ..., "val/images": ...}``."""
+    return {f"{prefix}/{key}": float(value) for key, value in
+            topk_accuracy(model, loader, accelerator, max_batches).items()}
+
+
+def format_metrics(metrics: dict) -> str:
+    """'val/top1 42.60, val/top5 88.10 (1000 images, 2 undecodable replaced)' for a console line."""
+    counts = {key.split("/")[-1]: int(value) for key, value in metrics.items()
+              if key.split("/")[-1] in ("images", "undecodable")}
+    text = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items()
+                     if key.split("/")[-1] not in ("images", "undecodable"))
+    if "images" in counts:
+        bad = counts.get("undecodable", 0)
+        text += f" ({counts['images']} images" + (f", {bad} undecodable replaced)" if bad else ")")
+    return text

@@ -310,6 +310,26 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) ->
         raise
 
 
+def is_specialized(specialization: Mapping[str, Any]) -> bool:
+    """Whether a recipe's `model.specialize` section gives the global tokens any copy at all."""
+    return any(specialization.get(component) for component in COMPONENTS) or bool(specialization.get("final_norm"))
+
+
+def describe_specialization(specialization: Mapping[str, Any]) -> str:
+    """'norm=1 layerscale=1 qkv=0.333', 'qkv=[0, 1, 2, 3] final_norm' or 'none'."""
+    parts = [f"{component}={value:.3g}" if isinstance(value, float) else f"{component}={value}"
+             for component in COMPONENTS if (value := specialization.get(component))]
+    if specialization.get("final_norm"):
+        parts.append("final_norm")
+    return " ".join(parts) or "none"
+
+
+def baseline_model_config(model_cfg: Mapping[str, Any]) -> dict:
+    """The recipe's `model` section without specialization: the baseline a run's overhead is counted against."""
+    unspecialized = {**model_cfg["specialize"], **dict.fromkeys(COMPONENTS, 0.0), "final_norm": False}
+    return {**model_cfg, "specialize": unspecialized}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

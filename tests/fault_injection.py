@@ -7,6 +7,10 @@ train.py` would run it), so the training code carries no test hooks. FAULT is on
                           first file of the checkpoint is on disk, before the rest)
     disk-full:N[@RANK]    the N-th checkpoint write fails with ENOSPC (on process RANK only)
     raise:STEP[@RANK]     the optimizer step STEP raises a RuntimeError (on process RANK only)
+    nan-loss:N[@RANK]     the N-th loss computed is NaN (on process RANK only)
+
+With CLSVIT_TEST_WEIGHTS_DIR set, every process saves its own final model weights there
+(`rank<R>.pt`) when the run ends, so tests can compare the processes' copies of the model.
 """
 
 from __future__ import annotations
@@ -60,13 +64,51 @@ def inject(kind: str, count: int, rank: int | None) -> None:
                 raise RuntimeError(f"injected failure at optimizer step {count} on process {this_rank()}")
 
         register_optimizer_step_pre_hook(count_steps)
+    elif kind == "nan-loss":
+        import timm.loss
+
+        for loss_class in (timm.loss.BinaryCrossEntropy, timm.loss.SoftTargetCrossEntropy):
+            loss_class.forward = _nan_at_call(loss_class.forward, count)
     else:
         raise SystemExit(f"fault_injection.py: unknown fault {kind!r}")
+
+
+def _nan_at_call(forward, count: int):
+    calls = [0]
+
+    def patched(self, *args, **kwargs):
+        loss = forward(self, *args, **kwargs)
+        calls[0] += 1
+        return loss * float("nan") if calls[0] == count else loss
+
+    return patched
+
+
+def save_weights_per_process(directory: str) -> None:
+    """Keep the prepared model; save its weights from every process at end_training."""
+    models = []
+    original_prepare, original_end = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
+
+    def prepare(self, *args, **kwargs):
+        prepared = original_prepare(self, *args, **kwargs)
+        models.extend(m for m in (prepared if isinstance(prepared, tuple) else (prepared,))
+                      if isinstance(m, torch.nn.Module))
+        return prepared
+
+    def end_training(self):
+        model = self.unwrap_model(models[0])
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   os.path.join(directory, f"rank{this_rank()}.pt"))
+        return original_end(self)
+
+    accelerate.Accelerator.prepare, accelerate.Accelerator.end_training = prepare, end_training
 
 
 if __name__ == "__main__":
     fault, script, *rest = sys.argv[1:]
     inject(*parse(fault))
+    if os.environ.get("CLSVIT_TEST_WEIGHTS_DIR"):
+        save_weights_per_process(os.environ["CLSVIT_TEST_WEIGHTS_DIR"])
     sys.argv = [script, *rest]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

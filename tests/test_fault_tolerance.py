@@ -1,4 +1,4 @@
-"""What a run does when things go wrong (issue #5): pre-emption signals, non-finite losses, SIGKILL at
+"""What a run does when things go wrong: pre-emption signals, non-finite losses, SIGKILL at
 any point, a checkpoint that cannot be written, a failing process, broken files in the dataset.
 Faults are injected from outside train.py (tests/fault_injection.py), never by hooks in its code."""
 
@@ -83,6 +83,26 @@ def test_skip_nonfinite_tolerates_then_stops(tmp_path, env):
     assert result.returncode == 2
     assert (result.stdout + result.stderr).count("update skipped") == 2
     assert "more than train.skip_nonfinite=2" in result.stderr.strip().splitlines()[-1]
+
+
+def test_nonfinite_loss_on_one_process_is_skipped_by_every_process(tmp_path, env):
+    """A NaN loss on process 1 only (its 3rd step): both processes skip that update together, the
+    run finishes, and both hold the same finite weights (a process that stepped alone would apply
+    the all-reduced NaN gradients, and the processes' collectives would part)."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    result = run_train(recipe, "train.max_steps=6", "train.skip_nonfinite=2", "log.every=1",
+                       "train.batch_per_device=16", env={**env, "CLSVIT_TEST_WEIGHTS_DIR": str(weights_dir)},
+                       processes=2, fault="nan-loss:3@1")
+    assert (result.stdout + result.stderr).count("update skipped on every process (1/2)") == 1
+    steps = [e["step"] for e in read_jsonl(tmp_path / "tiny" / "metrics.jsonl") if "train/loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 7 micro-batches per process, 6 updates
+    rank0, rank1 = (torch.load(weights_dir / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.isfinite(rank0[key]).all(), key
+        assert torch.equal(rank0[key], rank1[key]), key
 
 
 # ---------------------------------------------------------------- killed at any point

@@ -131,7 +131,9 @@ def test_two_processes_match_one_process_eval(tmp_path, env):
     ("optim.lrr=1", "", "unknown key 'optim.lrr' in override 'optim.lrr=1'; did you mean 'optim.lr'?"),
     ("", "train:\n  max_steps: 3\n  max_steps: 4\n", "duplicate key 'max_steps' in {recipe} line 4"),
     ("train.max_steps=many", "", "'train.max_steps' must be int, got 'many'"),
-    ("train.global_batch=30", "", "train.global_batch=30 is not a multiple of train.batch_per_device=32 x 1"),
+    ("", "train:\n  global_batch: 31\naug:\n  mixup: 0.8\n", "train.global_batch=31 on 1 process(es) with "
+     "train.batch_per_device=32: no equal even micro-batch of at most 32 images divides the 31 images per process "
+     "(Mixup/CutMix need an even micro-batch)"),
     ("", "base: {tmp}/missing.yaml\n", "recipe not found: {tmp}/missing.yaml (named as base by {recipe})"),
     ("model.specialize.qkv=1.5", "", "'model.specialize.qkv' must be a fraction in [0, 1]"),
     ("model.specialize.norm=[0,7]", "", "model.specialize.norm: block index 7 is not in [0, 1] (depth 2)"),

@@ -1,0 +1,192 @@
+"""The parts of train.py's loop that are not the loop itself.
+
+- :func:`split_global_batch`: the recipe's global batch on this many processes -> micro-batch and
+  gradient accumulation, with ``train.batch_per_device`` as the memory cap.
+- :class:`Progress`: the loop position saved in every checkpoint.
+- :class:`MicroBatchStream`: the training batches, epoch after epoch, resuming mid-epoch.
+- :class:`LogWindow`: what is measured between two log steps (loss, throughput, data wait, broken
+  files), reduced over the processes with one all-reduce.
+- :class:`PreemptionSignals`: SIGTERM / SIGUSR1 -> "checkpoint at the next log step and exit".
+- :func:`gradient_norm`: the logged (and clipped) gradient norm, unscaled under fp16.
+- :func:`nonfinite_on_any_process`: the collective decision to skip an update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from clsvit.config import ConfigError
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss); reported in one line."""
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step of ``global_batch`` images is computed on ``processes`` processes."""
+
+    global_batch: int
+    processes: int
+    micro_batch: int  # images per forward pass per process
+    accumulation: int  # forward/backward passes per optimizer step
+
+    def describe(self) -> str:
+        return (f"{self.processes} process(es) x {self.micro_batch} images x {self.accumulation} accumulation "
+                f"= {self.global_batch} images/step")
+
+
+def split_global_batch(global_batch: int, batch_cap: int, processes: int, even: bool = False) -> BatchSplit:
+    """The split with the fewest accumulation steps whose micro-batch fits ``batch_cap``.
+
+    Each process computes ``global_batch / processes`` images per optimizer step, in
+    ``accumulation`` micro-batches of equal size: 2048 on 8 processes with a cap of 64 -> 64 x 4;
+    128 on 2 processes with a cap of 128 -> 64 x 1. ``even`` asks for an even micro-batch (timm's
+    batch-mode Mixup pairs each image with its mirror in the batch). A ConfigError names the keys
+    when no split exists (e.g. 128 images on 3 processes)."""
+    keys = f"train.global_batch={global_batch} on {processes} process(es) with train.batch_per_device={batch_cap}"
+    if global_batch % processes:
+        raise ConfigError(f"{keys}: the global batch is not divisible by the number of processes")
+    per_process = global_batch // processes
+    for accumulation in range(math.ceil(per_process / batch_cap), per_process + 1):
+        micro, remainder = divmod(per_process, accumulation)
+        if remainder == 0 and micro <= batch_cap and (micro % 2 == 0 or not even):
+            return BatchSplit(global_batch, processes, micro, accumulation)
+    raise ConfigError(f"{keys}: no equal{' even' if even else ''} micro-batch of at most {batch_cap} images "
+                      f"divides the {per_process} images per process"
+                      + (" (Mixup/CutMix need an even micro-batch)" if even else ""))
+
+
+class Progress:
+    """The loop's position, saved in every checkpoint: optimizer steps done, the epoch, the samples
+    of this process's epoch order already consumed, and the updates skipped for a non-finite loss."""
+
+    def __init__(self):
+        self.step, self.epoch, self.samples_in_epoch, self.skipped_nonfinite = 0, 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(vars(self)):
+            raise ValueError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
+        vars(self).update(state)
+
+
+class MicroBatchStream:
+    """``(images, labels, problems)`` micro-batches forever, epoch after epoch, resuming mid-epoch.
+
+    A batch counts as consumed when it is handed out, so a checkpoint taken after an optimizer
+    step records exactly where the next step starts. An epoch is ``epoch_samples`` samples of this
+    process's order (whole optimizer steps); the samples left over after them are dropped."""
+
+    def __init__(self, loader, sampler, progress: Progress, micro_batch: int, epoch_samples: int):
+        self.loader, self.sampler, self.progress = loader, sampler, progress
+        self.micro_batch, self.epoch_samples = micro_batch, epoch_samples
+        self._batches = self._stream()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._batches)
+
+    def _stream(self):
+        progress, epoch_samples = self.progress, self.epoch_samples
+        while True:
+            if progress.samples_in_epoch >= epoch_samples:
+                progress.epoch, progress.samples_in_epoch = progress.epoch + 1, 0
+            self.sampler.set_epoch(progress.epoch)
+            self.sampler.set_start(progress.samples_in_epoch)
+            for batch in self.loader:
+                progress.samples_in_epoch += self.micro_batch
+                yield batch
+                if progress.samples_in_epoch >= epoch_samples:
+                    break
+
+
+class LogWindow:
+    """What happens between two log steps: the summed step losses (on the device, no host sync),
+    optimizer steps, seconds spent waiting for data, and this process's broken-file reports.
+
+    :meth:`reduce` is the one host-device synchronisation of the loop: loss sum, pre-emption vote
+    and broken-file count of every process in one all-reduce."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.problems: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+
+    def next_batch(self, batches):
+        """The next micro-batch, timing the wait and keeping its broken-file reports."""
+        start = time.perf_counter()
+        images, labels, problems = next(batches)
+        self.data_wait += time.perf_counter() - start
+        self.problems += [problem for problem in problems if problem]
+        return images, labels
+
+    def add_step(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def reduce(self, stop_requested: bool) -> dict:
+        """Every process calls this at the same step; returns the window's global figures."""
+        device = self.accelerator.device
+        local = torch.stack([self.loss_sum, torch.tensor(float(stop_requested), device=device),
+                             torch.tensor(float(len(self.problems)), device=device)])
+        loss_total, stop_votes, problems = self.accelerator.reduce(local, reduction="sum").tolist()
+        elapsed = time.perf_counter() - self.start
+        return {"mean_loss": loss_total / self.accelerator.num_processes / max(self.steps, 1),
+                "stop": stop_votes > 0, "problems": int(problems), "elapsed": elapsed,
+                "data_wait": self.data_wait / elapsed}
+
+
+def gradient_norm(accelerator, model, max_norm: float | None) -> torch.Tensor:
+    """The global norm of the gradients as the optimizer will see them, clipped to `max_norm` when
+    given: fp16's loss scale is divided out first (accelerate unscales once per step; the optimizer
+    step then knows), and under FSDP the norm is taken over every shard."""
+    return accelerator.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm)
+
+
+def nonfinite_on_any_process(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the step's loss is non-finite on any process (one all-reduce).
+
+    Every process must skip the same updates: under DDP the gradients are already all-reduced, so a
+    process that stepped would apply non-finite gradients, and the processes' step counters and
+    collectives would part."""
+    flag = (~torch.isfinite(loss)).float().reshape(())
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+class PreemptionSignals:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the run to checkpoint at the
+    next log step and exit cleanly. A second signal ends the process at once: that is what a
+    launcher tearing a failed job down sends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: list[int] = []
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received.append(signum)

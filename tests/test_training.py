@@ -1,0 +1,116 @@
+"""The training loop's parts (clsvit.training): the batch split, the loop position, the micro-batch
+stream, the collective skip decision and the gradient norm under a loss scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from clsvit.config import ConfigError
+from clsvit.training import MicroBatchStream, Progress, gradient_norm, nonfinite_on_any_process, split_global_batch
+
+
+@pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
+    (2048, 64, 8, True, (64, 4)),     # DeiT-III on one 8-GPU node: 256 per GPU in 4 micro-batches
+    (2048, 64, 64, True, (32, 1)),    # 64 GPUs: 32 per GPU fits the cap at once
+    (128, 128, 2, False, (64, 1)),    # the shapes recipe on 2 processes
+    (128, 128, 1, False, (128, 1)),
+    (32, 8, 2, False, (8, 2)),
+    (200, 64, 2, False, (50, 2)),     # 100 per process: 2 x 50 is the fewest passes under 64
+    (62, 32, 1, True, (2, 31)),       # 62 = 2 x 31: the only even split under the cap is 31 passes of 2
+])
+def test_split_global_batch_takes_the_fewest_passes_under_the_cap(global_batch, cap, processes, even, expected):
+    split = split_global_batch(global_batch, cap, processes, even=even)
+    assert (split.micro_batch, split.accumulation) == expected
+    assert split.micro_batch * split.accumulation * processes == global_batch
+
+
+def test_split_global_batch_errors_name_the_keys():
+    with pytest.raises(ConfigError, match=r"train.global_batch=128 on 3 process\(es\) with "
+                                          r"train.batch_per_device=64: the global batch is not divisible"):
+        split_global_batch(128, 64, 3)
+    with pytest.raises(ConfigError, match="no equal even micro-batch of at most 32 images divides the 31"):
+        split_global_batch(31, 32, 1, even=True)
+
+
+def test_progress_refuses_a_position_of_another_layout():
+    progress = Progress()
+    progress.load_state_dict({"step": 5, "epoch": 1, "samples_in_epoch": 64, "skipped_nonfinite": 0})
+    assert (progress.step, progress.epoch, progress.samples_in_epoch) == (5, 1, 64)
+    with pytest.raises(ValueError, match="batches_in_epoch"):
+        progress.load_state_dict({"step": 5, "epoch": 1, "batches_in_epoch": 2, "skipped_nonfinite": 0})
+
+
+class _Sampler:
+    """Records what the stream asks of a sampler: its epoch and the start position."""
+
+    def __init__(self, size: int):
+        self.size, self.calls = size, []
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_start(self, start):
+        self.start = start
+        self.calls.append((self.epoch, start))
+
+    def __iter__(self):
+        return iter(range(self.epoch * 100 + self.start, self.epoch * 100 + self.size))
+
+
+def test_micro_batch_stream_drops_the_incomplete_step_and_resumes_mid_epoch():
+    sampler = _Sampler(size=10)  # 10 samples per epoch; micro-batch 2; steps of 2 micro-batches -> 8 used
+    loader = _Batches(sampler, 2)
+    progress = Progress()
+    stream = MicroBatchStream(loader, sampler, progress, micro_batch=2, epoch_samples=8)
+    first = [next(stream) for _ in range(5)]
+    assert first == [[0, 1], [2, 3], [4, 5], [6, 7], [100, 101]]  # 8 and 9 dropped, epoch 1 begins
+    assert (progress.epoch, progress.samples_in_epoch) == (1, 2)
+    resumed = Progress()
+    resumed.load_state_dict(progress.state_dict())
+    again = MicroBatchStream(_Batches(sampler, 2), sampler, resumed, micro_batch=2, epoch_samples=8)
+    assert next(again) == [102, 103] and sampler.calls[-1] == (1, 2)
+
+
+class _Batches:
+    def __init__(self, sampler, size):
+        self.sampler, self.size = sampler, size
+
+    def __iter__(self):
+        items = list(self.sampler)
+        return iter([items[i:i + self.size] for i in range(0, len(items) - self.size + 1, self.size)])
+
+
+def test_nonfinite_decision_on_one_process():
+    accelerator = Accelerator(cpu=True)
+    assert nonfinite_on_any_process(torch.tensor(float("nan")), accelerator)
+    assert nonfinite_on_any_process(torch.tensor(float("inf")), accelerator)
+    assert not nonfinite_on_any_process(torch.tensor(3.0), accelerator)
+
+
+def test_logged_grad_norm_is_of_the_unscaled_gradients():
+    """fp16 training scales the loss (GradScaler); the logged norm must be the true gradient norm.
+    accelerate creates its GradScaler on accelerators only, so a CPU GradScaler stands in for it
+    here, attached exactly where accelerate keeps it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    inputs, reference = torch.randn(8, 4), torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    reference(inputs).square().mean().backward()
+    true_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**10), True
+    accelerator.state._mixed_precision = "fp16"
+    try:
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        accelerator.backward(model(inputs).square().mean())
+        scaled = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        logged = float(gradient_norm(accelerator, model, None))
+        assert logged == pytest.approx(scaled / 2.0**10, rel=1e-6)  # the scale divided out (a power of 2: exact)
+        assert logged == pytest.approx(float(true_norm), rel=1e-3)  # the float32 norm, up to fp16 autocast
+        optimizer.step()  # the scaler knows the gradients are unscaled already
+        assert torch.isfinite(model.weight).all()
+    finally:
+        accelerator.state._mixed_precision = "no"
