@@ -1,4 +1,4 @@
-"""The fast paths of a specialized model (issue #6) compute what the plain eager model computes:
+"""The fast paths of a specialized model compute what the plain eager model computes:
 torch.compile of the whole model and of each block (regional compilation), gradient
 checkpointing, and the split's gradient (the shared weights get exactly the patch rows' sum).
 Behaviour only — no test here measures time. The references are the eager model (itself checked

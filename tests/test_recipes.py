@@ -27,7 +27,7 @@ REQUIRED_FIELDS = ("reproduces", "source", "launch", "expected", "params")
 OPTIONAL_FIELDS = ("baseline", "differs in")
 PARAMS = re.compile(r"(?P<n>[\d,]+) \((?:baseline\b.*|\+(?P<pct>\d+\.\d\d)% over baseline (?P<base>[\d,]+))\)$")
 
-# The grid issue #2 asks for (each name once; the QKV sweep's 1/3 point and the ablations' paper
+# The recipe grid (each name once; the QKV sweep's 1/3 point and the ablations' paper
 # default are deit3/vit_s_800ep_specialized, the sweep's 0 point is norm + LayerScale alone).
 EXPECTED_GRID = {
     *(f"recipes/deit3/vit_{s}_{ep}ep{spec}.yaml" for s in "sbl" for ep in (800, 400) for spec in ("", "_specialized")),
