@@ -16,6 +16,8 @@ import torch
 
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
+pytestmark = pytest.mark.slow  # train.py as a subprocess, end to end
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -42,7 +44,7 @@ def test_preemption_signal_checkpoints_and_the_relaunch_continues(tmp_path, env,
     assert 0 < stopped_at < 400 and stopped_at % 2 == 0  # at a log step (log.every=2)
     assert not (tmp_path / "tiny" / "model.safetensors").exists()  # not finished: no final export
     relaunch = run_train(recipe, f"train.max_steps={stopped_at + 4}", env=env)
-    assert f"resumed from" in relaunch.stdout + relaunch.stderr
+    assert "resumed from" in relaunch.stdout + relaunch.stderr
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
 
 
@@ -185,10 +187,9 @@ def test_failed_checkpoint_write_stops_every_process_and_keeps_the_previous(tmp_
     recipe = write_tiny_recipe(tmp_path, tmp_path)
     run_dir = tmp_path / "tiny"
     fault = "disk-full:2" if processes == 1 else "disk-full:2@1"
-    started = time.time()
+    # no process waits forever for the one that failed: a hang ends in TimeoutExpired
     result = run_train(recipe, "train.max_steps=20", f"train.batch_per_device={32 // processes}",
                        env=env, processes=processes, check=False, fault=fault, timeout=180)
-    assert time.time() - started < 120  # no process waits forever for the one that failed
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error")]
     assert len(errors) == processes, result.stderr[-3000:]
@@ -205,10 +206,8 @@ def test_failed_checkpoint_write_stops_every_process_and_keeps_the_previous(tmp_
 
 def test_one_failing_process_stops_the_other(tmp_path, env):
     recipe = write_tiny_recipe(tmp_path, tmp_path)
-    started = time.time()
     result = run_train(recipe, "train.max_steps=50", "train.batch_per_device=16", env=env, processes=2,
-                       check=False, fault="raise:3@1", timeout=180)
-    assert time.time() - started < 120
+                       check=False, fault="raise:3@1", timeout=180)  # a hang ends in TimeoutExpired
     assert result.returncode != 0
     assert "RuntimeError: injected failure at optimizer step 3 on process 1" in result.stderr
     assert "closing signal" in result.stderr or "Connection closed" in result.stderr

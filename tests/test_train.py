@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from trainer_utils import read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
+pytestmark = pytest.mark.slow  # train.py as a subprocess, end to end
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
