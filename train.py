@@ -162,9 +162,7 @@ def main() -> None:
             f"precision {accelerator.mixed_precision}, compile {run_info['dynamo_backend']}")
 
     def checkpoint() -> None:
-        path = save_checkpoint(accelerator, ckpt_dir, progress.step, train_cfg["keep_checkpoints"])
-        if main_proc:
-            save_config(cfg, path / "config.yaml")
+        save_checkpoint(accelerator, ckpt_dir, progress.step, train_cfg["keep_checkpoints"], config=cfg)
 
     # ---- step loop ----------------------------------------------------------------------------
     preemption = PreemptionSignals()  # SIGTERM / SIGUSR1: checkpoint at the next log step, exit cleanly

@@ -2,7 +2,7 @@
 
 A checkpoint is `accelerator.save_state` (model, optimizer, grad scaler, every process's RNG
 states, plus the objects registered with `register_for_checkpointing`: LR schedule, EMA, the
-trainer's progress) written into `checkpoints/.step_<N>.partial/`, completed with a `COMPLETE`
+trainer's progress) and the resolved recipe (config.yaml, which a resume is checked against) written into `checkpoints/.step_<N>.partial/`, completed with a `COMPLETE`
 marker, and only then renamed to `checkpoints/step_<N>/`. A rename within one directory is atomic,
 so a run killed at any moment leaves either the previous checkpoints or the new one — never a
 directory that looks complete and is not. Old checkpoints are renamed to `.step_<N>.removing`
@@ -25,6 +25,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import save_file
+
+from clsvit.config import save_config
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -62,8 +64,10 @@ def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return partial
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, keep: int,
+                    config: dict | None = None) -> Path:
     """Save the full training state for `step` atomically; keep the newest `keep` checkpoints.
+    `config` (the resolved recipe) is saved inside it as config.yaml, before it is marked complete.
 
     Every process takes part (each saves its own RNG state). If the write fails on any process,
     every process raises :class:`CheckpointError` and the previous checkpoints are untouched."""
@@ -95,9 +99,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
 
+    def save_state() -> None:
+        accelerator.save_state(str(partial))
+        if main and config is not None:
+            save_config(config, partial / "config.yaml")
+
     main = accelerator.is_main_process
     write(prepare if main else None)  # each write() ends in a collective: it is also the barrier
-    write(lambda: accelerator.save_state(str(partial)))
+    write(save_state)
     write((lambda: _publish(partial, final, checkpoint_dir, step)) if main else None)
     if main:
         for old in complete_checkpoints(checkpoint_dir)[:-keep]:

@@ -169,8 +169,9 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path, env):
             assert process.returncode == 0, output[-3000:]
         else:
             assert process.returncode == -signal.SIGKILL, (history, output[-3000:])
-        # whatever was killed, every visible checkpoint is complete
-        assert all((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")), history
+        # whatever was killed, every visible checkpoint is complete, its recipe included
+        assert all((p / "COMPLETE").is_file() and (p / "config.yaml").is_file()
+                   for p in (run_dir / "checkpoints").glob("step_*")), history
     assert history[3][1], "the kill inside a checkpoint write must come after a complete checkpoint"
     final = weights(run_dir / "model.safetensors")
     assert final.keys() == reference.keys()
