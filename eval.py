@@ -1,19 +1,22 @@
 """Evaluate a trained run the way the paper does, and compare runs side by side.
 
     python eval.py --run runs/shapes_specialized [--tasks cls,seg,depth,analysis] [section.key=value ...]
+    python eval.py --run RUN --tasks seg --recipe recipes/eval/ade20k_linear.yaml eval.seg.path=/data/ADEChallengeData2016
     accelerate launch eval.py --run <run dir> ...          (several processes; same numbers)
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --run ...   (CPU processes)
     python eval.py --compare 'runs/shapes_*' [--baseline runs/shapes_baseline] [--out DIR]
 
-Tasks (recipe keys under `eval:` in recipes/default.yaml; overrides apply to the run's config.yaml):
+Tasks (recipe keys under `eval:` in recipes/default.yaml; --recipe files, then overrides, apply over the
+run's config.yaml):
   cls       top-1 / top-5 (%) on the validation split with the DeiT-III eval transform
-  seg       linear segmentation probe on frozen patch tokens -> mIoU (%)       (clsvit.probes)
-  depth     linear depth probe on frozen patch tokens -> RMSE (m), abs-rel, delta<1.25 (fraction)
+  seg       linear segmentation on frozen patch tokens, DINOv2/DINOv3 protocol -> mIoU (%)   (clsvit.dense)
+  depth     linear depth on frozen patch tokens -> RMSE (m), abs-rel, sq-rel, RMSE-log, log10, delta<1.25^k
   analysis  [CLS]/patch cosine similarities and dimension separation per block, PCA maps (clsvit.analysis)
 
-Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, depth.rmse, depth.abs_rel,
-depth.delta1, analysis.<statistic>.<site> = one value per block; results of earlier calls for other
-tasks are kept), TensorBoard scalars (tags cls/top1, seg/miou, depth/rmse, ...) and figures into
+Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, seg.pixels, depth.rmse,
+depth.abs_rel, depth.delta1, depth.pixels, ..., <task>.protocol and <task>.settings (the resolved
+protocol settings), analysis.<statistic>.<site> = one value per block; results of earlier calls for
+other tasks are kept), TensorBoard scalars (tags cls/top1, seg/miou, depth/rmse, ...) and figures into
 `<run>/tensorboard/`, `<run>/analysis_token_statistics.png` and `<run>/analysis_pca.png`, and a summary
 on stdout.
 `--compare` writes compare.md, compare.csv and compare.png (default: next to the runs; clsvit.compare).
@@ -34,11 +37,11 @@ from PIL import Image
 from torch.utils.data import Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from clsvit import analysis, probes
+from clsvit import analysis, dense
 from clsvit.compare import compare
 from clsvit.config import ConfigError, error_line, load_config
-from clsvit.data import (DenseDataset, ImageClassDataset, build_eval_loader, build_eval_transform,
-                         load_raw_splits, load_splits)
+from clsvit.data import ImageClassDataset, build_eval_loader, build_eval_transform, load_splits
+from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.evaluation import topk_accuracy
 from clsvit.model import describe_specialization, load_run, weights_path
 from clsvit.tracking import TENSORBOARD_DIR, read_metrics
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--run", help="run directory (config.yaml + model.safetensors)")
     mode.add_argument("--compare", nargs="+", metavar="RUN", help="run directories or globs to tabulate")
     parser.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: eval.tasks)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="YAML",
+                        help="--run: an evaluation recipe (recipes/eval/*.yaml) applied over the run's config, "
+                             "before the overrides; may be repeated")
     parser.add_argument("--baseline", help="--compare: the run the deltas refer to (default: the unspecialized run)")
     parser.add_argument("--out", help="--compare: directory for compare.md/.csv/.png (default: the runs' parent)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value (YAML values)")
@@ -62,15 +68,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare, baseline=args.baseline, out=args.out)
-    return evaluate_run(Path(args.run), args.tasks, args.overrides)
+    return evaluate_run(Path(args.run), args.tasks, args.overrides, args.recipe)
 
 
 # ============================================================================ one run
 
 
-def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
+def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) -> dict:
     weights_path(run_dir)  # a missing model.safetensors is a one-line error before anything loads
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / "config.yaml", overrides, overlays=recipes)
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
     accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
     model, _ = load_run(run_dir, device=accelerator.device)
@@ -79,10 +85,9 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides) -> dict:
     results, figures, images = {}, {}, {}
     if "cls" in tasks:
         results.update(classification(model, cfg, accelerator))
-    if "seg" in tasks:
-        results.update(segmentation(model, cfg, seed, accelerator))
-    if "depth" in tasks:
-        results.update(depth(model, cfg, seed, accelerator))
+    for task in ("seg", "depth"):
+        if task in tasks:
+            results.update(_dense_probe(model, cfg, task, seed, accelerator))
     if "analysis" in tasks:
         stats, pca = token_analysis(model, cfg, accelerator)
         results.update({f"analysis.{name}.{site}": values for name, per_site in stats.items()
@@ -136,43 +141,26 @@ def classification(model, cfg: dict, accelerator) -> dict:
 # ---------------------------------------------------------------------------- seg / depth
 
 
-def _dense_splits(cfg: dict, task: str, column_key: str, accelerator):
-    """(train, val) HF datasets of eval.<task>: the embedded shapes data, or a source of its own."""
-    section = cfg["eval"][task]
-    data_cfg = {**cfg["data"], **{key: section[key] for key in
-                                  ("source", "path", "train_split", "val_split", "image_column")}}
+def _dense_probe(model, cfg: dict, task: str, seed: int, accelerator) -> dict:
+    """Train and measure the linear head of eval.<task> on its protocol; eval.json keys <task>.*."""
+    section = dict(cfg["eval"][task])
+    if task == "seg" and section["source"] == "shapes":  # shapes masks: 0 = background, k + 1 = class k
+        section["num_classes"] = cfg["data"]["shapes"]["num_classes"] + 1
+    settings = dense.resolve(section, task)
+    target = section["mask_column"] if task == "seg" else section["depth_column"]
     with accelerator.main_process_first():  # the main process generates / caches the dataset first
-        train, val = load_raw_splits(data_cfg, f"eval.{task}")
-    column = section[column_key]
-    for split, dataset in ((section["train_split"], train), (section["val_split"], val)):
-        if column not in dataset.column_names:
-            raise ValueError(f"eval.{task}.{column_key} {column!r} is not a column of {section['source']} dataset "
-                             f"{section['path'] or ''!r} split {split!r} (columns: {', '.join(dataset.column_names)})")
-    return train, val
-
-
-def segmentation(model, cfg: dict, seed: int, accelerator) -> dict:
-    section = cfg["eval"]["seg"]
-    train, val = _dense_splits(cfg, "seg", "mask_column", accelerator)
-    num_classes = cfg["data"]["shapes"]["num_classes"] + 1 if section["source"] == "shapes" else section["num_classes"]
-    dense = dict(image_column=section["image_column"], mask_column=section["mask_column"], depth_column=None,
-                 reduce_zero_label=section["reduce_zero_label"])
-    result = probes.run_segmentation_probe(
-        model, DenseDataset(train, section["image_size"], **dense), DenseDataset(val, section["image_size"], **dense),
-        num_classes, probes.ProbeSettings.from_config(section, "eval.seg"), seed=seed)
-    return {"seg.miou": 100.0 * result["miou"]}
-
-
-def depth(model, cfg: dict, seed: int, accelerator) -> dict:
-    section = cfg["eval"]["depth"]
-    train, val = _dense_splits(cfg, "depth", "depth_column", accelerator)
-    dense = dict(image_column=section["image_column"], mask_column=None, depth_column=section["depth_column"],
-                 depth_scale=section["depth_scale"])
-    result = probes.run_depth_probe(
-        model, DenseDataset(train, section["image_size"], **dense), DenseDataset(val, section["image_size"], **dense),
-        probes.ProbeSettings.from_config(section, "eval.depth"), n_bins=section["n_bins"],
-        min_depth=section["min_depth"], max_depth=section["max_depth"], bin_spacing=section["bin_spacing"], seed=seed)
-    return {f"depth.{key}": result[key] for key in ("rmse", "abs_rel", "delta1")}
+        train, val = dense.load_dense_splits(section, cfg["data"], f"eval.{task}", target)
+    options = dict(image_column=section["image_column"], target_column=target, name=f"eval.{task}")
+    if task == "seg":
+        options.update(num_classes=settings.num_classes, reduce_zero_label=section["reduce_zero_label"])
+    else:
+        options.update(depth_scale=section["depth_scale"], max_depth=settings.max_depth)
+    result = dense.run_probe(model, dense.DenseDataset(train, task, **options), dense.DenseDataset(val, task, **options),
+                             settings, seed=seed)
+    metrics = {"miou": 100.0 * result["miou"]} if task == "seg" else {k: result[k] for k in DEPTH_METRICS}
+    return {**{f"{task}.{key}": value for key, value in metrics.items()}, f"{task}.pixels": result["pixels"],
+            f"{task}.images": result["images"], f"{task}.protocol": settings.protocol,
+            f"{task}.settings": settings.as_dict()}
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -227,10 +215,15 @@ def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> 
         print(f"  cls       top-1 {results['cls.top1']:6.2f} %   top-5 {results['cls.top5']:6.2f} %"
               f"   ({results['cls.images']} images)")
     if "seg" in tasks:
-        print(f"  seg       mIoU  {results['seg.miou']:6.2f} %")
+        print(f"  seg       mIoU  {results['seg.miou']:6.2f} %   ({results['seg.protocol']}, "
+              f"{results['seg.images']} images, {results['seg.pixels']} labelled pixels at their own size)")
     if "depth" in tasks:
         print(f"  depth     RMSE  {results['depth.rmse']:6.3f} m   abs-rel {results['depth.abs_rel']:.3f}"
-              f"   delta<1.25 {results['depth.delta1']:.3f}")
+              f"   sq-rel {results['depth.sq_rel']:.3f}   RMSE-log {results['depth.rmse_log']:.3f}"
+              f"   log10 {results['depth.log10']:.3f}")
+        print(f"            delta<1.25 {results['depth.delta1']:.3f} / {results['depth.delta2']:.3f} /"
+              f" {results['depth.delta3']:.3f}   ({results['depth.protocol']}, {results['depth.images']} images,"
+              f" {results['depth.pixels']} pixels)")
     if "analysis" in tasks:
         depth = len(results["analysis.cos_cls_patch.input"])
         every = math.ceil(depth / 12)  # keep a line short for deep models

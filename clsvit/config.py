@@ -32,6 +32,9 @@ NULLABLE_TYPES = {
     "train.mixed_precision": str,
     "train.compile": bool,
     "eval.max_batches": int,
+    **{f"eval.{task}.{key}": kind for task in ("seg", "depth")  # null = the protocol's published value
+       for key, kind in (("iterations", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
+                         ("warmup_iters", int))},
 }
 
 CHOICES = {
@@ -42,6 +45,14 @@ CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "model.specialize.init": ("clone", "fresh"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
+    "eval.seg.protocol": ("dinov2_linear", "dinov3_linear"),
+    "eval.depth.protocol": ("dinov2_linear", "dinov3_linear"),
+    "eval.seg.source": ("hub", "imagefolder", "parquet", "shapes", "folder"),
+    "eval.depth.source": ("hub", "imagefolder", "parquet", "shapes", "folder"),
+    "eval.seg.layout": ("ade20k", "voc", "cityscapes"),
+    "eval.depth.layout": ("nyu", "kitti"),
+    "eval.depth.crops": ("nyu", "kitti", "none"),
+    "eval.depth.bin_spacing": ("linear", "log"),
 }
 
 # Mappings passed through as they are (their keys belong to another library, e.g. timm's model kwargs).
@@ -267,8 +278,10 @@ def _parse_override(text):
     return value
 
 
-def load_config(path, overrides=()):
-    """Loads a recipe and its `base:` chain (ending at default.yaml), then applies `overrides`.
+def load_config(path, overrides=(), overlays=()):
+    """Loads a recipe and its `base:` chain (ending at default.yaml), then applies the `overlays`
+    (partial recipes without `base:`, e.g. recipes/eval/*.yaml over a run's config.yaml), then
+    `overrides`.
 
     Every file and override is validated on its own, so errors name where the bad key came from.
     The result is a complete config (every default.yaml key, in its order) without `base`.
@@ -278,6 +291,13 @@ def load_config(path, overrides=()):
     chain = _recipe_chain(path)
     schema = chain[0][1]
     _check_schema(schema)
+    for overlay in overlays:
+        if not Path(overlay).is_file():
+            raise ConfigError(f"recipe not found: {overlay}")
+        data = _read_recipe(Path(overlay))
+        if "base" in data:
+            raise ConfigError(f"{overlay} is applied over a run's config and cannot name a 'base'")
+        chain.append((str(overlay), data))
     config = {}
     for where, data in chain:
         config = _merge(config, _validate(data, schema, where, schema))

@@ -8,7 +8,6 @@
   :class:`TrainSampler` yields ``(index, sample_seed)``. Together they make every augmented sample
   a pure function of (run seed, epoch, rank, position): a mid-epoch resume is bit-identical and the
   result does not depend on the number of DataLoader workers.
-- :class:`DenseDataset` serves image + segmentation mask + depth for the dense probes.
 
 The train loader must NOT go through ``accelerator.prepare``: :class:`TrainSampler` already shards
 by rank, and accelerate would shard again (accelerate #4075). The eval loader does go through it.
@@ -34,7 +33,6 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import functional as TF
 
 from clsvit.shapes import ensure_shapes_dataset
 
@@ -416,54 +414,3 @@ def build_eval_loader(dataset, batch_size: int, data_cfg: dict) -> DataLoader:
     options = _loader_options(data_cfg)
     options["persistent_workers"] = False
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **options)
-
-
-# ---------------------------------------------------------------- dense probes
-
-class DenseDataset(Dataset):
-    """Image + segmentation mask and/or depth for the dense probes, resized with the same geometry.
-
-    Returns ``{"image": float 3xHxW normalised, "mask": int64 HxW, "depth": float32 HxW metres}``
-    with the keys whose column is not None. The image is resized bicubic, mask and depth nearest
-    (PIL maps pixel centres the same way for every filter, so the three stay aligned).
-
-    ``reduce_zero_label``: ADE20k stores 0 = unlabelled and classes 1..150, so labels become
-    ``label - 1`` and 0 becomes 255 (ignore). The shapes dataset keeps 0 as its background class
-    (False). ``depth_scale`` converts the stored integers to metres (millimetres: 1e-3).
-    """
-
-    def __init__(self, dataset, size, *, image_column: str = "image", mask_column: str | None = "mask",
-                 depth_column: str | None = "depth", reduce_zero_label: bool = False,
-                 depth_scale: float = 1e-3):
-        self.columns = {"image": image_column, "mask": mask_column, "depth": depth_column}
-        self.columns = {key: column for key, column in self.columns.items() if column is not None}
-        for key, column in self.columns.items():
-            _check_column(dataset, column, f"{key} column", "the dataset")
-        self.dataset = _without_decoding(dataset, list(dict.fromkeys(self.columns.values())))
-        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
-        self.reduce_zero_label, self.depth_scale = reduce_zero_label, depth_scale
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.dataset[index]
-        wh = self.size[::-1]
-        image = to_rgb(decode_image(row[self.columns["image"]])).resize(wh, Image.BICUBIC)
-        sample = {"image": TF.normalize(TF.to_tensor(image), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
-        if "mask" in self.columns:
-            sample["mask"] = self._mask(decode_image(row[self.columns["mask"]]))
-        if "depth" in self.columns:
-            depth = np.asarray(decode_image(row[self.columns["depth"]]), dtype=np.float32) * self.depth_scale
-            sample["depth"] = torch.from_numpy(np.array(Image.fromarray(depth).resize(wh, Image.NEAREST)))
-        return sample
-
-    def _mask(self, mask: Image.Image) -> torch.Tensor:
-        array = np.asarray(mask)
-        if array.ndim != 2:
-            raise ValueError(f"mask must be single-channel class ids, got mode {mask.mode}")
-        resized = Image.fromarray(array.astype(np.int32)).resize(self.size[::-1], Image.NEAREST)
-        labels = torch.from_numpy(np.array(resized)).long()
-        if self.reduce_zero_label:
-            labels = torch.where((labels == 0) | (labels == 255), 255, labels - 1)
-        return labels

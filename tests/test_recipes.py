@@ -22,7 +22,8 @@ from clsvit.model import block_indices, build_model, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO / "recipes"
-RECIPES = sorted(p.relative_to(REPO).as_posix() for p in RECIPE_DIR.rglob("*.yaml") if p.name != "default.yaml")
+RECIPES = sorted(p.relative_to(REPO).as_posix() for p in RECIPE_DIR.rglob("*.yaml")
+                 if p.name != "default.yaml" and p.parent.name != "eval")  # recipes/eval/: tests/test_dense_recipes.py
 REQUIRED_FIELDS = ("reproduces", "source", "launch", "expected", "params")
 OPTIONAL_FIELDS = ("baseline", "differs in")
 PARAMS = re.compile(r"(?P<n>[\d,]+) \((?:baseline\b.*|\+(?P<pct>\d+\.\d\d)% over baseline (?P<base>[\d,]+))\)$")

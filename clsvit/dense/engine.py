@@ -1,0 +1,432 @@
+"""Training a linear head on frozen patch features and measuring it, the way the protocols do.
+
+Training: every step draws ``batch_size`` augmented crops (the protocol's pipeline,
+:mod:`clsvit.dense.transforms`), extracts their features with the frozen backbone and takes one
+optimizer step on the head. With ``cache_features`` one augmented view per image of a subset is
+extracted once and the head takes its steps on those (the CPU demo). Evaluation runs at each image's
+own size: segmentation resizes the image as the protocol does, slides ``crop_size`` windows with
+``slide_stride`` over it, resizes the logits back to the ORIGINAL label size and accumulates the
+confusion matrix over the split (mmseg's mIoU); depth predicts the whole (KITTI: benchmark-cropped)
+image, averages it with its flipped prediction when ``flip_test``, and computes the toolbox's metrics
+per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
+
+Several processes (``accelerate launch``): every process draws the same global plan of augmented
+views, extracts features for its share only, and the shares are gathered in plan order, so the head
+is trained on exactly the single-process batches, identically on every rank (dropout draws included:
+the head's RNG is seeded alike everywhere). Validation images are sharded and the metric states
+(torchmetrics) summed, so the numbers are those of a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import broadcast, gather
+from timm.layers import Format
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from clsvit.dense import transforms as T
+from clsvit.dense.heads import (LinearDepthHead, LinearSegHead, depth_bin_centres, lr_at, segmentation_loss,
+                                sig_loss)
+from clsvit.dense.protocols import DINOV2_FOUR_LAYERS, Settings
+
+DEPTH_METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
+
+
+# ----------------------------------------------------------------------------- backbone and features
+
+
+def frozen_backbone(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of a timm ViT that takes inputs of any size (multiples of its patch):
+    position embeddings are resampled to each input's grid, as DINOv2/DINOv3 interpolate theirs. The
+    caller's model is left untouched."""
+    if not hasattr(model, "patch_embed") or not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"dense evaluation needs a timm VisionTransformer, got {type(model).__name__}")
+    backbone = copy.deepcopy(model)
+    backbone.dynamic_img_size = True
+    backbone.patch_embed.strict_img_size = False
+    backbone.patch_embed.flatten = False
+    backbone.patch_embed.output_fmt = Format.NHWC
+    backbone.to(PartialState().device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+def layer_indices(depth: int, s: Settings) -> list[int]:
+    """Blocks whose tokens feed the head: the last `layers` (segmentation, DINOv2 "linear"/"+ms"), or
+    for depth the last one / `layers` evenly spaced ones (DINOv2's {3,6,9,12}-style choice)."""
+    if s.layers > depth:
+        raise ValueError(f"eval.{s.task}.layers={s.layers} exceeds the model's {depth} blocks")
+    if s.task == "seg" or s.layers == 1:
+        return list(range(depth - s.layers, depth))
+    if s.layers == 4 and depth in DINOV2_FOUR_LAYERS:
+        return DINOV2_FOUR_LAYERS[depth]
+    return [(k + 1) * depth // s.layers - 1 for k in range(s.layers)]
+
+
+def center_pad(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad height and width to multiples of the patch, half on each side (DINOv2's CenterPadding)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return images
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def feature_maps(backbone: nn.Module, images: torch.Tensor, s: Settings) -> torch.Tensor:
+    """[B, C', h, w] patch features of the protocol: the chosen blocks' patch tokens (through the final
+    norm or not), each optionally concatenated with its [CLS] token, stacked on channels."""
+    images = center_pad(images, backbone.patch_embed.patch_size[0])
+    with torch.no_grad():  # not inference_mode: the head's backward needs to save these tensors
+        maps = backbone.forward_intermediates(images, indices=layer_indices(len(backbone.blocks), s),
+                                              norm=s.final_norm, output_fmt="NCHW", intermediates_only=True,
+                                              return_prefix_tokens=s.cls_token)
+        if s.cls_token:
+            maps = [torch.cat([patches, prefix[:, 0, :, None, None].expand_as(patches)], dim=1)
+                    for patches, prefix in maps]
+    return torch.cat(maps, dim=1)
+
+
+def build_head(backbone: nn.Module, s: Settings, seed: int) -> nn.Module:
+    """The protocol's head, initialised identically on every process."""
+    probe = torch.zeros(1, 3, *s.crop_size, device=PartialState().device)
+    channels = feature_maps(backbone, probe, s).shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if s.task == "seg":
+            return LinearSegHead(channels, s.num_classes, s)
+        centres = depth_bin_centres(s.n_bins, s.min_depth, s.max_depth, s.bin_spacing)
+        return LinearDepthHead(channels, centres, s)
+
+
+# ----------------------------------------------------------------------------- the protocols' views
+
+
+def seg_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
+    """Resize (scale x U(ratio_range), kept aspect ratio) -> crop (cat_max_ratio) -> flip -> photometric
+    distortion -> normalise -> pad to the crop with 0 / 255 (mmseg and DINOv3 order)."""
+    image, mask = item["image"], item["mask"]
+    ratio = rng.random() * (s.ratio_range[1] - s.ratio_range[0]) + s.ratio_range[0]
+    height, width = mask.shape
+    if s.resize == "mmseg":
+        size = T.mmseg_rescale_size(height, width, (int(s.scale[0] * ratio), int(s.scale[1] * ratio)))
+    else:
+        size = T.short_side_size(height, width, int(min(s.scale) * ratio))
+    image = T.resize_image(image, size, "cv2" if s.resize == "mmseg" else "pil")
+    mask = T.resize_nearest(mask, size)
+    image, mask = T.crop_with_cat_max_ratio(image, mask, s.crop_size, s.cat_max_ratio, rng)
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    image = T.photometric_distortion(image, rng, s.distortion)
+    out = T.to_tensors(image, mask=mask)
+    pad_h, pad_w = s.crop_size[0] - mask.shape[0], s.crop_size[1] - mask.shape[1]
+    return {"image": F.pad(out["image"], (0, pad_w, 0, pad_h), value=0.0),
+            "mask": F.pad(out["mask"], (0, pad_w, 0, pad_h), value=T.IGNORE_INDEX)}
+
+
+def seg_eval_view(item: dict, s: Settings) -> dict:
+    """The image resized as the protocol tests (ratio 1), the mask untouched at its own size."""
+    height, width = item["mask"].shape
+    if s.resize == "mmseg":
+        size, backend = T.mmseg_rescale_size(height, width, s.scale), "cv2"
+    else:
+        size, backend = T.short_side_size(height, width, min(s.scale)), "pil"
+    return {**T.to_tensors(T.resize_image(item["image"], size, backend), mask=item["mask"]), "name": item["name"]}
+
+
+def _fixed_crop(s: Settings, height: int, width: int, train: bool):
+    if s.crops == "nyu" and train:
+        return T.scaled_box(T.NYU_TRAIN_BOX, height, width)
+    if s.crops == "kitti":
+        return T.kb_crop_box(height, width)
+    return 0, height, 0, width
+
+
+def depth_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
+    """NYU / KITTI benchmark crop -> rotation (p 0.5, +-2.5 deg) -> flip -> random crop -> colour
+    augmentation (p 0.5) -> normalise (toolbox nyu.py:7-16, kitti.py:7-16; DINOv3 transforms.py:306-355)."""
+    image, depth = item["image"], item["depth"]
+    y1, y2, x1, x2 = _fixed_crop(s, *depth.shape, train=True)
+    image, depth = image[y1:y2, x1:x2], depth[y1:y2, x1:x2]
+    image, depth = T.random_rotate(np.ascontiguousarray(image), np.ascontiguousarray(depth), 2.5, rng)
+    if rng.random() < 0.5:
+        image, depth = image[:, ::-1], depth[:, ::-1]
+    cy1, cy2, cx1, cx2 = T.random_crop_box(*depth.shape, s.crop_size, rng)
+    image, depth = image[cy1:cy2, cx1:cx2], depth[cy1:cy2, cx1:cx2]
+    image = T.color_augmentation(image, rng, s.brightness_range)
+    out = T.to_tensors(T.pad_to(image, s.crop_size, 0), depth=T.pad_to(depth, s.crop_size, 0))
+    return out
+
+
+def depth_eval_view(item: dict, s: Settings) -> dict:
+    """The whole image (KITTI: its benchmark crop) and its depth, with the evaluated region."""
+    y1, y2, x1, x2 = _fixed_crop(s, *item["depth"].shape, train=False)
+    depth = item["depth"][y1:y2, x1:x2]
+    region = T.eval_region({"nyu": "eigen", "kitti": "garg"}.get(s.crops, "full"), *depth.shape)
+    return {**T.to_tensors(item["image"][y1:y2, x1:x2], depth=depth), "region": torch.from_numpy(region),
+            "name": item["name"]}
+
+
+TRAIN_VIEWS = {"seg": seg_train_view, "depth": depth_train_view}
+EVAL_VIEWS = {"seg": seg_eval_view, "depth": depth_eval_view}
+TARGETS = {"seg": "mask", "depth": "depth"}
+
+
+# ----------------------------------------------------------------------------- training plan
+
+
+class _PlannedViews(Dataset):
+    """This process's share of a plan: entry i = (dataset index, view seed, global slot)."""
+
+    def __init__(self, dataset, plan: dict[str, torch.Tensor], s: Settings):
+        self.dataset, self.plan, self.s = dataset, plan, s
+
+    def __len__(self) -> int:
+        return len(self.plan["index"])
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[int(self.plan["index"][i])]
+        view = TRAIN_VIEWS[self.s.task](item, self.s, np.random.default_rng(int(self.plan["seed"][i])))
+        return {"image": view["image"], "target": view[TARGETS[self.s.task]], "slot": self.plan["slot"][i]}
+
+
+def _epoch_order(num_items: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """`total` indices from consecutive random permutations of range(num_items)."""
+    epochs = math.ceil(total / num_items)
+    return torch.cat([torch.randperm(num_items, generator=generator) for _ in range(epochs)])[:total]
+
+
+def _shard_plan(plan: dict[str, torch.Tensor], chunk: int, rank: int, world: int):
+    """This rank's entries of a global plan processed `chunk` entries at a time (one step each): rank r
+    takes every world-th entry of each chunk from r, padded to equal counts per rank (slot -1, dropped
+    after the gather) so that ``gather`` sees equal shapes. Returns (entries with their slot, per rank)."""
+    total = len(plan["index"])
+    per_rank = math.ceil(chunk / world)
+    slots = []
+    for start in range(0, total, chunk):
+        mine = list(range(start + rank, min(start + chunk, total), world))
+        slots += mine + [-1] * (per_rank - len(mine))
+    slots = torch.tensor(slots, dtype=torch.long)
+    return {**{k: v[slots.clamp_min(0)] for k, v in plan.items()}, "slot": slots}, per_rank
+
+
+def _gather_in_plan_order(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if PartialState().num_processes > 1:
+        batch = {k: gather(v.contiguous()) for k, v in batch.items()}
+    keep = batch["slot"] >= 0
+    order = torch.argsort(batch["slot"][keep])
+    return {k: v[keep][order] for k, v in batch.items()}
+
+
+def _feature_batches(backbone, dataset, plan: dict, chunk: int, s: Settings):
+    """{"features", "target"} per `chunk` plan entries, gathered from all processes in plan order."""
+    state = PartialState()
+    share, per_rank = _shard_plan(plan, chunk, state.process_index, state.num_processes)
+    loader = DataLoader(_PlannedViews(dataset, share, s), batch_size=per_rank, shuffle=False,
+                        num_workers=s.num_workers)
+    for batch in loader:
+        features = feature_maps(backbone, batch["image"].to(state.device, non_blocking=True), s)
+        yield _gather_in_plan_order({"features": features, "target": batch["target"].to(state.device),
+                                     "slot": batch["slot"].to(state.device)})
+
+
+def _training_batches(backbone, dataset, s: Settings, generator: torch.Generator):
+    seeds = lambda n: torch.randint(0, 2**62, (n,), generator=generator)  # noqa: E731
+    if not s.cache_features:
+        total = s.iterations * s.batch_size
+        plan = {"index": _epoch_order(len(dataset), total, generator), "seed": seeds(total)}
+        for step in _feature_batches(backbone, dataset, plan, s.batch_size, s):
+            yield step["features"], step["target"]
+        return
+    count = len(dataset) if s.max_train_images <= 0 else min(s.max_train_images, len(dataset))
+    plan = {"index": torch.randperm(len(dataset), generator=generator)[:count].sort().values, "seed": seeds(count)}
+    parts = list(_feature_batches(backbone, dataset, plan, s.batch_size, s))
+    features, targets = torch.cat([p["features"] for p in parts]), torch.cat([p["target"] for p in parts])
+    order = _epoch_order(count, s.iterations * s.batch_size, generator)
+    for step in range(s.iterations):
+        index = order[step * s.batch_size : (step + 1) * s.batch_size].to(features.device)
+        yield features[index], targets[index]
+
+
+def train_head(backbone: nn.Module, head: nn.Module, dataset, s: Settings, seed: int = 0) -> nn.Module:
+    """Train `head` on frozen `backbone` features of `dataset` with the protocol's loss, AdamW and
+    schedule. Returns the head in eval mode, identical on every process."""
+    state = PartialState()
+    head.to(state.device).train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    devices = [state.device] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout draws: the same on every process and run
+        torch.manual_seed(seed)
+        batches = _training_batches(backbone, dataset, s, torch.Generator().manual_seed(seed))
+        for step, (features, target) in enumerate(batches):
+            lr, beta1 = lr_at(step, s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                if beta1 is not None:
+                    group["betas"] = (beta1, group["betas"][1])
+            out = head(features, target.shape[-2:])
+            if s.task == "seg":
+                loss = segmentation_loss(out, target)
+            else:
+                loss = sig_loss(out.squeeze(1), target, step, s.sigloss_warmup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), s.grad_clip)
+            optimizer.step()
+    head.eval()
+    if state.num_processes > 1:  # guard against last-bit drift between devices
+        for tensor in list(head.parameters()) + list(head.buffers()):
+            tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))
+    return head
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple]:
+    """(y1, y2, x1, x2) of mmseg's slide inference: ceil((H - crop) / stride) + 1 rows of windows, the
+    last one flush with the border; an image smaller than the crop is one smaller window (no padding)."""
+    rows = max(height - crop[0] + stride[0] - 1, 0) // stride[0] + 1
+    cols = max(width - crop[1] + stride[1] - 1, 0) // stride[1] + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride[0] + crop[0], height), min(c * stride[1] + crop[1], width)
+            windows.append((max(y2 - crop[0], 0), y2, max(x2 - crop[1], 0), x2))
+    return windows
+
+
+def slide_logits(predict, image: torch.Tensor, crop, stride) -> torch.Tensor:
+    """[1, K, H, W] logits of a [1, 3, H, W] image: windows predicted in one batch, overlaps averaged."""
+    windows = slide_windows(*image.shape[-2:], crop, stride)
+    crops = torch.cat([image[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
+    out = predict(crops)
+    total = image.new_zeros((1, out.shape[1], *image.shape[-2:]))
+    count = image.new_zeros((1, 1, *image.shape[-2:]))
+    for (y1, y2, x1, x2), logits in zip(windows, out):
+        total[0, :, y1:y2, x1:x2] += logits
+        count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+def seg_probabilities(backbone, head, image: torch.Tensor, size: tuple[int, int], s: Settings) -> torch.Tensor:
+    """Class probabilities [1, K, *size] at the original label size: slide logits, bilinear resize,
+    softmax; with ``flip_test`` the mean with the flipped image's (mmseg ``aug_test``)."""
+    def predict(crops):
+        return head(feature_maps(backbone, crops, s), crops.shape[-2:])
+
+    views = [image, image.flip(-1)] if s.flip_test else [image]
+    probs = 0
+    with torch.no_grad():
+        for k, view in enumerate(views):
+            logits = F.interpolate(slide_logits(predict, view, s.crop_size, s.slide_stride), size=size,
+                                   mode="bilinear", align_corners=False)
+            p = logits.softmax(1)
+            probs = probs + (p.flip(-1) if k else p)
+    return probs / len(views)
+
+
+def depth_prediction(backbone, head, image: torch.Tensor, s: Settings) -> torch.Tensor:
+    """[H, W] depth of the whole image, averaged with the flipped image's when ``flip_test``."""
+    views = [image, image.flip(-1)] if s.flip_test else [image]
+    with torch.no_grad():
+        preds = [head(feature_maps(backbone, v, s), v.shape[-2:])[0, 0] for v in views]
+    if s.flip_test:
+        preds[1] = preds[1].flip(-1)
+    return (sum(preds) / len(preds)).clamp(s.min_depth, s.max_depth)
+
+
+def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    """The toolbox's metrics of one image over the given pixels (depth/core/evaluation/metrics.py:7-32):
+    RMSE, abs-rel, sq-rel, RMSE-log, log10, SILog (x100), delta < 1.25 / 1.25^2 / 1.25^3."""
+    pred, gt = pred.double(), gt.double()
+    thresh = torch.maximum(gt / pred, pred / gt)
+    err = torch.log(pred) - torch.log(gt)
+    return {"rmse": torch.sqrt(((gt - pred) ** 2).mean()).item(),
+            "abs_rel": ((gt - pred).abs() / gt).mean().item(),
+            "sq_rel": (((gt - pred) ** 2) / gt).mean().item(),
+            "rmse_log": torch.sqrt((err ** 2).mean()).item(),
+            "log10": (torch.log10(gt) - torch.log10(pred)).abs().mean().item(),
+            "silog": (torch.sqrt((err ** 2).mean() - err.mean() ** 2) * 100).nan_to_num(0.0).item(),
+            "delta1": (thresh < 1.25).double().mean().item(),
+            "delta2": (thresh < 1.25 ** 2).double().mean().item(),
+            "delta3": (thresh < 1.25 ** 3).double().mean().item()}
+
+
+def _eval_items(dataset, s: Settings):
+    """This process's validation images (every world-th), each as the protocol's evaluation view."""
+    state = PartialState()
+    limit = len(dataset) if s.max_val_images <= 0 else min(s.max_val_images, len(dataset))
+    shard = torch.utils.data.Subset(_EvalViews(dataset, s), list(range(state.process_index, limit, state.num_processes)))
+    return DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers)
+
+
+class _EvalViews(Dataset):
+    def __init__(self, dataset, s: Settings):
+        self.dataset, self.s = dataset, s
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return EVAL_VIEWS[self.s.task](self.dataset[i], self.s)
+
+
+def evaluate_segmentation(backbone, head, dataset, s: Settings) -> dict:
+    """mIoU over the split (confusion matrix summed over images and processes, nan-mean over the classes
+    present in prediction or label, 255 ignored) at each label's own size; ``pixels`` = labelled pixels
+    evaluated, ``images`` = images evaluated."""
+    device = PartialState().device
+    miou = MulticlassJaccardIndex(num_classes=s.num_classes, ignore_index=T.IGNORE_INDEX, average="macro").to(device)
+    pixels, images = SumMetric().to(device), SumMetric().to(device)
+    for item in _eval_items(dataset, s):
+        mask = item["mask"].to(device)
+        probs = seg_probabilities(backbone, head, item["image"][None].to(device), tuple(mask.shape), s)
+        miou.update(probs.argmax(1), mask[None])
+        pixels.update((mask != T.IGNORE_INDEX).sum())
+        images.update(1)
+    return {"miou": float(miou.compute()), "pixels": int(pixels.compute()), "images": int(images.compute())}
+
+
+def evaluate_depth(backbone, head, dataset, s: Settings) -> dict:
+    """Per-image metrics over the evaluated region with ground truth in (min_depth, max_depth), averaged
+    over the images that have such pixels; ``pixels`` counts them all, ``images`` the images."""
+    device = PartialState().device
+    means = {key: MeanMetric().to(device) for key in DEPTH_METRICS}
+    pixels, images = SumMetric().to(device), SumMetric().to(device)
+    for item in _eval_items(dataset, s):
+        gt = item["depth"].to(device)
+        valid = item["region"].to(device) & (gt > s.min_depth) & (gt < s.max_depth)
+        pred = depth_prediction(backbone, head, item["image"][None].to(device), s)
+        if valid.any():
+            for key, value in depth_errors(pred[valid], gt[valid]).items():
+                means[key].update(value)
+            pixels.update(valid.sum())
+            images.update(1)
+    counted = int(images.compute())
+    return {**{key: float(metric.compute()) if counted else math.nan for key, metric in means.items()},
+            "pixels": int(pixels.compute()), "images": counted}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run_probe(model: nn.Module, train_set, val_set, s: Settings, seed: int = 0) -> dict:
+    """Train the protocol's head on `train_set` and measure it on `val_set` (DenseDataset-like items).
+
+    Returns ``{"miou", "pixels", "images", "head"}`` (seg) or the depth metrics, "pixels", "images",
+    "head" (depth)."""
+    backbone = frozen_backbone(model)
+    head = train_head(backbone, build_head(backbone, s, seed), train_set, s, seed)
+    evaluate = evaluate_segmentation if s.task == "seg" else evaluate_depth
+    return {**evaluate(backbone, head, val_set, s), "head": head}
