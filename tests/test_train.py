@@ -1,5 +1,6 @@
 """train.py end to end, as a subprocess on a tiny shapes recipe: outputs, learning, resume,
-two processes, and one-line errors for bad input."""
+two processes, one-line errors for bad input, one launch per run directory (with eval.py on a
+run that is training), and the README's 2-process CPU command as written."""
 
 from __future__ import annotations
 
