@@ -39,14 +39,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from clsvit import analysis, dense
 from clsvit.compare import compare
-from clsvit.config import ConfigError, error_line, load_config
+from clsvit.config import CHOICE_LISTS, ConfigError, error_line, load_config
 from clsvit.data import ImageClassDataset, build_eval_loader, build_eval_transform, load_splits
 from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.evaluation import topk_accuracy
 from clsvit.model import describe_specialization, load_run, weights_path
+from clsvit.runlock import RunDirectoryInUse, eval_snapshot, same_snapshot_on_every_process
 from clsvit.tracking import TENSORBOARD_DIR, read_metrics
 
-TASKS = ("cls", "seg", "depth", "analysis")
+TASKS = CHOICE_LISTS["eval.tasks"]  # cls, seg, depth, analysis
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,11 +76,15 @@ def main(argv=None) -> dict:
 
 
 def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) -> dict:
-    weights_path(run_dir)  # a missing model.safetensors is a one-line error before anything loads
-    cfg = load_config(run_dir / "config.yaml", overrides, overlays=recipes)
+    snapshot = eval_snapshot(run_dir)  # a run that is training: its newest complete checkpoint, copied out
+    weights_path(snapshot.directory)  # a missing model.safetensors is a one-line error before anything loads
+    cfg = load_config(snapshot.directory / "config.yaml", overrides, overlays=recipes)
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
     accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
-    model, _ = load_run(run_dir, device=accelerator.device)
+    same_snapshot_on_every_process(snapshot, accelerator)
+    if accelerator.is_main_process:
+        print(f"evaluating {snapshot.description}")
+    model, _ = load_run(snapshot.directory, device=accelerator.device)
     seed = cfg["run"]["seed"]
 
     results, figures, images = {}, {}, {}
@@ -97,9 +102,9 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) ->
             if pca is not None:
                 images["analysis/pca"] = pca
 
-    if accelerator.is_main_process:
-        write_results(run_dir, results, figures, images)
-        print_summary(run_dir, cfg, results, tasks)
+    if accelerator.is_main_process:  # a live run's results go to <run>/eval_step_<N>/, not to the training's files
+        write_results(snapshot.output_dir(run_dir), results, figures, images)
+        print_summary(snapshot.output_dir(run_dir), cfg, results, tasks)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: exiting without it can abort (gloo threads)
     return results
@@ -240,7 +245,7 @@ def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, RunDirectoryInUse, FileNotFoundError, ValueError) as error:
         if os.environ.get("CLSVIT_TRACEBACK"):
             raise
         print(error_line("eval.py", error), file=sys.stderr)

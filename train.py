@@ -33,6 +33,7 @@ from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, bui
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
+from clsvit.runlock import RunDirectoryInUse, hold_run_directory
 from clsvit.tracking import RunLog, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
                              nonfinite_on_any_process, split_global_batch)
@@ -73,6 +74,7 @@ def main() -> None:
     mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
     # one recipe runs unchanged on 1, 8 or 64 GPUs: micro-batch and accumulation are derived
     batch = split_global_batch(train_cfg["global_batch"], train_cfg["batch_per_device"], world, even=mixing)
+    hold_run_directory(run_dir, accelerator)  # one launch per run directory: a second one stops here, untouched
     main_proc = accelerator.is_main_process
     say = tqdm.write if main_proc else (lambda *a, **k: None)
     if train_cfg["deterministic"]:
@@ -276,7 +278,7 @@ def report(step: int, metrics: dict, log: RunLog, say) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as error:
+    except (ConfigError, TrainingError, CheckpointError, RunDirectoryInUse, OSError, ValueError) as error:
         if os.environ.get("CLSVIT_TRACEBACK"):
             raise
         print(error_line("train.py", error), file=sys.stderr)

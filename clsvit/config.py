@@ -2,8 +2,8 @@
 
 default.yaml is the schema: its keys are the only valid keys (big_vision-style locked config) and
 the type of each default value is the type a recipe must give. The few rules the defaults cannot
-express (which keys may be null, enumerated choices, block selections) live in the small tables
-below, so adding a key to default.yaml needs no code here unless it is one of those.
+express (which keys may be null, enumerated choices, block selections, rules between keys) live in
+the small tables below, so adding a key to default.yaml needs no code here unless it is one of those.
 
 A typo in a recipe must fail at launch with a one-line error, not silently train the wrong model
 for days, hence strict keys, strict types and duplicate-key detection.
@@ -55,6 +55,11 @@ CHOICES = {
     "eval.depth.bin_spacing": ("linear", "log"),
 }
 
+# Comma-separated lists of choices.
+CHOICE_LISTS = {
+    "eval.tasks": ("cls", "seg", "depth", "analysis"),
+}
+
 # Mappings passed through as they are (their keys belong to another library, e.g. timm's model kwargs).
 FREE_MAPPINGS = {"model.timm_kwargs"}
 
@@ -65,6 +70,88 @@ BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in ("norm", "layerscale", 
 
 class ConfigError(ValueError):
     """A bad recipe or override; the message is one line naming the file/key and the value."""
+
+
+def _patch_misfit(c, from_kwargs):
+    """Whether the patch size does not divide model.img_size, the patch size coming from
+    model.timm_kwargs.patch_size (`from_kwargs`) or else from the timm name (deit3_small_patch16_224)."""
+    kwargs = c["model.timm_kwargs"]
+    if ("patch_size" in kwargs) != from_kwargs or kwargs.get("dynamic_img_pad"):  # timm pads then
+        return False
+    match = re.search(r"patch(\d+)", c["model.arch"])
+    patch = kwargs["patch_size"] if from_kwargs else int(match.group(1)) if match else None
+    return type(patch) is int and patch > 0 and c["model.img_size"] % patch != 0
+
+
+def _timm_rejects(policy):
+    """Whether timm cannot build an augmentation from the `auto_augment` string `policy`."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError):
+        return True
+    return False
+
+
+# Rules between keys, checked on the complete config once every file and override is applied (at
+# load time, before any data work): (keys, when the combination is wrong, why / what to do). A
+# failure is one line naming the keys with their values, e.g.
+#   train.loss='bce' with aug.label_smoothing=0.1: BCE binarises its targets ...
+CROSS_KEY_RULES = [
+    (("train.loss", "aug.label_smoothing"),
+     lambda c: c["train.loss"] == "bce" and c["aug.label_smoothing"] > 0,
+     "BCE binarises its targets (target > train.bce_threshold) and every smoothed target is above 0, so all "
+     "become 1 (timm); DeiT-III pre-training uses aug.label_smoothing=0, fine-tuning train.loss=soft_ce"),
+    (("aug.three_augment", "aug.rand_augment"),
+     lambda c: c["aug.three_augment"] and c["aug.rand_augment"] is not None,
+     "3-Augment (DeiT-III pre-training) and RandAugment (fine-tuning) are alternatives; turn one off"),
+    (("train.finetune", "model.pretrained"),
+     lambda c: c["train.finetune"] and c["model.pretrained"] is None,
+     "a fine-tuning recipe continues a trained run: set model.pretrained to its run directory or .safetensors"),
+    (("model.img_size", "model.timm_kwargs"), lambda c: _patch_misfit(c, from_kwargs=True),
+     "the patch size does not divide the resolution (timm's patch embedding would drop the last pixels)"),
+    (("model.img_size", "model.arch"), lambda c: _patch_misfit(c, from_kwargs=False),
+     "the architecture's patch size does not divide the resolution (timm's patch embedding would drop the "
+     "last pixels); change model.img_size or set model.timm_kwargs.patch_size"),
+    (("aug.rand_augment",),
+     lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
+     "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+]
+
+
+class _Dotted:
+    """config["model.img_size"] for the rules above (sections are walked; mappings stay whole)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __getitem__(self, key):
+        node = self.config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+
+def check_rules(config):
+    """Raises a one-line ConfigError for the first CROSS_KEY_RULES entry `config` breaks, and for
+    comma-separated lists with an item outside CHOICE_LISTS."""
+    view = _Dotted(config)
+    for key, allowed in CHOICE_LISTS.items():
+        unknown = [item.strip() for item in view[key].split(",") if item.strip() not in allowed]
+        if unknown:
+            raise ConfigError(f"'{key}' takes a comma-separated subset of {','.join(allowed)}, "
+                              f"got {view[key]!r} ({', '.join(map(repr, unknown))} unknown)")
+    for keys, broken, why in CROSS_KEY_RULES:
+        if broken(view):
+            raise ConfigError(" with ".join(f"{key}={_yaml_value(view[key])}" for key in keys) + f": {why}")
+
+
+def _yaml_value(value):
+    """A value as a recipe or override writes it: true, null, 0.1, 'bce'."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return repr(value)
 
 
 def error_line(program: str, error: BaseException) -> str:
@@ -233,7 +320,8 @@ def _merge(base, child):
 def _check_schema(schema):
     """default.yaml and the tables above must agree; catches editing one without the other."""
     flat = flatten(schema, stringify=False)
-    for key in [*NULLABLE_TYPES, *CHOICES, *BLOCK_SELECTION_KEYS]:
+    rule_keys = [key for keys, _, _ in CROSS_KEY_RULES for key in keys]
+    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, *rule_keys]:
         if key not in flat and key not in FREE_MAPPINGS:
             raise ConfigError(f"config.py's tables name '{key}', which is not a key of {DEFAULT_RECIPE}")
     for key, value in flat.items():
@@ -303,6 +391,7 @@ def load_config(path, overrides=(), overlays=()):
         config = _merge(config, _validate(data, schema, where, schema))
     for text in overrides:
         config = _merge(config, _validate(_parse_override(text), schema, f"override {text!r}", schema))
+    check_rules(config)
     return config
 
 

@@ -150,9 +150,7 @@ def build_train_transform(cfg: dict):
     """DeiT-III training transform from timm: RandomResizedCrop + flip + (3-Augment | RandAugment)
     + colour jitter + normalise, no random erasing. timm drops colour jitter when RandAugment is on
     (as the DeiT fine-tuning reference does); 3-Augment keeps it."""
-    aug = cfg["aug"]
-    if aug["three_augment"] and aug["rand_augment"]:
-        raise ValueError("aug.three_augment and aug.rand_augment are exclusive; turn one of them off")
+    aug = cfg["aug"]  # 3-Augment and RandAugment together are refused when the recipe loads (clsvit.config)
     return create_transform(
         cfg["model"]["img_size"], is_training=True, scale=tuple(aug["crop_scale"]), hflip=aug["hflip"],
         auto_augment="3a" if aug["three_augment"] else aug["rand_augment"] or None,

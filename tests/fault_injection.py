@@ -8,6 +8,8 @@ train.py` would run it), so the training code carries no test hooks. FAULT is on
     disk-full:N[@RANK]    the N-th checkpoint write fails with ENOSPC (on process RANK only)
     raise:STEP[@RANK]     the optimizer step STEP raises a RuntimeError (on process RANK only)
     nan-loss:N[@RANK]     the N-th loss computed is NaN (on process RANK only)
+    pause:N[@RANK]        before the optimizer step N, the process writes its pid to
+                          $CLSVIT_TEST_PAUSE_DIR/rank<R> and stops itself (SIGSTOP; SIGCONT resumes it)
 
 With CLSVIT_TEST_WEIGHTS_DIR set, every process saves its own final model weights there
 (`rank<R>.pt`) when the run ends, so tests can compare the processes' copies of the model.
@@ -64,6 +66,15 @@ def inject(kind: str, count: int, rank: int | None) -> None:
                 raise RuntimeError(f"injected failure at optimizer step {count} on process {this_rank()}")
 
         register_optimizer_step_pre_hook(count_steps)
+    elif kind == "pause":
+        def pause_at_step(optimizer, args, kwargs):
+            steps[0] += 1
+            if steps[0] == count:
+                with open(os.path.join(os.environ["CLSVIT_TEST_PAUSE_DIR"], f"rank{this_rank()}"), "w") as f:
+                    f.write(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        register_optimizer_step_pre_hook(pause_at_step)
     elif kind == "nan-loss":
         import timm.loss
 

@@ -231,6 +231,55 @@ def test_choices(tmp_path):
     assert load_config(recipe)["train"]["mixed_precision"] == "no"
 
 
+def test_enumerations_of_the_eval_sections():
+    expect_error("'eval.depth.bin_spacing' must be one of linear | log, got 'logarithmic'",
+                 DEFAULT_RECIPE, ["eval.depth.bin_spacing=logarithmic"])
+    expect_error("'eval.seg.source' must be one of hub | imagefolder | parquet | shapes | folder, got 'ade20k'",
+                 DEFAULT_RECIPE, ["eval.seg.source=ade20k"])
+    expect_error("'eval.tasks' takes a comma-separated subset of cls,seg,depth,analysis, got 'cls, sge' "
+                 "('sge' unknown)", DEFAULT_RECIPE, ["eval.tasks=cls, sge"])
+    assert load_config(DEFAULT_RECIPE, ["eval.tasks=depth,cls"])["eval"]["tasks"] == "depth,cls"
+
+
+# --- rules between keys: one line naming both keys, at load time -------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["aug.label_smoothing=0.1"], "train.loss='bce' with aug.label_smoothing=0.1: BCE binarises its targets"),
+    (["aug.rand_augment=rand-m9-mstd0.5-inc1"],
+     "aug.three_augment=true with aug.rand_augment='rand-m9-mstd0.5-inc1': 3-Augment (DeiT-III pre-training) "
+     "and RandAugment (fine-tuning) are alternatives"),
+    (["train.finetune=true"], "train.finetune=true with model.pretrained=null: a fine-tuning recipe continues"),
+    (["model.img_size=200"], "model.img_size=200 with model.arch='deit3_small_patch16_224': the architecture's "
+                             "patch size does not divide the resolution"),
+    (["model.timm_kwargs={patch_size: 15}"],
+     "model.img_size=224 with model.timm_kwargs={'patch_size': 15}: the patch size does not divide"),
+    (["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1x"],
+     "aug.rand_augment='rand-m9-mstd0.5-inc1x': timm cannot parse this augmentation policy"),
+])
+def test_cross_key_rules(tmp_path, overrides, message):
+    expect_error(message, DEFAULT_RECIPE, overrides)
+    # the same combination written in a recipe file is refused the same way
+    nested = {}
+    for key, value in (override.split("=", 1) for override in overrides):
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = yaml.safe_load(value)
+    expect_error(message, write(tmp_path / "r.yaml", yaml.safe_dump(nested)))
+
+
+def test_cross_key_rules_accept_the_valid_combinations():
+    ok = [["aug.label_smoothing=0.1", "train.loss=soft_ce"],
+          ["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1"],
+          ["train.finetune=true", "model.pretrained=runs/vit_s"],
+          ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
+          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"]]
+    for overrides in ok:
+        load_config(DEFAULT_RECIPE, overrides)
+    # a fine-tune recipe inherits train.finetune; dropping its model.pretrained is refused
+    finetune = DEFAULT_RECIPE.parent / "deit3" / "vit_b_ft224_specialized.yaml"
+    assert load_config(finetune)["train"]["finetune"] is True
+    expect_error("train.finetune=true with model.pretrained=null", finetune, ["model.pretrained=null"])
+
+
 @pytest.mark.parametrize("value, expected", [
     ("[0, 2, 5]", [0, 2, 5]), ("[]", []), ("0.25", 0.25), ("1", 1.0), ("0", 0.0)])
 def test_specialize_accepts_fraction_or_block_list(value, expected):
@@ -276,7 +325,8 @@ def test_save_then_load_round_trips(tmp_path):
     # Strings that look like other types under YAML 1.1 or 1.2 must survive (they get quoted).
     config = load_config(DEFAULT_RECIPE, [
         "run.name='1e-3'", "data.path=yes", "train.mixed_precision=no", "model.specialize.qkv=[0,1,2]",
-        "optim.lr=3e-3", "optim.eps=1e-12", "model.num_classes=7", "aug.rand_augment=rand-m9-mstd0.5-inc1"])
+        "optim.lr=3e-3", "optim.eps=1e-12", "model.num_classes=7", "aug.three_augment=false",
+        "aug.rand_augment=rand-m9-mstd0.5-inc1"])
     assert config["run"]["name"] == "1e-3" and config["data"]["path"] == "yes"
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)

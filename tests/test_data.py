@@ -281,7 +281,7 @@ def test_train_transform_three_augment():
     assert crop.scale == (0.08, 1.0) and crop.size == (32, 32)
 
 
-def test_train_transform_rand_augment_and_exclusivity():
+def test_train_transform_rand_augment():
     transform = D.build_train_transform(recipe(three_augment=False, rand_augment="rand-m9-mstd0.5-inc1",
                                                crop_scale=[0.5, 1.0]))
     kinds = [type(t) for t in transform.transforms]
@@ -291,8 +291,6 @@ def test_train_transform_rand_augment_and_exclusivity():
     plain = D.build_train_transform(recipe(three_augment=False, color_jitter=0.0, hflip=0.0))
     assert [type(t).__name__ for t in plain.transforms] == [
         "RandomResizedCropAndInterpolation", "MaybeToTensor", "Normalize"]
-    with pytest.raises(ValueError, match="three_augment"):
-        D.build_train_transform(recipe(rand_augment="rand-m9-mstd0.5-inc1"))
 
 
 def test_eval_transform_matches_timm():

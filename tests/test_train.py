@@ -1,16 +1,25 @@
 """train.py end to end, as a subprocess on a tiny shapes recipe: outputs, learning, resume,
-two processes, and one-line errors for bad input."""
+two processes, one-line errors for bad input, one launch per run directory (with eval.py on a
+run that is training), and the README's 2-process CPU command as written."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from trainer_utils import read_jsonl, run_train, subprocess_env, write_tiny_recipe
+from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, train_command, write_tiny_recipe
 
 pytestmark = pytest.mark.slow  # train.py as a subprocess, end to end
 
@@ -140,6 +149,8 @@ def test_two_processes_match_one_process_eval(tmp_path, env):
     ("model.specialize.qkv=1.5", "", "'model.specialize.qkv' must be a fraction in [0, 1]"),
     ("model.specialize.norm=[0,7]", "", "model.specialize.norm: block index 7 is not in [0, 1] (depth 2)"),
     ("model.arch=resnet50", "", "model.arch: 'resnet50'"),
+    ("", "train:\n  loss: bce\naug:\n  label_smoothing: 0.1\n",
+     "train.loss='bce' with aug.label_smoothing=0.1: BCE binarises its targets"),
     ("data.source=imagefolder", "", "data.path '/nonexistent/imagenet' does not exist"),
     ("data.label_column=nope", "", "data.label_column 'nope' not in split 'train'"),
 ])
@@ -161,3 +172,177 @@ def test_bad_input_is_one_line_before_heavy_work(tmp_path, override, recipe_text
     needs_data = "label_column" in override
     assert needs_data or not (tmp_path / "fresh_cache").exists(), override
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- one launch per run directory
+
+def start_paused(recipe, *overrides, env, pause_dir: Path, step: int, processes: int = 1) -> tuple:
+    """train.py started in the background that stops itself (SIGSTOP) before optimizer step `step`
+    on every process; returns (launch, [pid of rank 0, rank 1, ...]) once all have stopped."""
+    pause_dir.mkdir()
+    command, env = train_command(recipe, *overrides, env={**env, "CLSVIT_TEST_PAUSE_DIR": str(pause_dir)},
+                                 processes=processes, fault=f"pause:{step}")
+    launch = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    files = [pause_dir / f"rank{rank}" for rank in range(processes)]
+    while not all(f.exists() and f.read_text() for f in files):  # the subprocess timeout catches a hang
+        assert launch.poll() is None, launch.communicate()[0][-3000:]
+        time.sleep(0.1)
+    pids = [int(f.read_text()) for f in files]
+    for pid in pids:
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.05)
+    return launch, pids
+
+
+def resume(launch, pids) -> str:
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    output = launch.communicate(timeout=600)[0]
+    assert launch.returncode == 0, output[-3000:]
+    return output
+
+
+def files_of(run_dir: Path) -> dict:
+    """Every file under the run directory with its size and modification time."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def refusal(run_dir: Path, pid: int) -> str:
+    owner = json.loads((run_dir / "run.lock").read_text())
+    assert owner["pid"] == pid
+    return (f"run directory {run_dir} is in use by another launch (host {socket.gethostname()}, pid {pid}, "
+            f"since {owner['since']}); one launch trains a run at a time: wait for it to end or stop it "
+            f"(lock file {run_dir / 'run.lock'})")
+
+
+def test_a_second_launch_is_refused_untouched_and_the_first_finishes_as_a_lone_run(tmp_path, env, finished_run):
+    """The same command launched twice: the second stops with one line naming the owner, before
+    touching anything (metrics.jsonl, config.yaml, checkpoints, TensorBoard); the first ends with
+    the weights of the same run launched alone (finished_run)."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    run_dir = tmp_path / "tiny"
+    overrides = ("train.max_steps=12", "eval.every=6")
+    first, (pid,) = start_paused(recipe, *overrides, env=env, pause_dir=tmp_path / "paused", step=6)
+    before = files_of(run_dir)
+    assert "checkpoints/step_4/COMPLETE" in before and "metrics.jsonl" in before
+    second = run_train(recipe, *overrides, env=env, check=False)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == f"train.py: error: {refusal(run_dir, pid)}"
+    assert files_of(run_dir) == before
+    resume(first, [pid])
+    assert_same_weights(run_dir, finished_run[0])
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e] == [2, 4, 6, 8, 10, 12]
+    assert (run_dir / "run.lock").read_text() == ""  # a clean exit leaves no owner
+
+
+def test_two_processes_take_the_lock_once_eval_reads_the_newest_checkpoint_and_a_relaunch_after_sigkill_resumes(
+        tmp_path, env):
+    """A 2-process (gloo) launch: process 0 holds the run, the other process never competes for
+    it (the launch would not reach step 6 otherwise). A second 2-process launch is refused in one
+    line, none of its processes touching the directory. eval.py meanwhile evaluates the newest
+    complete checkpoint (DDP-wrapped weights) into eval_step_4/, leaving the training's files alone:
+    its top-1 is the one the training measured at that step. Then the owner is SIGKILLed: the
+    next launch takes the run over and resumes from that checkpoint."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    run_dir = tmp_path / "tiny"
+    overrides = ("train.max_steps=8", "train.batch_per_device=16", "eval.every=4")
+    first, pids = start_paused(recipe, *overrides, env=env, pause_dir=tmp_path / "paused", step=6, processes=2)
+    before = files_of(run_dir)
+    second = run_train(recipe, *overrides, env=env, processes=2, check=False)
+    assert second.returncode != 0
+    refused = [line for line in second.stderr.splitlines() if "in use by another launch" in line]
+    assert refused == [f"train.py: error (process 0 of 2): {refusal(run_dir, pids[0])}"]
+    assert files_of(run_dir) == before
+
+    evaluation = subprocess.run([sys.executable, str(REPO / "eval.py"), "--run", str(run_dir), "--tasks", "cls"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    owner = json.loads((run_dir / "run.lock").read_text())
+    assert (f"evaluating {run_dir} is training (host {owner['host']}, pid {pids[0]}, since {owner['since']}): "
+            f"its newest complete checkpoint {run_dir / 'checkpoints' / 'step_4'} (step 4)") in evaluation.stdout
+    result = json.loads((run_dir / "eval_step_4" / "eval.json").read_text())
+    trained = next(e for e in read_jsonl(run_dir / "metrics.jsonl") if e["step"] == 4 and "val/top1" in e)
+    assert (result["cls.top1"], result["cls.images"]) == (trained["val/top1"], 50)
+    assert {k: v for k, v in files_of(run_dir).items() if not k.startswith("eval_step_4")} == before
+
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    first.communicate(timeout=120)
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == pids[0]  # the dead owner's record is left
+    relaunch = run_train(recipe, *overrides, env=env, processes=2)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_4'}" in relaunch.stdout + relaunch.stderr
+    assert (run_dir / "model.safetensors").is_file() and not (run_dir / "eval.json").exists()
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # first launch + relaunch
+
+
+# ---------------------------------------------------------------- the README's commands
+
+def readme_command(text: str) -> str:
+    """The line of a ```bash block of README.md that contains `text`, without its comment."""
+    block, found = False, []
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            block = line == "```bash"
+        elif block and text in line:
+            found.append(line.split(" #", 1)[0].strip())
+    assert len(found) == 1, f"README.md documents {len(found)} commands with {text!r}: {found}"
+    return found[0]
+
+
+def training_processes(marker: str) -> list[int]:
+    """The training processes of a launch whose environment holds `marker`: they have a RANK,
+    their parent (the launcher) has none (DataLoader workers inherit the environment, RANK included)."""
+    def environ(pid):
+        try:
+            return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return []
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and marker.encode() in environ(entry.name) and any(
+                v.startswith(b"RANK=") for v in environ(entry.name)):
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if not any(v.startswith(b"RANK=") for v in environ(parent)):
+                found.append(int(entry.name))
+    return found
+
+
+def test_readme_two_cpu_process_command_trains_the_default_recipe(tmp_path):
+    """The README's 2-process CPU command, run as written by bash from a directory whose
+    train.py is this repository's (so run.root `runs` lands there), trains the default recipe
+    (recipes/shapes/specialized.yaml, global batch 128 = 2 x 64): the split is printed, and SIGTERM
+    to the two training processes (what SLURM sends) takes the pre-emption path: a checkpoint at
+    the next log step and a clean exit of the launch."""
+    command = readme_command("ACCELERATE_USE_CPU=1")
+    assert "--num_processes 2" in command
+    (tmp_path / "train.py").symlink_to(REPO / "train.py")
+    marker = f"CLSVIT_TEST_LAUNCH={tmp_path}"
+    env = {**subprocess_env(tmp_path / "hf_cache"), "CLSVIT_TEST_LAUNCH": str(tmp_path),
+           "HF_HOME": str(tmp_path / "hf_home"),  # no `accelerate config` of this machine applies
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        launch = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        split = "2 process(es) x 64 images x 1 accumulation = 128 images/step"
+        while split not in log.read_text():  # the dataset is generated first; the subprocess timeout catches a hang
+            assert launch.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        workers = training_processes(marker)
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        launch.wait(timeout=600)
+    output = log.read_text()
+    assert launch.returncode == 0, output[-3000:]
+    run_dir = tmp_path / "runs" / "shapes_specialized"
+    stopped = re.search(r"pre-empted \(signal received\): checkpoint saved at step (\d+)", output)
+    assert stopped and int(stopped.group(1)) % 20 == 0, output[-3000:]  # at a log step (log.every=20)
+    assert (run_dir / "checkpoints" / f"step_{stopped.group(1)}" / "COMPLETE").is_file()
+    assert json.loads((run_dir / "provenance.json").read_text())["world_size"] == 2

@@ -1,0 +1,182 @@
+"""The run directory lock (clsvit.runlock): a second holder is refused naming the owner, a killed
+owner's lock is taken over, the record decides where the filesystem keeps no locks (same machine:
+pid and start time; another machine: the heartbeat), and eval.py's snapshot of a live run.
+The owners are real processes: the lock is a POSIX lock, which the kernel keeps per process."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clsvit import runlock
+from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, eval_snapshot, live_owner
+from trainer_utils import REPO
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from clsvit.runlock import RunLock
+RunLock.acquire(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start a process that takes tmp_path/run and keeps it; yields (run_dir, process)."""
+    started = []
+
+    def start(run_dir=tmp_path / "run"):
+        process = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], cwd=REPO, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(process)
+        assert process.stdout.readline().strip() == "held", process.stderr.read()
+        return run_dir, process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def record(run_dir) -> dict:
+    return json.loads((run_dir / LOCK_FILE).read_text())
+
+
+def test_a_second_holder_is_refused_in_one_line_naming_the_owner(holder):
+    run_dir, process = holder()
+    owner = record(run_dir)
+    assert (owner["host"], owner["pid"]) == (socket.gethostname(), process.pid)
+    with pytest.raises(RunDirectoryInUse) as refused:
+        RunLock.acquire(run_dir)
+    message = str(refused.value)
+    assert message.startswith(f"run directory {run_dir} is in use by another launch (host {owner['host']}, "
+                              f"pid {process.pid}, since {owner['since']})") and "\n" not in message
+    assert live_owner(run_dir).pid == process.pid
+    assert record(run_dir) == owner  # the refused attempt changed nothing
+
+
+def test_a_sigkilled_owner_is_taken_over_and_a_clean_exit_empties_the_record(holder):
+    run_dir, process = holder()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert record(run_dir)["pid"] == process.pid  # the dead owner's record stays ...
+    assert live_owner(run_dir) is None  # ... but names nobody alive
+    lock = RunLock.acquire(run_dir)
+    try:
+        # (not record(): a POSIX lock is dropped when its process closes any descriptor of the file)
+        assert json.loads(os.pread(lock.fd, 4096, 0))["pid"] == os.getpid()
+        assert live_owner(run_dir).pid == os.getpid()  # asking about itself keeps the lock
+        other = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                                "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(run_dir / LOCK_FILE)],
+                               capture_output=True, text=True)
+        assert other.returncode == 1 and "BlockingIOError" in other.stderr  # still held by this process
+    finally:
+        lock.release()
+    assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
+
+
+def _without_locks(monkeypatch):
+    """A filesystem without POSIX locks (Lustre without `flock`): lockf fails with ENOLCK."""
+    def lockf(fd, operation, *args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", lockf)
+
+
+def test_without_locks_the_record_decides_on_this_machine(holder, monkeypatch, tmp_path):
+    run_dir, process = holder()
+    _without_locks(monkeypatch)
+    with pytest.raises(RunDirectoryInUse, match=f"pid {process.pid}"):  # alive: refused
+        RunLock.acquire(run_dir)
+    assert live_owner(run_dir).pid == process.pid
+    process.kill()
+    process.wait()
+    RunLock.acquire(run_dir).release()  # gone: taken over
+    # a pid that runs but was started at another time is a reused pid: the owner is gone
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    host, boot_id = runlock._machine()
+    parent = os.getppid()
+    (reused / LOCK_FILE).write_text(json.dumps({"host": host, "boot_id": boot_id, "pid": parent, "since": "then",
+                                                "process_start": runlock._process_start(parent) + 1}))
+    assert live_owner(reused) is None
+    RunLock.acquire(reused).release()
+
+
+def _elsewhere(run_dir, heartbeat_age: float) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    path.write_text(json.dumps({"host": "other-node", "boot_id": "x", "pid": os.getpid(), "since": "2026-01-01 00:00:00",
+                                "process_start": 1}))
+    os.utime(path, (time.time() - heartbeat_age,) * 2)
+
+
+def test_an_owner_on_another_machine_is_gone_once_its_heartbeat_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock, "STALE_S", 1.0)
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
+    stale = tmp_path / "stale"
+    _elsewhere(stale, heartbeat_age=5.0)
+    assert live_owner(stale) is None
+    RunLock.acquire(stale).release()  # at once: stopped for longer than STALE_S
+
+    beating = tmp_path / "beating"
+    _elsewhere(beating, heartbeat_age=0.0)
+    assert live_owner(beating).host == "other-node"
+    stop = threading.Event()
+
+    def beat():  # the other machine's owner, alive: its heartbeat moves
+        while not stop.wait(0.1):
+            os.utime(beating / LOCK_FILE)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(RunDirectoryInUse, match="host other-node, .*its heartbeat goes on"):
+            RunLock.acquire(beating)
+    finally:
+        stop.set()
+        thread.join()
+    RunLock.acquire(beating).release()  # the heartbeat stopped: after STALE_S it is taken over
+    assert (beating / LOCK_FILE).read_text() == ""
+
+
+def test_eval_snapshot_of_a_live_run_is_its_newest_complete_checkpoint(holder, tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    weights = {"module.blocks.0.norm1.weight": torch.ones(4), "module._orig_mod.head.bias": torch.arange(3.0)}
+    for step in (4, 8):
+        (checkpoints / f"step_{step}").mkdir(parents=True)
+        save_file({k: v * step for k, v in weights.items()}, checkpoints / f"step_{step}" / "model.safetensors")
+        (checkpoints / f"step_{step}" / "config.yaml").write_text(f"run:\n  name: at_step_{step}\n")
+    (checkpoints / "step_4" / "COMPLETE").write_text("4\n")  # step_8 is being written: not complete
+    (run_dir / "model.safetensors").write_text("weights of an earlier launch")
+
+    assert eval_snapshot(run_dir).directory == run_dir and not eval_snapshot(run_dir).live  # not training
+    _, process = holder(run_dir)
+    snapshot = eval_snapshot(run_dir)
+    assert snapshot.live and snapshot.step == 4 and snapshot.owner.pid == process.pid
+    assert snapshot.description == (f"{run_dir} is training (host {socket.gethostname()}, pid {process.pid}, since "
+                                    f"{snapshot.owner.since}): its newest complete checkpoint {checkpoints / 'step_4'} (step 4)")
+    copied = load_file(snapshot.directory / "model.safetensors")  # a private copy: the wrappers' prefixes removed
+    assert sorted(copied) == ["blocks.0.norm1.weight", "head.bias"]
+    assert torch.equal(copied["head.bias"], torch.arange(3.0) * 4)
+    assert (snapshot.directory / "config.yaml").read_text() == "run:\n  name: at_step_4\n"
+    assert snapshot.directory != checkpoints / "step_4" and not snapshot.directory.is_relative_to(run_dir)
+    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4"
+
+    (checkpoints / "step_4" / "COMPLETE").unlink()
+    with pytest.raises(RunDirectoryInUse, match="is training .* and has no complete checkpoint yet"):
+        eval_snapshot(run_dir)
