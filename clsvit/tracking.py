@@ -15,14 +15,15 @@ shows, and the rules that keep it right:
   file: the killed attempt's points past the checkpoint are superseded as the steps come again
   (`purge_step` does the same for TensorBoard's Python loader, `--load_fast=false`); the points up to
   the checkpoint stay. A launch that starts from step 0 moves earlier event files and metrics.jsonl
-  aside into `logs.replaced-<time>/` (a TensorBoard run of its own), since TensorBoard keeps a run's first
-  HParams summary.
+  into `logs.replaced-<time>/` (a TensorBoard run of its own), since TensorBoard keeps the first
+  HParams summary of a run.
 - HParams (`hparams_columns`, `METRICS`): one session per run, grouped under the run name, written when
   the run starts (so a run in progress is in the table, its metrics the latest values) and marked
-  finished at the end. TensorBoard keeps the first HParams summary of a run (run.rs,
-  `RunLoaderData::read_event`): a resume shows the recipe of the launch that started the run. The
-  experiment definition (columns, metrics) is read from one run of the logdir, every run writes the
-  same one (backend_context.py, `_find_experiment_tag`).
+  finished at the end. TensorBoard keeps the first summary of each tag's metadata
+  (tensorboard/data/server/run.rs, `RunLoaderData::read_event`): a resume shows the recipe of the
+  launch that started the run. TensorBoard takes the experiment definition (columns, metrics, which
+  are shown first) from one run of the logdir (backend_context.py, `_find_experiment_tag`); every run
+  writes the same one, up to `log.hparams_first`, and the column names do not depend on it.
 - eval.py's results (`write_eval_events`): an event file of its own in the run directory, never the
   training's; probe metrics and figures at the run's last training step, the token analysis per block.
 - A custom-scalars layout (`CUSTOM_SCALARS`): top-1, training loss, mIoU and depth RMSE of every run on
@@ -73,6 +74,11 @@ METRICS = (
     Metric("cls/top1", "top-1 % (eval.py)", "eval.py --tasks cls top-1"),
     Metric("cls/top5", "top-5 % (eval.py)", "eval.py --tasks cls top-5"),
     Metric("depth/abs_rel", "abs rel (eval.py)", "depth absolute relative error"),
+    Metric("depth/sq_rel", "sq rel (eval.py)", "depth squared relative error"),
+    Metric("depth/rmse_log", "RMSE log (eval.py)", "depth RMSE of log depth"),
+    Metric("depth/log10", "log10 (eval.py)", "depth mean |log10 error|"),
+    Metric("depth/delta2", "δ2 (eval.py)", "depth delta < 1.25^2 (fraction)"),
+    Metric("depth/delta3", "δ3 (eval.py)", "depth delta < 1.25^3 (fraction)"),
     Metric("val_ema/top1", "EMA top-1 %", "validation top-1 of the EMA weights (train.ema)"),
     Metric("val_ema/top5", "EMA top-5 %", "validation top-5 of the EMA weights (train.ema)"),
     Metric("train/loss", "train loss", "training loss of the last log window"),
@@ -149,8 +155,8 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
     first_keys = hparams_first_keys(cfg)
     columns = []
     for rank, (key, display, value, description) in enumerate(compare, start=1):
-        recipe_key = key.removesuffix(" blocks")
-        first = recipe_key in first_keys if first_keys else key in {f"model.specialize.{c}" for c in COMPONENTS}
+        # a block list column goes with its key; by default only the fractions are shown first
+        first = key.removesuffix(" blocks") in first_keys if first_keys else rank <= len(COMPONENTS)
         columns.append(HParamColumn(f"{rank:02d} {key}", display, value, first, description))
     shown = {key.removesuffix(" blocks") for key, *_ in compare}
     for key, value in _recipe_leaves(cfg):

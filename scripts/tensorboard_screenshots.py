@@ -4,11 +4,11 @@ ablation and its curves overlaid on the custom-scalars page.
     python scripts/tensorboard_screenshots.py [--out docs] [--steps 80] [--runs DIR]
 
 Trains three shapes runs on CPU (the baseline, the paper's specialization, and an ablation with QKV
-specialized in every block) for --steps steps of 64 images with four validation points each, evaluates the first
-two with eval.py (short probes; the ablation is left unprobed, as a run still waiting for eval.py is),
-serves `tensorboard --logdir` on 127.0.0.1 and photographs it with headless Chromium (Debian:
-`apt-get install chromium`): <out>/tensorboard_hparams.png and <out>/tensorboard_curves.png.
-Runs already complete in --runs are reused.
+specialized in every block) for --steps steps of 64 images without warmup, with four validation
+points each; evaluates the first two with eval.py (short probes; the ablation is left unprobed, as a
+run still waiting for eval.py is); serves `tensorboard --logdir` on 127.0.0.1 and photographs it with
+headless Chromium (Debian: `apt-get install chromium`): <out>/tensorboard_hparams.png and
+<out>/tensorboard_curves.png. Runs already complete in --runs are reused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ RUNS = {  # run name -> (recipe, overrides, probed by eval.py)
     "shapes_specialized": ("recipes/shapes/specialized.yaml", [], True),
     "shapes_specialized_qkv_all_blocks": ("recipes/shapes/specialized.yaml", ["model.specialize.qkv=1.0"], False),
 }
-PROBES = ["--tasks", "seg,depth,analysis", "eval.seg.iterations=300", "eval.depth.iterations=300"]
+PROBES = ["--tasks", "seg,depth,analysis", *[f"eval.{task}.{key}" for task in ("seg", "depth") for key in (
+    "iterations=200", "max_train_images=256", "max_val_images=200")]]
 SHOTS = {  # file -> (TensorBoard page, window size)
     "tensorboard_hparams.png": ("#hparams", (2050, 560)),
     "tensorboard_curves.png": ("#custom_scalars&_smoothingWeight=0", (1700, 1250)),
@@ -47,6 +48,7 @@ def train_and_evaluate(root: Path, steps: int) -> None:
         if not (run_dir / "model.safetensors").is_file():
             run(sys.executable, "train.py", "--config", recipe, f"run.root={root}", f"run.name={name}",
                 f"train.max_steps={steps}", "train.global_batch=64", "train.batch_per_device=64",
+                "schedule.warmup_epochs=0",
                 f"eval.every={steps // 4}", "log.every=5", "log.progress_bar=false", *overrides)
         if probed and not (run_dir / "eval.json").is_file():
             run(sys.executable, "eval.py", "--run", str(run_dir), *PROBES)
