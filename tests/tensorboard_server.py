@@ -46,7 +46,8 @@ class TensorBoardClient:
         """{group name: session group} of every status, as the HParams table lists them."""
         body = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 1000,
                 "colParams": [{"metric": {"tag": "val/top1"}, "order": "ORDER_DESC"}]}
-        return {group["name"]: group for group in self.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]}
+        groups = self.post("/data/plugin/hparams/session_groups", body)["sessionGroups"]
+        return {group["name"]: group for group in groups}
 
     def wait_for(self, ready, timeout: float = 120.0):
         """Poll until `ready(self)` returns a true value (TensorBoard loads event files in the
