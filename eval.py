@@ -16,9 +16,10 @@ run's config.yaml):
 Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, seg.pixels, depth.rmse,
 depth.abs_rel, depth.delta1, depth.pixels, ..., <task>.protocol and <task>.settings (the resolved
 protocol settings), analysis.<statistic>.<site> = one value per block; results of earlier calls for
-other tasks are kept), TensorBoard scalars (tags cls/top1, seg/miou, depth/rmse, ...) and figures into
-`<run>/tensorboard/`, `<run>/analysis_token_statistics.png` and `<run>/analysis_pca.png`, and a summary
-on stdout.
+other tasks are kept), TensorBoard events in the run directory (clsvit.tracking.write_eval_events:
+scalars cls/top1, seg/miou, depth/rmse, ... at the run's last step, analysis/<statistic>/<site> with
+the block index as the step, figures), `<run>/analysis_token_statistics.png` and
+`<run>/analysis_pca.png`, and a summary on stdout.
 `--compare` writes compare.md, compare.csv and compare.png (default: next to the runs; clsvit.compare).
 """
 
@@ -35,7 +36,6 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import Subset
-from torch.utils.tensorboard import SummaryWriter
 
 from clsvit import analysis, dense
 from clsvit.compare import compare
@@ -45,7 +45,7 @@ from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.evaluation import topk_accuracy
 from clsvit.model import describe_specialization, load_run, weights_path
 from clsvit.runlock import RunDirectoryInUse, eval_snapshot, same_snapshot_on_every_process
-from clsvit.tracking import TENSORBOARD_DIR, read_metrics
+from clsvit.tracking import write_eval_events
 
 TASKS = CHOICE_LISTS["eval.tasks"]  # cls, seg, depth, analysis
 
@@ -103,7 +103,7 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) ->
                 images["analysis/pca"] = pca
 
     if accelerator.is_main_process:  # a live run's results go to <run>/eval_step_<N>/, not to the training's files
-        write_results(snapshot.output_dir(run_dir), results, figures, images)
+        write_results(snapshot.output_dir(run_dir), results, figures, images, snapshot.step)
         print_summary(snapshot.output_dir(run_dir), cfg, results, tasks)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: exiting without it can abort (gloo threads)
@@ -190,8 +190,9 @@ def token_analysis(model, cfg: dict, accelerator):
 # ---------------------------------------------------------------------------- outputs
 
 
-def write_results(run_dir: Path, results: dict, figures: dict, images: dict) -> None:
-    """eval.json (merged with earlier results), PNG files named after their tags, TensorBoard."""
+def write_results(run_dir: Path, results: dict, figures: dict, images: dict, step: int | None = None) -> None:
+    """eval.json (merged with earlier results), PNG files named after their tags, TensorBoard (at
+    `step`: the evaluated checkpoint's for a live run, else the run's last training step)."""
     path = run_dir / "eval.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(results)
@@ -202,16 +203,7 @@ def write_results(run_dir: Path, results: dict, figures: dict, images: dict) -> 
         figure.savefig(run_dir / f"{tag.replace('/', '_')}.png", dpi=110)
     for tag, image in images.items():
         Image.fromarray(image).save(run_dir / f"{tag.replace('/', '_')}.png")
-
-    step = max((line["step"] for line in read_metrics(run_dir)), default=0)  # the run's last step
-    with SummaryWriter(str(run_dir / TENSORBOARD_DIR)) as writer:
-        for key, value in results.items():
-            if isinstance(value, (int, float)) and not key.endswith(".images"):
-                writer.add_scalar(key.replace(".", "/", 1), value, step)  # cls.top1 -> cls/top1
-        for tag, figure in figures.items():
-            writer.add_figure(tag, figure, step)  # closes the figure
-        for tag, image in images.items():
-            writer.add_image(tag, image, step, dataformats="HWC")
+    write_eval_events(run_dir, results, figures, images, step)  # closes the figures
 
 
 def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> None:

@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
-from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
+from clsvit.config import ConfigError, diff, error_line, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
                          build_eval_transform, build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
 from clsvit.runlock import RunDirectoryInUse, hold_run_directory
-from clsvit.tracking import RunLog, provenance
+from clsvit.tracking import RunLog, hparams_first_keys, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
                              nonfinite_on_any_process, split_global_batch)
 
@@ -59,6 +59,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     with torch.device("meta"):  # a model the recipe cannot build fails here, in one line, before any data work
         build_model(cfg["model"], cfg["model"]["num_classes"] or 1)
+    hparams_first_keys(cfg)  # so does a log.hparams_first that names no recipe key
     run_dir = Path(cfg["run"]["root"]) / cfg["run"]["name"]
     ckpt_dir = run_dir / "checkpoints"
     train_cfg, data_cfg = cfg["train"], cfg["data"]
@@ -157,6 +158,8 @@ def main() -> None:
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
     log = RunLog(run_dir, enabled=main_proc, tensorboard=cfg["log"]["tensorboard"],
                  resume_step=progress.step if resume_from is not None else None)
+    log.start_session(cfg, depth=len(accelerator.unwrap_model(model).blocks), params=num_params,
+                      params_baseline=baseline_params)
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
         say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "
@@ -265,7 +268,7 @@ def main() -> None:
         save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir / "model.safetensors")
         if ema is not None:
             save_weights(ema.module, run_dir / "model_ema.safetensors")
-        log.hparams(flatten(cfg), {**final, "params": float(num_params)})
+    log.end_session(progress.step)
     log.close()
     accelerator.end_training()
 

@@ -1,27 +1,275 @@
-"""What a run writes about itself: metrics.jsonl, TensorBoard events, HParams, provenance.
+"""What a run writes about itself: metrics.jsonl, TensorBoard events, provenance.
 
 `metrics.jsonl` holds one JSON object per log or eval event, always with `step`, flushed as written
-(`tail -f` works). TensorBoard scalars use the same keys as tags (`train/loss`, `val/top1`, ...).
-The HParams summary is written into the run's own event file with the flattened recipe and the
-final metrics — accelerate's `init_trackers(config=...)` would reject nested values and put the
-HParams into a separate run without the metrics. Only the main process writes.
+(`tail -f` works). Only the main process writes.
+
+TensorBoard. The event files lie at the top of the run directory, so `tensorboard --logdir <run.root>`
+shows one TensorBoard run per run directory, named after it (a sweep's root: one run per cell). What it
+shows, and the rules that keep it right:
+
+- Scalars: the metrics.jsonl keys as tags (`train/loss`, `val/top1`, ...), each at the optimizer step
+  it describes; the final validation at the final step. A tag is never written at a step lower than
+  one already written: TensorBoard's data server drops every point of a tag at or after a step that
+  arrives again (tensorboard/data/server/reservoir.rs, "Preemption"), so one value logged at step 0
+  after training erases the curve. `RunLog.log` refuses such a write. A resume appends a new event
+  file: the killed attempt's points past the checkpoint are superseded as the steps come again
+  (`purge_step` does the same for TensorBoard's Python loader, `--load_fast=false`); the points up to
+  the checkpoint stay. A launch that starts from step 0 moves earlier event files and metrics.jsonl
+  into `logs.replaced-<time>/` (a TensorBoard run of its own), since TensorBoard keeps the first
+  HParams summary of a run.
+- HParams (`hparams_columns`, `METRICS`): one session per run, grouped under the run name, written when
+  the run starts (so a run in progress is in the table, its metrics the latest values) and marked
+  finished at the end. TensorBoard keeps the first summary of each tag's metadata
+  (tensorboard/data/server/run.rs, `RunLoaderData::read_event`): a resume shows the recipe of the
+  launch that started the run. TensorBoard takes the experiment definition (columns, metrics, which
+  are shown first) from one run of the logdir (backend_context.py, `_find_experiment_tag`); every run
+  writes the same one, up to `log.hparams_first`, and the column names do not depend on it.
+- eval.py's results (`write_eval_events`): an event file of its own in the run directory, never the
+  training's; probe metrics and figures at the run's last training step, the token analysis per block.
+- A custom-scalars layout (`CUSTOM_SCALARS`): top-1, training loss, mIoU and depth RMSE of every run on
+  one page, and the token analysis by block.
+
+provenance(): where a result came from (code version, libraries, hardware, parallelism).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
-# scalars eval.py writes into a run's TensorBoard (its eval.json keys with the first "." as "/")
-EVAL_METRICS = ("cls/top1", "cls/top5", "seg/miou", "depth/rmse", "depth/abs_rel", "depth/delta1")
+REPLACED_PREFIX = "logs.replaced-"
+
+
+@dataclass(frozen=True)
+class Metric:
+    tag: str  # the scalar tag; its latest value is the HParams cell
+    display: str
+    description: str
+
+
+# HParams metric columns, in order. TensorBoard ticks the first five when the tab opens
+# (tensorboard/plugins/hparams/tf_hparams_query_pane/tf-hparams-query-pane.ts, _computeMetrics).
+# A run eval.py has not probed yet has no seg/depth value: the cell is empty; the header names eval.py.
+# Counters (val/images, val/undecodable, model/params, ...) are scalars only.
+METRICS = (
+    Metric("val/top1", "top-1 %", "validation top-1 (train.py), latest evaluation"),
+    Metric("val/top5", "top-5 %", "validation top-5 (train.py), latest evaluation"),
+    Metric("seg/miou", "mIoU % (eval.py)", "linear segmentation mIoU; empty until eval.py --tasks seg"),
+    Metric("depth/rmse", "RMSE m (eval.py)", "linear depth RMSE; empty until eval.py --tasks depth"),
+    Metric("depth/delta1", "δ1 (eval.py)", "depth delta < 1.25 (fraction); empty until eval.py --tasks depth"),
+    Metric("train/median_images_per_s", "images/s", "median training throughput over the run (global)"),
+    Metric("model/param_overhead_pct", "params +%", "parameters added by specialization, % of the baseline"),
+    Metric("cls/top1", "top-1 % (eval.py)", "eval.py --tasks cls top-1"),
+    Metric("cls/top5", "top-5 % (eval.py)", "eval.py --tasks cls top-5"),
+    Metric("depth/abs_rel", "abs rel (eval.py)", "depth absolute relative error"),
+    Metric("depth/sq_rel", "sq rel (eval.py)", "depth squared relative error"),
+    Metric("depth/rmse_log", "RMSE log (eval.py)", "depth RMSE of log depth"),
+    Metric("depth/log10", "log10 (eval.py)", "depth mean |log10 error|"),
+    Metric("depth/delta2", "δ2 (eval.py)", "depth delta < 1.25^2 (fraction)"),
+    Metric("depth/delta3", "δ3 (eval.py)", "depth delta < 1.25^3 (fraction)"),
+    Metric("val_ema/top1", "EMA top-1 %", "validation top-1 of the EMA weights (train.ema)"),
+    Metric("val_ema/top5", "EMA top-5 %", "validation top-5 of the EMA weights (train.ema)"),
+    Metric("train/loss", "train loss", "training loss of the last log window"),
+)
+
+# One page for an ablation: every run's curve in each chart (tag regexes; the custom_scalars plugin
+# merges the layouts of all runs by category title).
+CUSTOM_SCALARS = {
+    "ablation at a glance": {
+        "val/top1": ["Multiline", [r"^val/top1$"]],
+        "train/loss": ["Multiline", [r"^train/loss$"]],
+        "seg/miou (eval.py)": ["Multiline", [r"^seg/miou$"]],
+        "depth/rmse (eval.py)": ["Multiline", [r"^depth/rmse$"]],
+    },
+    "token analysis (step = block index)": {
+        "[CLS]-patch cosine: block input, after norm1": ["Multiline", [r"^analysis/cos_cls_patch/(input|norm1)$"]],
+        "patch-patch cosine: block input, after norm1": ["Multiline", [r"^analysis/cos_patch_patch/(input|norm1)$"]],
+        "[CLS]-dominant channels: block input, after norm1": ["Multiline",
+                                                              [r"^analysis/cls_dominant_dims/(input|norm1)$"]],
+    },
+}
+
+
+# ============================================================================ HParams columns
+#
+# TensorBoard orders hparam columns by (`differs` first, then name) (tensorboard/plugins/hparams/
+# backend_context.py, _sort_and_reduce_to_hparams_limit) and ticks the first five (tf-hparams-query-pane.ts,
+# _computeHParams). So the comparison columns carry their position in their name ("03 model.specialize.qkv";
+# the headers show the display name, "specialized qkv"), the rest of the recipe keeps its keys
+# ("optim.lr"), and `differs` marks the columns shown first: `log.hparams_first` (recipe keys, e.g. a
+# sweep's swept keys), or by default the five specialization fractions.
+
+
+@dataclass(frozen=True)
+class HParamColumn:
+    name: str  # the key in TensorBoard's session hparams (its HTTP API, the download)
+    display: str  # the column header
+    value: bool | float | str  # float NaN: no value (a null number); TensorBoard shows an empty cell
+    first: bool  # shown first when the tab opens (flagged `differs` for TensorBoard)
+    description: str = ""
+
+
+IDENTITY_KEYS = ("model.arch", "run.name", "run.seed", "train.global_batch", "schedule.epochs")
+
+
+def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
+    """A run's HParams columns in the order TensorBoard shows them:
+
+      `differs` group (ticked first): `log.hparams_first`'s columns, default the five fractions
+      01-05  model.specialize.<component>         fraction of the `depth` blocks (a list: its length / depth)
+      06     model.specialize.final_norm          bool
+      07-11  model.specialize.<component> blocks  the block indices as text: "0-3", "0,2,5", "none"
+      12-16  model.arch, run.name, run.seed, train.global_batch, schedule.epochs
+      then   every other recipe key, by name (its type from recipes/default.yaml; null numbers empty)
+    """
+    from clsvit.model import COMPONENTS, block_indices
+
+    specialize = cfg["model"]["specialize"]
+    compare: list[tuple[str, str, Any, str]] = []  # (recipe key, display, value, description)
+    blocks = {c: block_indices(specialize[c], depth, f"model.specialize.{c}") for c in COMPONENTS}
+    for c in COMPONENTS:
+        value = specialize[c]
+        fraction = len(blocks[c]) / depth if isinstance(value, list) else float(value)
+        compare.append((f"model.specialize.{c}", f"specialized {c}", fraction,
+                        f"model.specialize.{c} as a fraction of the {depth} blocks"))
+    compare.append(("model.specialize.final_norm", "specialized final_norm", bool(specialize["final_norm"]),
+                    "the final norm has a global-token copy"))
+    for c in COMPONENTS:
+        compare.append((f"model.specialize.{c} blocks", f"specialized {c} blocks", _ranges(blocks[c]),
+                        f"the blocks model.specialize.{c} selects"))
+    for key in IDENTITY_KEYS:
+        compare.append((key, key, _hparam_value(key, _get(cfg, key)), ""))
+
+    first_keys = hparams_first_keys(cfg)
+    columns = []
+    for rank, (key, display, value, description) in enumerate(compare, start=1):
+        # a block list column goes with its key; by default only the fractions are shown first
+        first = key.removesuffix(" blocks") in first_keys if first_keys else rank <= len(COMPONENTS)
+        columns.append(HParamColumn(f"{rank:02d} {key}", display, value, first, description))
+    shown = {key.removesuffix(" blocks") for key, *_ in compare}
+    for key, value in _recipe_leaves(cfg):
+        if key not in shown:
+            columns.append(HParamColumn(key, key, _hparam_value(key, value), key in first_keys))
+    return sorted(columns, key=lambda column: (not column.first, column.name))
+
+
+def hparams_first_keys(cfg: Mapping[str, Any]) -> list[str]:
+    """The recipe keys of `log.hparams_first` (comma-separated); an unknown key is a ConfigError."""
+    from clsvit.config import ConfigError
+
+    keys = [key.strip() for key in cfg["log"]["hparams_first"].split(",") if key.strip()]
+    known = {key for key, _ in _recipe_leaves(cfg)}
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"log.hparams_first: {key!r} is not a recipe key")
+    return keys
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3,7'; [] -> 'none'."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts) or "none"
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _recipe_leaves(cfg: Mapping[str, Any], prefix: str = ""):
+    """(dotted key, value) of every recipe key; a free mapping (model.timm_kwargs) is one value."""
+    from clsvit.config import FREE_MAPPINGS
+
+    for name, value in cfg.items():
+        key = prefix + name
+        if isinstance(value, dict) and key not in FREE_MAPPINGS:
+            yield from _recipe_leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+@lru_cache(maxsize=1)
+def _column_kinds() -> dict[str, str]:
+    """"number", "bool" or "text" for every recipe key, from the type recipes/default.yaml gives it
+    (config.NULLABLE_TYPES for keys that may be null)."""
+    from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, load_config
+
+    kinds = {}
+    for key, default in _recipe_leaves(load_config(DEFAULT_RECIPE)):
+        kind = NULLABLE_TYPES.get(key, type(default))
+        kinds[key] = ("number" if kind in (int, float) else
+                      "bool" if kind is bool and key not in NULLABLE_TYPES else "text")
+    return kinds
+
+
+def _hparam_value(key: str, value: Any) -> bool | float | str:
+    """One type per column in every run, since TensorBoard's filters compare the values of a column:
+    a number (null: NaN, shown as an empty cell), a bool, or text."""
+    kind = _column_kinds().get(key, "text")
+    if kind == "number":
+        return math.nan if value is None else float(value)
+    if kind == "bool":
+        return bool(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _hparams_summaries(columns: list[HParamColumn], group: str):
+    """The experiment definition and the session start, as TensorBoard summaries."""
+    from tensorboard.plugins.hparams import api_pb2, summary_v2
+
+    infos = []
+    for column in columns:
+        kind = (api_pb2.DATA_TYPE_BOOL if isinstance(column.value, bool) else
+                api_pb2.DATA_TYPE_FLOAT64 if isinstance(column.value, float) else api_pb2.DATA_TYPE_STRING)
+        info = api_pb2.HParamInfo(name=column.name, display_name=column.display, description=column.description,
+                                  type=kind, differs=column.first)
+        if kind == api_pb2.DATA_TYPE_BOOL:
+            info.domain_discrete.extend([False, True])
+        infos.append(info)
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m.tag), display_name=m.display,
+                                  description=m.description) for m in METRICS]
+    experiment = _plugin_summary("experiment", api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))
+    start = summary_v2.hparams_pb({column.name: column.value for column in columns}, trial_id=group)
+    return experiment, start
+
+
+def _plugin_summary(field: str, message):
+    """A summary holding one field of the HParams plugin data (experiment / session_end_info)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    tag = {"experiment": metadata.EXPERIMENT_TAG, "session_end_info": metadata.SESSION_END_INFO_TAG}[field]
+    data = plugin_data_pb2.HParamsPluginData(**{field: message})
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
+                                        tensor=metadata.NULL_TENSOR)])
+
+
+# ============================================================================ the training run's log
 
 
 class RunLog:
@@ -30,43 +278,66 @@ class RunLog:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
         self.enabled = enabled
         self.writer = None
+        self.last_step: dict[str, int] = {}
         if not enabled:
             return
-        self.path = run_dir / METRICS_FILE
+        self.run_dir, self.resume_step = Path(run_dir), resume_step
+        self.path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             _drop_events_after(self.path, resume_step)  # events of the killed attempt past the checkpoint
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            _move_earlier_attempt_aside(self.run_dir)
         self.file = open(self.path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
+            self.writer = SummaryWriter(str(self.run_dir),
                                         purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One log or eval event: a metrics.jsonl line and the TensorBoard scalars."""
         if not self.enabled:
             return
+        self._add_scalars(step, metrics)
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
+
+    def start_session(self, cfg: Mapping[str, Any], *, depth: int, params: int, params_baseline: int) -> None:
+        """The run's HParams session (its columns: `hparams_columns`), the custom-scalars layout, and,
+        on a fresh start, the scalars `model/params` and `model/param_overhead_pct` at step 0."""
+        if not self.enabled or self.writer is None:
+            return
+        if self.resume_step is None:
+            self._add_scalars(0, {"model/params": params,
+                                  "model/param_overhead_pct": 100.0 * (params - params_baseline) / params_baseline})
+        for summary in _hparams_summaries(hparams_columns(cfg, depth), group=cfg["run"]["name"]):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_custom_scalars(CUSTOM_SCALARS)
+        self.writer.flush()
+
+    def end_session(self, step: int) -> None:
+        """After the final evaluation: the median training throughput of the run (metrics.jsonl, all
+        launches) as `train/median_images_per_s` at the final step, and the HParams session marked finished."""
+        if not self.enabled or self.writer is None:
+            return
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+        speeds = [line["train/images_per_s"] for line in read_metrics(self.run_dir) if "train/images_per_s" in line]
+        if speeds:
+            self._add_scalars(step, {"train/median_images_per_s": statistics.median(speeds)})
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+        self.writer.file_writer.add_summary(_plugin_summary("session_end_info", end))
+        self.writer.flush()
+
+    def _add_scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for key in metrics:
+            if step < self.last_step.get(key, step):
+                raise ValueError(f"RunLog: {key} at step {step} after step {self.last_step[key]}; "
+                                 f"TensorBoard would drop the later points")
+        self.last_step.update(dict.fromkeys(metrics, step))
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
-
-    def hparams(self, flat_config: Mapping[str, Any], final_metrics: Mapping[str, float]) -> None:
-        """One HParams entry per run: the flattened recipe and its final metrics, in the run's own
-        event file so TensorBoard's HParams tab lines ablations up against their curves. The
-        metrics eval.py adds later (EVAL_METRICS, same tags) are declared now, so they join the table."""
-        if not self.enabled or self.writer is None:
-            return
-        from torch.utils.tensorboard.summary import hparams
-
-        declared = {**{tag: float("nan") for tag in EVAL_METRICS}, **final_metrics}
-        for summary in hparams(dict(flat_config), declared):
-            self.writer.file_writer.add_summary(summary)
-        for key, value in final_metrics.items():
-            self.writer.add_scalar(key, value)
-        self.writer.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -91,9 +362,52 @@ def _drop_events_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def _move_earlier_attempt_aside(run_dir: Path) -> None:
+    """A launch from step 0 into a run directory with events of an earlier attempt (train.resume=false,
+    or killed before its first checkpoint): their metrics.jsonl and event files go to
+    `logs.replaced-<time>/`, nothing is deleted."""
+    earlier = [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob(METRICS_FILE)]
+    if not earlier:
+        return
+    aside = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for path in earlier:
+        path.rename(aside / path.name)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ============================================================================ eval.py's results
+
+
+def write_eval_events(run_dir: Path, results: Mapping[str, Any], figures: Mapping[str, Any],
+                      images: Mapping[str, Any], step: int | None = None) -> None:
+    """eval.py's results in the run's TensorBoard, in a new event file (never the training's own):
+    numbers at `step` (default: the run's last training step, 0 without metrics.jsonl), tags = eval.json keys with the
+    first "." as "/" (cls.top1 -> cls/top1, counters such as cls/images too); the token analysis as
+    `analysis/<statistic>/<site>` with the block index as the step, so runs overlay block by block;
+    figures and images (HWC uint8) at the last step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if step is None:
+        step = max((line["step"] for line in read_metrics(run_dir)), default=0)
+    with SummaryWriter(str(run_dir)) as writer:
+        for key, value in results.items():
+            if key.startswith("analysis.") and isinstance(value, list):
+                for block, number in enumerate(value):
+                    writer.add_scalar(key.replace(".", "/"), number, block)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key.replace(".", "/", 1), value, step)
+        for tag, figure in figures.items():
+            writer.add_figure(tag, figure, step)  # closes the figure
+        for tag, image in images.items():
+            writer.add_image(tag, image, step, dataformats="HWC")
+
+
+# ============================================================================ provenance
 
 
 def provenance(accelerator, **extra: Any) -> dict:

@@ -80,7 +80,7 @@ def reference_top1(run_dir: Path) -> float:
 def scalar_tags(run_dir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
     return {"scalars": {t: events.Scalars(t)[-1] for t in events.Tags()["scalars"]},
             "images": events.Tags()["images"]}
 

@@ -44,7 +44,7 @@ def test_run_directory_has_every_output(finished_run):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_12", "step_8"]  # keep 2
     assert (run_dir / "checkpoints" / "step_12" / "COMPLETE").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run_dir.glob("events.out.tfevents.*"))  # one TensorBoard run per run directory
     events = read_jsonl(run_dir / "metrics.jsonl")
     assert all("step" in e for e in events)
     train_events = [e for e in events if "train/loss" in e]
@@ -74,7 +74,7 @@ def test_tensorboard_has_scalars_and_hparams(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = finished_run
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    events = EventAccumulator(str(run_dir)).Reload()
     tags = events.Tags()["scalars"]
     assert {"train/loss", "train/lr", "val/top1", "val/top5"} <= set(tags)
     assert [s.step for s in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
