@@ -33,7 +33,7 @@ from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, bui
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
-from clsvit.tracking import RunLog, provenance
+from clsvit.tracking import RunLog, accelerate_trackers, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
                              nonfinite_on_any_process, split_global_batch)
 
@@ -68,6 +68,8 @@ def main() -> None:
         mixed_precision=train_cfg["mixed_precision"],  # None: `accelerate config` / launch flags decide
         dynamo_backend=None if compile_flag is None else ("inductor" if compile_flag else "no"),
         step_scheduler_with_optimizer=False,
+        log_with=accelerate_trackers(cfg["log"]["trackers"]) or None,  # tensorboard: RunLog writes it itself
+        project_dir=str(run_dir),
     )
     world = accelerator.num_processes
     mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
@@ -153,8 +155,9 @@ def main() -> None:
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
-    log = RunLog(run_dir, enabled=main_proc, tensorboard=cfg["log"]["tensorboard"],
-                 resume_step=progress.step if resume_from is not None else None)
+    log = RunLog(run_dir, enabled=main_proc, tensorboard="tensorboard" in parse_trackers(cfg["log"]["trackers"]),
+                 resume_step=progress.step if resume_from is not None else None,
+                 accelerator=accelerator, config=flatten(cfg))
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
         say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "

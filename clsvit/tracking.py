@@ -5,6 +5,11 @@
 The HParams summary is written into the run's own event file with the flattened recipe and the
 final metrics — accelerate's `init_trackers(config=...)` would reject nested values and put the
 HParams into a separate run without the metrics. Only the main process writes.
+
+`log.trackers` names the trackers: `tensorboard` is written here; every other name (wandb, mlflow,
+aim, comet_ml, ...) is one of accelerate's trackers, started with `Accelerator(log_with=...)` and fed
+through `accelerator.init_trackers` / `accelerator.log`: the flattened recipe as its config, the same
+metrics at the same steps. Project (experiment) = the name of `run.root` (a sweep's name), run = run.name.
 """
 
 from __future__ import annotations
@@ -20,18 +25,49 @@ import torch
 
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
+# accelerate's tracker names -> the package that provides each (what to pip install)
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet-ml", "clearml": "clearml",
+                    "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 # scalars eval.py writes into a run's TensorBoard (its eval.json keys with the first "." as "/")
 EVAL_METRICS = ("cls/top1", "cls/top5", "seg/miou", "depth/rmse", "depth/abs_rel", "depth/delta1")
 
 
-class RunLog:
-    """Main-process writer of metrics.jsonl and TensorBoard; a no-op on other processes."""
+def parse_trackers(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
+
+def accelerate_trackers(text: str) -> list[str]:
+    """The trackers of `log.trackers` that accelerate starts (all but tensorboard), each checked:
+    an unknown name or a package that is not installed is a one-line ConfigError."""
+    from accelerate.tracking import get_available_trackers
+
+    from clsvit.config import ConfigError
+
+    names = [name for name in parse_trackers(text) if name != "tensorboard"]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"log.trackers: unknown tracker {name!r}; choose from tensorboard, "
+                              f"{', '.join(TRACKER_PACKAGES)}")
+        if name not in available:
+            raise ConfigError(f"log.trackers: {name} is not installed: pip install {TRACKER_PACKAGES[name]}")
+    return names
+
+
+class RunLog:
+    """Main-process writer of metrics.jsonl, TensorBoard and accelerate's trackers; a no-op on other processes."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None,
+                 accelerator=None, config: Mapping[str, Any] | None = None):
         self.enabled = enabled
         self.writer = None
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if not enabled:
             return
+        if self.accelerator is not None:  # the other trackers: one run each, named after the run directory
+            self.accelerator.init_trackers(run_dir.parent.name, config=dict(config or {}), init_kwargs={
+                "wandb": {"name": run_dir.name, "dir": str(run_dir)}, "mlflow": {"run_name": run_dir.name},
+                "swanlab": {"experiment_name": run_dir.name}})
         self.path = run_dir / METRICS_FILE
         if resume_step is not None:
             _drop_events_after(self.path, resume_step)  # events of the killed attempt past the checkpoint
@@ -52,6 +88,8 @@ class RunLog:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def hparams(self, flat_config: Mapping[str, Any], final_metrics: Mapping[str, float]) -> None:
         """One HParams entry per run: the flattened recipe and its final metrics, in the run's own
