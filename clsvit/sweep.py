@@ -51,7 +51,11 @@ class Cell:
     seed: int
     values: dict[str, str]  # swept key -> value as given on the command line
     run_dir: str
-    train_args: list[str] = field(default_factory=list)  # train.py's arguments: --config RECIPE overrides...
+    overrides: list[str] = field(default_factory=list)  # train.py's overrides for this cell
+
+    @property
+    def train_args(self) -> list[str]:
+        return ["--config", self.recipe, *self.overrides]
 
     @property
     def finished(self) -> bool:
@@ -144,7 +148,7 @@ def build_grid(recipes: list[str], seeds: list[int] | None, swept: dict[str, lis
                                   f"run.seed={seed}"]
                 cfg = load_config(recipe, cell_overrides)
                 cells.append(Cell(name=cell_name(cfg["run"]["name"], values, swept, seed), recipe=recipe, seed=seed,
-                                  values=values, run_dir="", train_args=["--config", recipe, *cell_overrides]))
+                                  values=values, run_dir="", overrides=cell_overrides))
     if len(roots) > 1:
         raise ConfigError(f"the recipes name different run.root ({', '.join(sorted(roots))}); pass run.root=DIR")
     sweep_dir = Path(roots.pop()) / name
@@ -155,7 +159,7 @@ def build_grid(recipes: list[str], seeds: list[int] | None, swept: dict[str, lis
                               f"give the recipes distinct run.name")
         seen[cell.name] = cell.recipe
         cell.run_dir = str(sweep_dir / cell.name)
-        cell.train_args += [f"run.root={sweep_dir}", f"run.name={cell.name}"]
+        cell.overrides += [f"run.root={sweep_dir}", f"run.name={cell.name}"]
     return sweep_dir, cells
 
 
@@ -243,7 +247,7 @@ def run_local(cells: list[Cell], parallel: int) -> list[tuple[Cell, int]]:
 
 def sbatch_command(sweep_dir: Path, cells: list[Cell], all_cells: list[Cell], parallel: int | None,
                    extra: list[str]) -> tuple[list[str], Path]:
-    """One job array of scripts/slurm.sh: task i runs line i+1 of cells.sh (its log file, recipe and
+    """One job array of scripts/slurm.sh: task i runs line i+1 of cells.sh (its log file, recipe,
     overrides), for the indices of `cells` in the full grid."""
     cells_file = sweep_dir / "cells.sh"
     array = index_ranges([all_cells.index(cell) for cell in cells]) + (f"%{parallel}" if parallel else "")
@@ -265,7 +269,7 @@ def index_ranges(indices: list[int]) -> str:
 
 
 def write_cells_file(path: Path, all_cells: list[Cell]) -> None:
-    lines = [shlex.join([str(Path(c.log).resolve()), *c.train_args]) for c in all_cells]
+    lines = [shlex.join([str(Path(c.log).resolve()), c.recipe, *c.overrides]) for c in all_cells]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -87,7 +87,7 @@ def test_cells_file_lines_give_slurm_sh_the_exact_arguments(tmp_path):
         line = path.read_text().splitlines()[index]
         shell = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\n" "$@"', "bash", line],
                                capture_output=True, text=True, check=True)
-        assert shell.stdout.splitlines() == [str(cell.log.resolve()), *cell.train_args]
+        assert shell.stdout.splitlines() == [str(cell.log.resolve()), cell.recipe, *cell.overrides]
 
 
 @pytest.mark.slow
