@@ -3,6 +3,7 @@ a 2-recipe x 2-seed sweep of the shapes recipes run end to end, relaunched and c
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -117,9 +118,13 @@ def test_two_recipes_two_seeds_run_relaunch_and_compare(tmp_path):
     assert log.count("====") == 2 and "resumed from" in log.split("====")[-1]
     assert (grid / names[0] / "train.log").read_text().count("====") == 1
 
-    # the comparison groups the seeds of each recipe
+    # the comparison (top-1 of the final validations): one row per recipe, its two seeds, intervals
     compare = subprocess.run([sys.executable, "eval.py", "--compare", str(grid / "*")], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
     assert compare.returncode == 0, compare.stdout + compare.stderr
-    rows = (grid / "compare.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 and all(",2," in row for row in rows[1:]), rows
+    with open(grid / "compare.csv") as f:
+        rows = {row["recipe"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["shapes_baseline", "shapes_specialized"], rows
+    for row in rows.values():
+        assert row["n"] == "2" and row["seeds"] == "0 1" and row["top1_lo"] and row["top1_hi"]
+    assert rows["shapes_specialized"]["d_top1_n"] == "2" and rows["shapes_specialized"]["d_top1_lo"]
