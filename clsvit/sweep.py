@@ -200,15 +200,15 @@ def _gpu_slots(parallel: int) -> list[list[str]]:
 
 
 def _launch_prefix(gpus: list[str], slot: int) -> tuple[list[str], dict]:
-    """How one cell is started in a slot: plain python on CPU or one GPU, `accelerate launch` with
-    one process per GPU of the slot otherwise (its own rendezvous port)."""
-    env = dict(os.environ)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    if len(gpus) <= 1:
-        return [sys.executable], env
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--num_processes", str(len(gpus)), "--main_process_port", str(29500 + slot)], env
+    """How one cell is started in a slot: plain python without GPUs; `accelerate launch` (the user's
+    `accelerate config` applies) with one process per GPU of the slot, its own rendezvous port."""
+    if not gpus:
+        return [sys.executable], dict(os.environ)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+              "--num_processes", str(len(gpus))]
+    if len(gpus) > 1:
+        launch += ["--multi_gpu", "--main_process_port", str(29500 + slot)]
+    return launch, {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
 
 def run_local(cells: list[Cell], parallel: int) -> list[tuple[Cell, int]]:

@@ -75,6 +75,22 @@ def test_dry_run_prints_cells_and_the_job_array_of_unfinished_cells(tmp_path, ca
     assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["shapes_baseline_seed1"]  # nothing written
 
 
+def test_parallel_cells_get_disjoint_gpu_shares(monkeypatch):
+    import torch
+
+    from clsvit.sweep import _gpu_slots, _launch_prefix
+
+    assert _gpu_slots(2) == [[], []] and _launch_prefix([], 0)[0] == [sys.executable]  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # what an 8-GPU node reports
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert _gpu_slots(4) == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+    launch, env = _launch_prefix(["2", "3"], 1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and launch[-3:] == ["--multi_gpu", "--main_process_port", "29501"]
+    assert "--num_processes" in launch and launch[launch.index("--num_processes") + 1] == "2"
+    with pytest.raises(ConfigError, match="--parallel 9 needs at least 9 GPUs, 8 are visible"):
+        _gpu_slots(9)
+
+
 def test_array_indices_are_ranges():
     assert index_ranges([0, 2, 3, 4, 7]) == "0,2-4,7" and index_ranges([5]) == "5" and index_ranges([0, 1]) == "0-1"
 
