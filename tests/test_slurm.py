@@ -103,10 +103,10 @@ def test_a_job_submitted_outside_the_repository_trains_in_its_submit_directory(c
 
 def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(cluster, job_env, tmp_path):
     """--time=2 with the warning 30 s before the limit: SLURM signals 60-90 s after the start (it checks
-    every 30 s) while train.py is in its 1000 steps (about 85 s alone on 2 cores, longer beside the
+    every 30 s) while train.py is in its 1500 steps (about 2 minutes on one core, longer beside the
     uninterrupted run). Once the job is requeued the test raises its time limit, so that a slow machine
     needs one resume, not a chain of them."""
-    steps = ["train.max_steps=1000", "schedule.epochs=125", "train.checkpoint_every=2000", "log.every=10"]
+    steps = ["train.max_steps=1500", "schedule.epochs=190", "train.checkpoint_every=2000", "log.every=10"]
     recipe = write_tiny_recipe(tmp_path, tmp_path / "runs")
     job = sbatch(["--time=2", "--signal=B:USR1@30", str(REPO / "scripts" / "slurm.sh"), str(recipe), *steps],
                  tmp_path, job_env)
