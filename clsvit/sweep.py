@@ -293,7 +293,7 @@ def submit_slurm(sweep_dir: Path, cells: list[Cell], all_cells: list[Cell], para
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m clsvit.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="+", metavar="RECIPE|section.key=value",
+    parser.add_argument("items", nargs="*", metavar="RECIPE|section.key=value",
                         help="recipe files, then overrides applied to every cell")
     parser.add_argument("--seeds", nargs="+", metavar="SEED", help="run.seed values (default: each recipe's run.seed)")
     parser.add_argument("--set", dest="swept", action="append", default=[], metavar="KEY=V1,V2",
@@ -304,14 +304,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sbatch", default="", help="extra sbatch options, e.g. --sbatch=\"--nodes=2 --time=24:00:00\"")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and their commands, launch nothing")
     args = parser.parse_intermixed_args(argv)
-    if args.seeds:  # overrides written after --seeds 0 1 2 arrive among the seeds
-        args.items += [item for item in args.seeds if "=" in item]
-        seeds = [item for item in args.seeds if "=" not in item]
-        if not all(re.fullmatch(r"-?[0-9]+", seed) for seed in seeds):
-            parser.error(f"--seeds takes integers, got {' '.join(seeds)}")
-        args.seeds = [int(seed) for seed in seeds]
+    if args.seeds:  # recipes or overrides written after `--seeds 0 1 2` arrive among the seeds
+        args.items += [item for item in args.seeds if not re.fullmatch(r"-?[0-9]+", item)]
+        args.seeds = [int(item) for item in args.seeds if re.fullmatch(r"-?[0-9]+", item)]
+        if not args.seeds:
+            parser.error("--seeds needs at least one integer")
     args.recipes = [item for item in args.items if "=" not in item]
     args.overrides = [item for item in args.items if "=" in item]
+    if not args.recipes:
+        parser.error("no recipe given")
     if args.parallel is not None and args.parallel < 1:
         parser.error("--parallel must be at least 1")
     return args

@@ -73,6 +73,9 @@ def test_dry_run_prints_cells_and_the_job_array_of_unfinished_cells(tmp_path, ca
     assert f"{REPO / 'train.py'} --config {SPECIALIZED}" in out and "run.name=shapes_specialized_seed1" in out
     assert "--array=0,2-3%2" in out and "--time=1:00:00" in out and f"{REPO / 'scripts/slurm.sh'} --cells" in out
     assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["shapes_baseline_seed1"]  # nothing written
+    # recipes and overrides may follow the seeds
+    assert main(["--name", "grid", "--seeds", "0", "1", BASELINE, f"run.root={tmp_path}", "--dry-run"]) == 0
+    assert "2 cells, 1 finished, 1 to run" in capsys.readouterr().out
 
 
 def test_parallel_cells_get_disjoint_gpu_shares(monkeypatch):
