@@ -62,7 +62,8 @@ time_limit_warning=0
 on_time_limit_warning() {
   time_limit_warning=1
   echo "slurm.sh: time-limit warning: train.py checkpoints and stops, then the job is requeued"
-  scancel --signal=USR1 "$SLURM_JOB_ID"  # every job step's processes (not this script); the launchers ignore it
+  # every job step's processes (not this script); the launchers ignore it
+  scancel --signal=USR1 "$SLURM_JOB_ID" || echo "slurm.sh: could not signal the job steps" >&2
 }
 trap on_time_limit_warning USR1
 
