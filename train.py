@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
-from clsvit.config import ConfigError, diff, error_line, load_config, save_config
+from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
 from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
                          build_eval_transform, build_train_loader, build_train_transform, load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
 from clsvit.runlock import RunDirectoryInUse, hold_run_directory
-from clsvit.tracking import RunLog, hparams_first_keys, provenance
+from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
                              nonfinite_on_any_process, split_global_batch)
 
@@ -70,6 +70,8 @@ def main() -> None:
         mixed_precision=train_cfg["mixed_precision"],  # None: `accelerate config` / launch flags decide
         dynamo_backend=None if compile_flag is None else ("inductor" if compile_flag else "no"),
         step_scheduler_with_optimizer=False,
+        log_with=accelerate_trackers(cfg["log"]["trackers"]) or None,  # tensorboard: RunLog writes it itself
+        project_dir=str(run_dir),
     )
     world = accelerator.num_processes
     mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
@@ -156,8 +158,9 @@ def main() -> None:
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
-    log = RunLog(run_dir, enabled=main_proc, tensorboard=cfg["log"]["tensorboard"],
-                 resume_step=progress.step if resume_from is not None else None)
+    log = RunLog(run_dir, enabled=main_proc, tensorboard="tensorboard" in parse_trackers(cfg["log"]["trackers"]),
+                 resume_step=progress.step if resume_from is not None else None,
+                 accelerator=accelerator, config=flatten(cfg))
     log.start_session(cfg, depth=len(accelerator.unwrap_model(model).blocks), params=num_params,
                       params_baseline=baseline_params)
     if main_proc:

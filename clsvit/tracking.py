@@ -29,6 +29,11 @@ shows, and the rules that keep it right:
 - A custom-scalars layout (`CUSTOM_SCALARS`): top-1, training loss, mIoU and depth RMSE of every run on
   one page, and the token analysis by block.
 
+Other trackers: `log.trackers` names them. `tensorboard` is written here; every other name (wandb,
+mlflow, aim, comet_ml, ...) is one of accelerate's trackers, started with `Accelerator(log_with=...)` and
+fed through `accelerator.init_trackers` / `accelerator.log`: the flattened recipe as its config, the same
+metrics at the same steps. Project (experiment) = the name of `run.root` (a sweep's name), run = run.name.
+
 provenance(): where a result came from (code version, libraries, hardware, parallelism).
 """
 
@@ -271,17 +276,49 @@ def _plugin_summary(field: str, message):
 
 # ============================================================================ the training run's log
 
+# accelerate's tracker names -> the package that provides each (what to pip install)
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "aim": "aim", "comet_ml": "comet-ml", "clearml": "clearml",
+                    "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def parse_trackers(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def accelerate_trackers(text: str) -> list[str]:
+    """The trackers of `log.trackers` that accelerate starts (all but tensorboard), each checked:
+    an unknown name or a package that is not installed is a one-line ConfigError."""
+    from accelerate.tracking import get_available_trackers
+
+    from clsvit.config import ConfigError
+
+    names = [name for name in parse_trackers(text) if name != "tensorboard"]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"log.trackers: unknown tracker {name!r}; choose from tensorboard, "
+                              f"{', '.join(TRACKER_PACKAGES)}")
+        if name not in available:
+            raise ConfigError(f"log.trackers: {name} is not installed: pip install {TRACKER_PACKAGES[name]}")
+    return names
+
 
 class RunLog:
-    """Main-process writer of metrics.jsonl and TensorBoard; a no-op on other processes."""
+    """Main-process writer of metrics.jsonl, TensorBoard and accelerate's trackers; a no-op on other processes."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None,
+                 accelerator=None, config: Mapping[str, Any] | None = None):
         self.enabled = enabled
         self.writer = None
         self.last_step: dict[str, int] = {}
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if not enabled:
             return
         self.run_dir, self.resume_step = Path(run_dir), resume_step
+        if self.accelerator is not None:  # the other trackers: one run each, named after the run directory
+            self.accelerator.init_trackers(self.run_dir.parent.name, config=dict(config or {}), init_kwargs={
+                "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)},
+                "mlflow": {"run_name": self.run_dir.name}, "swanlab": {"experiment_name": self.run_dir.name}})
         self.path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             _drop_events_after(self.path, resume_step)  # events of the killed attempt past the checkpoint
@@ -338,6 +375,8 @@ class RunLog:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.enabled:

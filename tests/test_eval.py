@@ -155,13 +155,14 @@ def test_compare_rows_deltas_csv_and_chart(tmp_path, capsys):
     assert [r["recipe"] for r in csv_rows] == ["a_base", "b_spec"] and float(csv_rows[1]["d_top1"]) == 1.5
     assert (runs / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
-    # an explicit --baseline wins; a run without eval.json shows dashes, not zeros
+    # an explicit --baseline wins; a run without eval.json shows training's final top-1 and dashes, not zeros
     other = make_run(tmp_path / "elsewhere" / "c_new", ["model.specialize.norm=1.0"])
     result = eval_script.main(["--compare", str(base), str(spec_run), str(other), "--baseline", str(spec_run),
                                "--out", str(tmp_path / "cmp")])
     rows = {r["recipe"]: r for r in result["rows"]}
     assert rows["b_spec"]["baseline"] and rows["a_base"]["d_top1"] == pytest.approx(-1.5)
-    assert rows["c_new"]["top1"] is None and "| – |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert rows["c_new"]["top1"] == 1.0 and rows["c_new"]["miou"] is None  # metrics.jsonl's last val/top1
+    assert "| – |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 # ----------------------------------------------------------------------------- bad input
