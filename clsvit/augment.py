@@ -50,6 +50,12 @@ BLUR_RADIUS_RANGE = (0.1, 2.0)  # timm auto_augment.py gaussian_blur_rand: rando
 CPU_CHUNK = 8  # images per pass on a CPU device: 8 x 3 x 224 x 224 float32 (4.8 MB) stays in the cache
 
 
+def size_only(width: int, height: int) -> torch.Tensor:
+    """A stand-in with an image's size and no pixels, for samplers that only read the size (timm's
+    RandomResizedCrop.get_params)."""
+    return torch.empty(()).expand(3, height, width)
+
+
 def _unsupported(steps, supported, what: str):
     extra = [type(step).__name__ for step in steps if not isinstance(step, supported)]
     if extra:
@@ -99,11 +105,11 @@ class TrainAugment:
 
     # ------------------------------------------------------------------ in the worker
 
-    def draw(self, image) -> np.ndarray:
-        """One sample's random choices for an image of ``image.size`` (a PIL image whose pixels
-        need not be loaded), drawn exactly as the timm transform draws them."""
+    def draw(self, width: int, height: int) -> np.ndarray:
+        """One sample's random choices for a ``width x height`` image, drawn exactly as the timm
+        transform draws them (no pixels needed)."""
         row = np.zeros(NUM_PARAMS)
-        row[BOX] = self.crop.get_params(image, self.crop.scale, self.crop.ratio)  # Python's random
+        row[BOX] = self.crop.get_params(size_only(width, height), self.crop.scale, self.crop.ratio)  # Python's random
         if self.flip is not None:
             row[FLIP] = float(torch.rand(1) < self.flip.p)  # torchvision RandomHorizontalFlip.forward
         row[THREE_AUG] = -1
@@ -176,10 +182,10 @@ class EvalTransform:
 
     decode_min_side = None  # decoded at full size: the published protocol resizes the full-resolution image
 
-    def draw(self, image) -> np.ndarray:
+    def draw(self, width: int, height: int) -> np.ndarray:
         """The whole image (the geometry is deterministic)."""
         row = np.zeros(NUM_PARAMS)
-        row[BOX] = (0, 0, image.size[1], image.size[0])
+        row[BOX] = (0, 0, height, width)
         row[THREE_AUG], row[JITTER_OPS], row[JITTER_FACTORS] = -1, -1, 1.0
         return row
 

@@ -2,8 +2,8 @@
 
 Per file a worker does only what has to happen per file:
 
-1. read the bytes and parse the header with PIL (size, mode, format; the decompression-bomb check
-   happens here, as on the CPU path);
+1. read the bytes and parse the header (simplejpeg for a JPEG it decodes, PIL for anything else,
+   which raises the CPU path's errors, e.g. for a decompression bomb);
 2. draw the sample's augmentation (:mod:`clsvit.augment`): the RandomResizedCrop box comes first,
    before anything is decoded;
 3. decode at the smallest libjpeg-turbo DCT scale, 1/2, 1/4 or 1/8, that keeps the crop at or above
@@ -52,23 +52,38 @@ def dct_scale(height: int, width: int, min_side: int | None) -> int:
     return max(scale for scale in DCT_SCALES if min(height, width) >= scale * min_side or scale == 1)
 
 
-def decode_crop(data: bytes, header: Image.Image, box, min_side: int | None):
+def open_image(data: bytes) -> tuple[int, int, Image.Image | None]:
+    """(width, height, PIL image or None): a JPEG that simplejpeg decodes (YCbCr or grey, no larger
+    than PIL's decompression-bomb limit) is only header-parsed by simplejpeg (None); anything else
+    is opened by PIL, which raises for what the CPU path cannot open either."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None
+        if colorspace in ("YCbCr", "Gray") and width * height <= (Image.MAX_IMAGE_PIXELS or math.inf):
+            return width, height, None
+    image = Image.open(io.BytesIO(data))
+    return *image.size, image
+
+
+def decode_crop(data: bytes, image: Image.Image | None, box, min_side: int | None):
     """The pixels of ``box`` = (top, left, height, width) of the image ``data`` as uint8 H x W x 3,
     decoded at the DCT scale :func:`dct_scale` allows, and the box within the returned pixels.
-    ``header`` is ``data`` opened by PIL (nothing decoded yet). Raises what the CPU path raises for a
-    file that cannot be decoded."""
+    ``image`` is :func:`open_image`'s PIL image (None: a JPEG for simplejpeg). Whatever simplejpeg
+    does not decode is decoded as the CPU path decodes it, at full size, raising what it raises."""
     top, left, height, width = (int(v) for v in box)
     scale = dct_scale(height, width, min_side)
     pixels = None
-    if header.format == "JPEG" and header.mode in ("RGB", "L"):
-        image_width, image_height = header.size
+    if image is None:
+        image_height, image_width, _, _ = simplejpeg.decode_jpeg_header(data)
         try:
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(image_width / scale),
                                             min_height=math.ceil(image_height / scale))
         except ValueError:  # strict: also libjpeg's warnings (a truncated file); the CPU decode decides
-            pixels = None
+            image = Image.open(io.BytesIO(data))
     if pixels is None:
-        pixels, scale = np.asarray(to_rgb(header)), 1
+        pixels, scale = np.asarray(to_rgb(image)), 1
     rows = _scaled_span(top, height, scale, pixels.shape[0])
     cols = _scaled_span(left, width, scale, pixels.shape[1])
     crop = np.require(pixels[rows[0]:rows[1], cols[0]:cols[1]], requirements=["C", "W"])  # copies if needed
@@ -90,10 +105,10 @@ class CropDataset(ImageClassDataset):
 
     def _decode(self, value, sample_seed):
         data = read_bytes(value)
-        header = Image.open(io.BytesIO(data))
-        with seeded_rngs(sample_seed) if sample_seed is not None else contextlib.nullcontext():
-            draws = self.transform.draw(header)
-        crop, draws[BOX] = decode_crop(data, header, draws[BOX], self.transform.decode_min_side)
+        width, height, image = open_image(data)
+        with seeded_rngs(sample_seed, numpy=False) if sample_seed is not None else contextlib.nullcontext():
+            draws = self.transform.draw(width, height)
+        crop, draws[BOX] = decode_crop(data, image, draws[BOX], self.transform.decode_min_side)
         return torch.from_numpy(crop), torch.from_numpy(draws)
 
     def _transform(self, decoded, sample_seed):

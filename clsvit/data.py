@@ -220,21 +220,25 @@ def _without_decoding(dataset, columns: list[str]):
 
 
 @contextlib.contextmanager
-def seeded_rngs(seed: int):
+def seeded_rngs(seed: int, numpy: bool = True):
     """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator for the block, then
     restore all three: transforms draw from these global RNGs (timm uses ``random``, torchvision
     uses torch), so seeding them makes one sample's augmentation reproducible without disturbing
-    the caller's random streams. Only the CPU generator is touched (never CUDA state)."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    the caller's random streams. Only the CPU generator is touched (never CUDA state).
+    ``numpy=False`` leaves NumPy alone, for code known not to draw from it (its state is the
+    costliest to save: ~0.1 ms)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state() if numpy else None
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
-        np.random.seed(seed % 2**32)
+        if numpy:
+            np.random.seed(seed % 2**32)
         torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            if numpy:
+                np.random.set_state(numpy_state)
 
 
 # ---------------------------------------------------------------- classification

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from clsvit import augment as A
 from clsvit import data as D
-from clsvit.crops import CropBatch, CropDataset, dct_scale, decode_crop
+from clsvit.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
 from test_data import broken_images, class_dataset, png_bytes, random_image
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
@@ -110,12 +110,13 @@ def test_draws_are_timms_on_the_same_seeds(monkeypatch):
         image = random_image(seed, size=(90 + seed % 40, 70 + seed % 53))
         with D.seeded_rngs(seed):
             transform(image)
-            timm_states = random.getstate(), torch.get_rng_state()
+            timm_states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
         timm = spy.take()
         with D.seeded_rngs(seed):
-            row = augment.draw(image)
-            our_states = random.getstate(), torch.get_rng_state()
+            row = augment.draw(*image.size)
+            our_states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
         assert our_states[0] == timm_states[0] and torch.equal(our_states[1], timm_states[1]), seed
+        assert np.array_equal(our_states[2], timm_states[2])  # neither draws from NumPy (the worker skips it)
         assert tuple(row[A.BOX]) == timm["box"]
         assert row[A.FLIP] == float(timm.get("flip", False))
         assert A.OPS[int(row[A.THREE_AUG])] == timm["op"]
@@ -137,7 +138,7 @@ def test_crop_boxes_keep_timms_scale_and_ratio_distribution():
     ours, timm, scaled = [], [], 0
     for seed in range(1500):
         with D.seeded_rngs(seed):
-            top, left, height, width = augment.draw(header)[A.BOX]
+            top, left, height, width = augment.draw(1000, 750)[A.BOX]
         with D.seeded_rngs(seed):
             timm_box = augment.crop.get_params(header, augment.crop.scale, augment.crop.ratio)
         scale = dct_scale(height, width, 224)
@@ -167,8 +168,9 @@ def test_scaled_region_decode_matches_full_decode(photo, box, size, scale):
     resized_crop) of the same box, whose edges DCT scaling snaps to multiples of the scale
     (tests above: the boxes keep timm's distribution): PSNR >= 35 dB on a real photograph at
     1/2 to 1/8, and >= 60 dB at full scale (torchvision's resize vs PIL's)."""
-    header = Image.open(io.BytesIO(photo))
-    crop, inner = decode_crop(photo, header, box, size)
+    width, height, image = open_image(photo)
+    assert (width, height, image) == (512, 600, None)  # a JPEG for simplejpeg
+    crop, inner = decode_crop(photo, image, box, size)
     assert dct_scale(*box[2:], size) == scale
     assert inner == (0, 0, crop.shape[0], crop.shape[1]) and min(crop.shape[:2]) >= size or scale == 1
     top, left = round(box[0] / scale) * scale, round(box[1] / scale) * scale
@@ -182,9 +184,8 @@ def test_scaled_region_decode_matches_full_decode(photo, box, size, scale):
 
 
 def test_full_scale_decode_is_pils_decode(photo):
-    header = Image.open(io.BytesIO(photo))
-    crop, _ = decode_crop(photo, header, (10, 20, 300, 200), 224)
-    assert np.array_equal(crop, np.asarray(header.convert("RGB"))[10:310, 20:220])
+    crop, _ = decode_crop(photo, None, (10, 20, 300, 200), 224)
+    assert np.array_equal(crop, np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"))[10:310, 20:220])
 
 
 # ---------------------------------------------------------------- each op against PIL
