@@ -30,7 +30,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from clsvit.augment import BOX
+from clsvit.augment import BOX, JPEG, ROW
 from clsvit.data import ImageClassDataset, seeded_rngs, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
@@ -101,13 +101,26 @@ class CropDataset(ImageClassDataset):
     """:class:`~clsvit.data.ImageClassDataset` whose samples are ``((crop, draws), label, problems)``:
     the uint8 H x W x 3 crop and the row of draws of ``augment`` (a :class:`clsvit.augment.TrainAugment`
     or :class:`~clsvit.augment.EvalTransform`), which :meth:`batch_transform` applies to a batch on
-    the accelerator. Seeds, replacement of broken files and labels work as in the parent class."""
+    the accelerator. Seeds, replacement of broken files and labels work as in the parent class.
 
-    def _decode(self, value, sample_seed):
+    ``jpeg_on_device`` (``data.decode_on: device``): a JPEG that simplejpeg would decode and that is
+    complete (it ends with the end-of-image marker; a truncated file takes the CPU decode, which
+    finds it broken as the CPU path does) is handed over as its file, decoded on the accelerator
+    (:func:`decode_jpegs`) and cropped there, at full size."""
+
+    def __init__(self, dataset, augment, *, jpeg_on_device: bool = False, **columns):
+        super().__init__(dataset, augment, **columns)
+        self.jpeg_on_device = jpeg_on_device
+
+    def _decode(self, value, sample_seed, position: int):
         data = read_bytes(value)
         width, height, image = open_image(data)
         with seeded_rngs(sample_seed, numpy=False) if sample_seed is not None else contextlib.nullcontext():
             draws = self.transform.draw(width, height)
+        draws[ROW] = position
+        if self.jpeg_on_device and image is None and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            draws[JPEG] = 1
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.from_numpy(draws)
         crop, draws[BOX] = decode_crop(data, image, draws[BOX], self.transform.decode_min_side)
         return torch.from_numpy(crop), torch.from_numpy(draws)
 
@@ -129,18 +142,25 @@ class CropDataset(ImageClassDataset):
 class CropBatch:
     """A batch of crops of different sizes in one buffer: ``pixels`` holds every crop's H x W x 3
     uint8 values one after the other (it moves to the accelerator in one copy); ``sizes`` (B x 2:
-    height, width) and the draws ``params`` (B x NUM_PARAMS) stay on the host, so deciding what to
+    height, width), the draws ``params`` (B x NUM_PARAMS) and ``files``, the JPEG files to decode on
+    the accelerator one after the other (``sizes``: length, 0), stay on the host, so deciding what to
     run never waits for the accelerator."""
 
     pixels: torch.Tensor
     sizes: torch.Tensor
     params: torch.Tensor
+    files: torch.Tensor
 
     @classmethod
     def collate(cls, crops) -> CropBatch:
-        return cls(torch.cat([crop.reshape(-1) for crop, _ in crops]),
-                   torch.tensor([tuple(crop.shape[:2]) for crop, _ in crops], dtype=torch.int64),
-                   torch.stack([draws for _, draws in crops]))
+        """``crops``: (uint8 crop or JPEG file, draws) pairs."""
+        empty = torch.zeros(0, dtype=torch.uint8)
+        is_file = [bool(draws[JPEG]) for _, draws in crops]
+        pixels = [crop.reshape(-1) for (crop, _), file in zip(crops, is_file) if not file]
+        files = [crop for (crop, _), file in zip(crops, is_file) if file]
+        sizes = [(crop.numel(), 0) if file else tuple(crop.shape[:2]) for (crop, _), file in zip(crops, is_file)]
+        return cls(torch.cat(pixels or [empty]), torch.tensor(sizes, dtype=torch.int64),
+                   torch.stack([draws for _, draws in crops]), torch.cat(files or [empty]))
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -152,11 +172,51 @@ class CropBatch:
         return replace(self, pixels=self.pixels.pin_memory())
 
     def crops(self, boxes) -> list[torch.Tensor]:
-        """Each crop as a 3 x H x W view of ``pixels`` (on its device), cut to its row of ``boxes``
-        (top, left, height, width)."""
-        views, offset = [], 0
-        for (height, width), (top, left, box_height, box_width) in zip(self.sizes.tolist(), boxes.long().tolist()):
-            image = self.pixels[offset:offset + height * width * 3].view(height, width, 3).permute(2, 0, 1)
-            views.append(image[:, top:top + box_height, left:left + box_width])
-            offset += height * width * 3
-        return views
+        """Each crop as a 3 x H x W uint8 image on the device of ``pixels``, cut to its row of
+        ``boxes`` (top, left, height, width): views of ``pixels``, or the decoded JPEG files."""
+        images, pixel_offset, file_offset, files = [], 0, 0, []
+        for index, (height, width) in enumerate(self.sizes.tolist()):
+            if self.params[index, JPEG]:
+                files.append(self.files[file_offset:file_offset + height])
+                images.append(None)
+                file_offset += height
+            else:
+                images.append(self.pixels[pixel_offset:pixel_offset + height * width * 3].view(height, width, 3)
+                              .permute(2, 0, 1))
+                pixel_offset += height * width * 3
+        if files:
+            rows = self.params[self.params[:, JPEG] > 0, ROW].long().tolist()
+            decoded = iter(decode_jpegs(files, rows, self.pixels.device))
+            images = [next(decoded) if image is None else image for image in images]
+        return [image[:, top:top + height, left:left + width]
+                for image, (top, left, height, width) in zip(images, boxes.long().tolist())]
+
+
+def decode_jpegs(files: list[torch.Tensor], rows: list[int], device) -> list[torch.Tensor]:
+    """JPEG files (uint8 host tensors) -> 3 x H x W uint8 images on ``device``, in one batched call
+    of ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA). When the batch fails, file by file; a file
+    the device does not decode is decoded on the host (simplejpeg, else PIL). A file neither decodes
+    is an error naming its row: it passed the worker's checks, so only the CPU decode path
+    (``data.decode_on: cpu``) can count and replace it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = []
+        for data, row in zip(files, rows):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as error:
+                images.append(_decode_on_host(data.numpy().tobytes(), row, error).to(device))
+        return images
+
+
+def _decode_on_host(data: bytes, row: int, device_error: Exception) -> torch.Tensor:
+    try:
+        width, height, image = open_image(data)
+        crop, _ = decode_crop(data, image, (0, 0, height, width), None)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"row {row}: a JPEG that passed the worker's checks decodes neither on the device "
+                         f"({type(device_error).__name__}) nor on the host ({type(error).__name__}: {error}); "
+                         f"set data.decode_on=cpu to have such files counted and replaced") from error
+    return torch.from_numpy(crop).permute(2, 0, 1)

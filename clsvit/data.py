@@ -179,13 +179,16 @@ def build_image_dataset(dataset, cfg: dict, *, train: bool, num_classes: int, im
     transform = build_train_transform(cfg) if train else build_eval_transform(cfg)
     columns = dict(num_classes=num_classes, image_column=image_column, label_column=label_column)
     if cfg["data"]["augment_on"] == "cpu":
+        if cfg["data"]["decode_on"] != "cpu":
+            raise ValueError("data.decode_on=device needs data.augment_on=device (the CPU path decodes with PIL)")
         return ImageClassDataset(dataset, transform, **columns)
     if cfg["aug"]["rand_augment"]:
         raise ValueError(f"aug.rand_augment={cfg['aug']['rand_augment']!r} runs on the CPU only: set "
                          f"data.augment_on=cpu (data.augment_on=device implements 3-Augment)")
     from clsvit.augment import EvalTransform, TrainAugment  # these modules build on this one
     from clsvit.crops import CropDataset
-    return CropDataset(dataset, TrainAugment(transform) if train else EvalTransform(transform), **columns)
+    return CropDataset(dataset, TrainAugment(transform) if train else EvalTransform(transform),
+                       jpeg_on_device=cfg["data"]["decode_on"] == "device", **columns)
 
 
 # ---------------------------------------------------------------- decoding
@@ -292,8 +295,9 @@ class ImageClassDataset(Dataset):
         decoded, label, problems = self._load(index, sample_seed)
         return self._transform(decoded, sample_seed), label, problems
 
-    def _decode(self, value, sample_seed):
-        """The stored image value -> what :meth:`_transform` takes; raises for a broken file."""
+    def _decode(self, value, sample_seed, position: int):
+        """The stored image value of row ``position`` -> what :meth:`_transform` takes; raises for a
+        broken file."""
         return to_rgb(decode_image(value))
 
     def _transform(self, image, sample_seed):
@@ -314,7 +318,7 @@ class ImageClassDataset(Dataset):
                                  f"[0, {self.num_classes}) (column {self.label_column!r}; set model.num_classes "
                                  f"or fix the label)")
             try:
-                return self._decode(value, sample_seed), label, tuple(problems)
+                return self._decode(value, sample_seed, position), label, tuple(problems)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 path = value.get("path") if isinstance(value, dict) else None
                 problems.append(UndecodableImage(path, position, f"{type(error).__name__}: {_first_line(error)}"))

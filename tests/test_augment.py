@@ -305,17 +305,56 @@ def test_odd_and_broken_files_behave_as_on_the_cpu_path():
 # ---------------------------------------------------------------- CropBatch
 
 def test_crop_batch_packs_and_cuts():
-    crops = [(torch.arange(h * w * 3, dtype=torch.uint8).view(h, w, 3), torch.tensor([1.0, 2, h - 2, w - 3]))
+    def draws(top, left, height, width):
+        row = torch.zeros(A.NUM_PARAMS, dtype=torch.float64)
+        row[A.BOX] = torch.tensor([top, left, height, width], dtype=torch.float64)
+        return row
+
+    crops = [(torch.arange(h * w * 3, dtype=torch.uint8).view(h, w, 3), draws(1, 2, h - 2, w - 3))
              for h, w in ((5, 7), (9, 4))]
     batch = CropBatch.collate(crops)
     assert batch.pixels.shape == (5 * 7 * 3 + 9 * 4 * 3,) and batch.sizes.tolist() == [[5, 7], [9, 4]]
-    views = batch.crops(batch.params)
-    for (pixels, box), view in zip(crops, views):
+    assert batch.files.numel() == 0
+    for (pixels, box), view in zip(crops, batch.crops(batch.params[:, A.BOX])):
         assert torch.equal(view, pixels.permute(2, 0, 1)[:, 1:1 + int(box[2]), 2:2 + int(box[3])])
     assert len(batch.to("cpu")) == 2
 
 
-# ---------------------------------------------------------------- end to end
+def test_jpeg_decoding_on_the_device_with_a_per_file_fallback(monkeypatch):
+    """data.decode_on=device (run here with torchvision's CPU decoder): complete JPEGs travel as
+    files, the rest as crops; the images equal the CPU-decoded path's. A file the device decoder
+    rejects (a fault injected into torchvision's decode_jpeg) is decoded on the host instead."""
+    import torchvision.io
+
+    sizes = [(60, 44), (52, 40), (48, 48), (64, 50)]
+    images = [{"bytes": jpeg(random_image(i, size=size)), "path": None} for i, size in enumerate(sizes)]
+    images.append(png_bytes(random_image(9, size=(50, 40))))  # a PNG: decoded in the worker
+    hf = class_dataset(images, [0, 1, 2, 0, 1])
+    host_decoded = D.build_image_dataset(hf, recipe(img_size=32), train=True, num_classes=3)
+    cfg = recipe(img_size=32)
+    cfg["data"]["decode_on"] = "device"
+    device = D.build_image_dataset(hf, cfg, train=True, num_classes=3)
+    samples = [device[(i, 30 + i)] for i in range(5)]
+    batch = device.collate(samples)[0]
+    assert batch.params[:, A.JPEG].tolist() == [1, 1, 1, 1, 0] and batch.files.numel() == sum(
+        len(image["bytes"]) for image in images[:4])
+    reference = host_decoded.batch_transform("cpu")(host_decoded.collate([host_decoded[(i, 30 + i)] for i in range(5)])[0])
+    assert torch.allclose(device.batch_transform("cpu")(batch), reference, atol=1e-5)
+
+    real = torchvision.io.decode_jpeg
+    rejected = len(images[2]["bytes"])
+
+    def fails_on_one_file(data, **kwargs):
+        files = data if isinstance(data, list) else [data]
+        if any(len(f) == rejected for f in files):
+            raise RuntimeError("injected decoder failure")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fails_on_one_file)
+    assert torch.allclose(device.batch_transform("cpu")(batch), reference, atol=1e-5)
+    with pytest.raises(ValueError, match="data.decode_on=device needs data.augment_on=device"):
+        D.build_image_dataset(hf, {**cfg, "data": {**cfg["data"], "augment_on": "cpu"}}, train=True, num_classes=3)
+
 
 def test_loader_batches_do_not_depend_on_workers():
     images = [{"bytes": jpeg(random_image(i, size=(50 + i, 40))), "path": None} for i in range(12)]
