@@ -88,7 +88,8 @@ def main() -> None:
     columns = dict(num_classes=num_classes, image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
     train_set = build_image_dataset(train_hf, cfg, train=True, **columns)  # data.augment_on: cpu | device
     val_set = build_image_dataset(val_hf, cfg, train=False, **columns)
-    to_model_input, to_val_input = train_set.batch_transform(accelerator.device), val_set.batch_transform(accelerator.device)
+    to_model_input = train_set.batch_transform(accelerator.device)  # loader batch -> model input on the device
+    to_val_input = val_set.batch_transform(accelerator.device)
     undecodable = UndecodableImages(len(train_set), data_cfg["max_bad_fraction"])  # broken files: skipped, counted
     # The train loader is NOT passed to accelerator.prepare: the sampler is already rank-aware
     # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).

@@ -76,8 +76,8 @@ class TrainAugment:
                              MaybeToTensor, T.Normalize),
                      "RandomResizedCrop, flip, 3-Augment, colour jitter and normalisation")
         find = lambda kind: next((step for step in steps if isinstance(step, kind)), None)  # noqa: E731
-        self.crop, self.flip, self.three_augment = find(RandomResizedCropAndInterpolation), find(T.RandomHorizontalFlip), find(AutoAugment)
-        self.jitter, normalize = find(T.ColorJitter), find(T.Normalize)
+        self.crop, self.flip = find(RandomResizedCropAndInterpolation), find(T.RandomHorizontalFlip)
+        self.three_augment, self.jitter, normalize = find(AutoAugment), find(T.ColorJitter), find(T.Normalize)
         if isinstance(self.crop.interpolation, (tuple, list)):
             raise ValueError("data.augment_on=device needs one aug.interpolation, not a random choice")
         if self.jitter is not None and self.jitter.hue is not None:
@@ -175,9 +175,11 @@ class EvalTransform:
 
     def __init__(self, transform: T.Compose):
         steps = transform.transforms
-        _unsupported(steps, (T.Resize, T.CenterCrop, MaybeToTensor, T.Normalize), "resize, centre crop and normalisation")
+        _unsupported(steps, (T.Resize, T.CenterCrop, MaybeToTensor, T.Normalize),
+                     "resize, centre crop and normalisation")
         resize, centre_crop, normalize = steps[0], steps[1], steps[-1]
-        if not (isinstance(resize, T.Resize) and isinstance(centre_crop, T.CenterCrop) and isinstance(resize.size, int)):
+        if not (isinstance(resize, T.Resize) and isinstance(centre_crop, T.CenterCrop)
+                and isinstance(resize.size, int)):
             raise ValueError(f"data.augment_on=device expects timm's centre-crop eval transform, got {transform}")
         self.resize_to, self.interpolation, self.crop_size = resize.size, resize.interpolation, list(centre_crop.size)
         self.mean, self.std = normalize.mean.tolist(), normalize.std.tolist()
@@ -193,8 +195,9 @@ class EvalTransform:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        x = torch.stack([F.center_crop(F.resize(crop, self.resize_to, self.interpolation, antialias=True), self.crop_size)
-                         for crop in batch.crops(batch.params[:, BOX])])
+        resized = [F.resize(crop, self.resize_to, self.interpolation, antialias=True)
+                   for crop in batch.crops(batch.params[:, BOX])]
+        x = torch.stack([F.center_crop(image, self.crop_size) for image in resized])
         return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
 
 
@@ -220,7 +223,8 @@ def pil_blur_kernel(sigma: float, passes: int = 3) -> np.ndarray:
     whole = math.floor((math.sqrt(12.0 * variance + 1.0) - 1.0) / 2.0)
     fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
     inner = 1.0 / (2 * (whole + fraction) + 1)
-    box = np.array([(1 - (2 * whole + 1) * inner) / 2] + [inner] * (2 * whole + 1) + [(1 - (2 * whole + 1) * inner) / 2])
+    outer = (1 - (2 * whole + 1) * inner) / 2
+    box = np.array([outer] + [inner] * (2 * whole + 1) + [outer])
     kernel = box
     for _ in range(passes - 1):
         kernel = np.convolve(kernel, box)

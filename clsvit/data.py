@@ -427,12 +427,14 @@ class TrainSampler(Sampler):
         None is a one-line error naming the sizes and the keys to change."""
         steps = len(self) // batch_size // accum_steps
         if steps == 0:
-            needed = f"train.global_batch={batch_size * accum_steps * self.num_replicas} needs {batch_size * accum_steps} per process"
+            per_process = batch_size * accum_steps
+            needed = f"train.global_batch={per_process * self.num_replicas} needs {per_process} per process"
             if self.repeated_aug:
                 raise ValueError(
                     f"repeated augmentation (aug.repeated_aug={self.repeats}, timm's RepeatAugSampler) draws "
                     f"{len(self)} images per process per epoch from the {self.num_samples}-image training split "
-                    f"over {self.num_replicas} processes; {needed}: set aug.repeated_aug=1 or lower train.global_batch")
+                    f"over {self.num_replicas} processes; {needed}: set aug.repeated_aug=1 or lower "
+                    f"train.global_batch")
             raise ValueError(f"the {self.num_samples}-image training split gives {len(self)} images per process per "
                              f"epoch over {self.num_replicas} process(es); {needed}: lower train.global_batch")
         return steps
