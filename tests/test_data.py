@@ -390,6 +390,29 @@ def test_undecodable_records_travel_through_loader_workers():
     assert [p.name for p in problems] == ["C: drive/x: y.jpg (row 2)", "d: e.png (row 5)"]
 
 
+def test_evaluation_counts_undecodable_records():
+    """clsvit.evaluation counts the records (one per broken file, whatever its name) over an
+    accelerate-prepared loader, for both data paths."""
+    from accelerate import Accelerator
+
+    from clsvit.evaluation import topk_accuracy
+
+    images = [png_bytes(random_image(i, size=(32, 32))) for i in range(7)]
+    images[1] = {"bytes": b"", "path": "a: b.jpg"}
+    images[2] = {"bytes": b"x", "path": "c: d.jpg\nsecond line"}
+    images[5] = {"bytes": b"", "path": None}
+    hf = class_dataset(images, [0, 1, 2, 0, 1, 2, 0])
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    for augment_on in ("cpu", "device"):
+        cfg = recipe()
+        cfg["data"]["augment_on"] = augment_on
+        dataset = D.build_image_dataset(hf, cfg, train=False, num_classes=3)
+        loader = accelerator.prepare(D.build_eval_loader(dataset, 3, data_cfg()))
+        result = topk_accuracy(model, loader, accelerator, to_input=dataset.batch_transform(accelerator.device))
+        assert (result["images"], result["undecodable"]) == (7, 4), augment_on  # rows 1, 2 (for 1 and 2), 5
+
+
 def test_undecodable_policy_counts_distinct_files_and_stops_beyond_the_fraction():
     policy = D.UndecodableImages(dataset_size=1000, max_fraction=0.002)  # 2 files tolerated
     a = D.UndecodableImage("x: a.jpg", 3, "OSError: truncated")
