@@ -424,7 +424,7 @@ class TrainSampler(Sampler):
 
     def steps_per_epoch(self, batch_size: int, accum_steps: int) -> int:
         """Optimizer steps of ``accum_steps`` batches of ``batch_size`` in one epoch of this process.
-        None is a one-line error naming the sizes and the keys to change."""
+        An epoch without one is a one-line error naming the sizes and the keys to change."""
         steps = len(self) // batch_size // accum_steps
         if steps == 0:
             per_process = batch_size * accum_steps
