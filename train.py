@@ -28,8 +28,8 @@ from tqdm import tqdm
 from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
 from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
-from clsvit.data import (ImageClassDataset, TrainSampler, UndecodableImages, build_eval_loader,
-                         build_eval_transform, build_train_loader, build_train_transform, load_splits)
+from clsvit.data import (TrainSampler, UndecodableImages, build_eval_loader, build_image_dataset, build_train_loader,
+                         load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
@@ -91,8 +91,10 @@ def main() -> None:
         cfg["model"]["num_classes"] = num_classes
     num_classes = cfg["model"]["num_classes"]
     columns = dict(num_classes=num_classes, image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
-    train_set = ImageClassDataset(train_hf, build_train_transform(cfg), **columns)
-    val_set = ImageClassDataset(val_hf, build_eval_transform(cfg), **columns)
+    train_set = build_image_dataset(train_hf, cfg, train=True, **columns)  # data.augment_on: cpu | device
+    val_set = build_image_dataset(val_hf, cfg, train=False, **columns)
+    to_model_input = train_set.batch_transform(accelerator.device)  # loader batch -> model input on the device
+    to_val_input = val_set.batch_transform(accelerator.device)
     undecodable = UndecodableImages(len(train_set), data_cfg["max_bad_fraction"])  # broken files: skipped, counted
     # The train loader is NOT passed to accelerator.prepare: the sampler is already rank-aware
     # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).
@@ -100,11 +102,10 @@ def main() -> None:
                            seed=cfg["run"]["seed"], repeats=cfg["aug"]["repeated_aug"])
     train_loader = build_train_loader(train_set, sampler, batch.micro_batch, data_cfg)
     val_loader = accelerator.prepare(build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg))
-    steps_per_epoch = len(sampler) // batch.micro_batch // batch.accumulation
+    steps_per_epoch = sampler.steps_per_epoch(batch.micro_batch, batch.accumulation)  # an error when none
     epoch_samples = steps_per_epoch * batch.accumulation * batch.micro_batch  # per process; the rest is dropped
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.global_batch={train_cfg['global_batch']} is larger than the "
-                          f"{len(train_set)}-image training split")
+    if sampler.note():
+        say(sampler.note())
     total_steps = steps_per_epoch * cfg["schedule"]["epochs"]
     if train_cfg["max_steps"] is not None:
         total_steps = min(total_steps, train_cfg["max_steps"])
@@ -183,7 +184,7 @@ def main() -> None:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(batch.accumulation):
             images, labels = window.next_batch(batches)
-            images = images.to(accelerator.device, non_blocking=True)
+            images = to_model_input(images)
             labels = labels.to(accelerator.device, non_blocking=True)
             if mixup is not None:
                 images, targets = mixup(images, labels)
@@ -231,7 +232,7 @@ def main() -> None:
                 if new:
                     say(f"warning: {len(new)} undecodable image(s) in steps {progress.step - window.steps + 1}-"
                         f"{progress.step}, replaced by the next sample ({len(undecodable.names)} so far): "
-                        + "; ".join(new[:3]) + (" ..." if len(new) > 3 else ""))
+                        + "; ".join(map(str, new[:3])) + (" ..." if len(new) > 3 else ""))
                 undecodable.check()
             log.log(progress.step, {
                 "train/loss": summary["mean_loss"],
@@ -252,8 +253,8 @@ def main() -> None:
                 return
 
         if progress.step % cfg["eval"]["every"] == 0 and progress.step < total_steps:
-            report(progress.step, validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"]),
-                   log, say)
+            report(progress.step, validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"],
+                                                     to_input=to_val_input), log, say)
             model.train()
         if progress.step % train_cfg["checkpoint_every"] == 0 and progress.step < total_steps:
             checkpoint()
@@ -262,10 +263,10 @@ def main() -> None:
     # ---- final checkpoint, eval and export ----------------------------------------------------
     if resume_from is None or checkpoint_step(resume_from) != progress.step:
         checkpoint()
-    final = validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"])
+    final = validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"], to_input=to_val_input)
     if ema is not None:
         final.update(validation_metrics(ema.module, val_loader, accelerator, cfg["eval"]["max_batches"],
-                                        prefix="val_ema"))
+                                        prefix="val_ema", to_input=to_val_input))
     report(progress.step, final, log, say)
     if main_proc:
         save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir / "model.safetensors")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU readiness check for issue #6: bf16 training throughput, MFU and the specialized / baseline
-# ratio of ViT-S/B/L at the DeiT-III per-GPU batches and training resolutions, compiled and eager,
-# plus the peak memory of one ViT-L step with and without gradient checkpointing.
+# GPU readiness check: bf16 training throughput, MFU and the specialized / baseline ratio of
+# ViT-S/B/L at the DeiT-III per-GPU batches and training resolutions, compiled and eager, the peak
+# memory of one ViT-L step with and without gradient checkpointing, and end-to-end training images/s
+# with real JPEG loading (train.py on generated ImageNet-like JPEGs, data.augment_on cpu and device).
 #
 #   bash benchmarks/bench_gpu.sh                     # on a CUDA machine (H100/H200: peak 989 TFLOP/s)
 #   PEAK_TFLOPS=312 bash benchmarks/bench_gpu.sh     # A100 bf16 dense peak
@@ -9,6 +10,9 @@
 #
 # Every run is benchmarks/bench_model.py (interleaved repetitions, median of paired ratios); the
 # JSON and text of each run land in $OUT, and a summary table is printed at the end.
+# End to end: E2E_IMAGES generated 500x375 JPEGs (benchmarks/bench_data.py --write), train.py with the
+# ViT-S recipe for E2E_STEPS steps per data.augment_on, DATA_WORKERS DataLoader workers (default: all
+# cores but two); images/s and the data-wait fraction are medians of metrics.jsonl's log windows.
 # DeiT-III (facebookresearch/deit README_revenge.md): ViT-S 256 images/GPU at 224 px, ViT-B 256 at
 # 192 px, ViT-L 64 at 192 px (global batch 2048). MFU counts the FLOPs of forward + backward
 # (torch.utils.flop_counter on a meta copy) against PEAK_TFLOPS; the optimizer step is in the time.
@@ -31,11 +35,17 @@ MODELS=(
   "vit_l deit3_large_patch16_224 192 64"
 )
 
+E2E_IMAGES=${E2E_IMAGES:-4096}
+E2E_STEPS=${E2E_STEPS:-60}
+DATA_WORKERS=${DATA_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+
 if [[ "$SMOKE" == 1 ]]; then
   DEVICE_ARGS=(--device cpu --threads 1)
   SIZE_OVERRIDE=64 BATCH_OVERRIDE=2 REPS=1 WARMUP=1
   COMPILE_MODES=${SMOKE_COMPILE_MODES:-none}
   MEMORY_BATCH=2
+  E2E_IMAGES=16 E2E_STEPS=2 DATA_WORKERS=1
+  E2E_ARGS=(model.img_size=64 train.global_batch=4 train.batch_per_device=4 train.mixed_precision=no log.every=1)
 else
   if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "bench_gpu.sh: no CUDA device (SMOKE=1 runs the plumbing on CPU)" >&2
@@ -44,6 +54,7 @@ else
   DEVICE_ARGS=(--device cuda)
   SIZE_OVERRIDE="" BATCH_OVERRIDE=""
   MEMORY_BATCH=64
+  E2E_ARGS=(train.global_batch=256 train.batch_per_device=256 train.mixed_precision=bf16 log.every=10)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee /dev/stderr >/dev/null || true
 fi
 mkdir -p "$OUT"
@@ -71,8 +82,20 @@ echo "== vit_l memory  batch $MEMORY_BATCH" >&2
   --img-size "${SIZE_OVERRIDE:-$size}" --batch "$MEMORY_BATCH" --variants "$VARIANTS" \
   --json "$OUT/vit_l_memory.json" | tee "$OUT/vit_l_memory.txt"
 
+# End to end with real JPEG loading (ViT-S/16 recipe, 224 px unless SMOKE)
+echo "== end to end: $E2E_IMAGES JPEGs, $DATA_WORKERS workers, $E2E_STEPS steps" >&2
+"$PYTHON" benchmarks/bench_data.py --write "$OUT/jpegs" --images "$E2E_IMAGES" >&2
+for augment_on in cpu device; do
+  echo "== end to end  data.augment_on=$augment_on" >&2
+  "$PYTHON" train.py --config recipes/deit3/vit_s_800ep.yaml data.source=imagefolder data.path="$OUT/jpegs" \
+    data.augment_on=$augment_on data.num_workers="$DATA_WORKERS" train.max_steps="$E2E_STEPS" "${E2E_ARGS[@]}" \
+    train.compile=false train.checkpoint_every=1000000 eval.every=1000000 log.progress_bar=false \
+    log.tensorboard=false run.root="$OUT/e2e" run.name="$augment_on" > "$OUT/e2e_$augment_on.txt" 2>&1 \
+    || { tail -20 "$OUT/e2e_$augment_on.txt" >&2; exit 1; }
+done
+
 "$PYTHON" - "$OUT" <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
@@ -93,4 +116,11 @@ print(f"\nViT-L memory ({key}):")
 for variant, entry in memory.items():
     print(f"  {variant:<28} {entry[key] / 2**30:7.2f} GiB  {entry['ratio_to_baseline'][key]:.3f}x baseline  "
           f"{entry['ratio_to_no_ckpt'][key]:.3f}x without checkpointing")
+print("\nend to end, real JPEG loading (train.py, ViT-S recipe):")
+for augment_on in ("cpu", "device"):
+    lines = (out / "e2e" / augment_on / "metrics.jsonl").read_text().splitlines()
+    windows = [e for e in map(json.loads, lines) if "train/images_per_s" in e][1:] or \
+              [e for e in map(json.loads, lines) if "train/images_per_s" in e]
+    print(f"  data.augment_on={augment_on:<7} {statistics.median(e['train/images_per_s'] for e in windows):9.1f} img/s  "
+          f"data wait {statistics.median(e['train/data_wait'] for e in windows):.0%}")
 EOF

@@ -39,6 +39,8 @@ NULLABLE_TYPES = {
 
 CHOICES = {
     "data.source": ("hub", "imagefolder", "parquet", "shapes"),
+    "data.augment_on": ("cpu", "device"),
+    "data.decode_on": ("cpu", "device"),
     "optim.name": ("lamb", "adamw"),
     "schedule.name": ("cosine", "constant"),
     "train.loss": ("bce", "soft_ce"),

@@ -8,6 +8,10 @@
   :class:`TrainSampler` yields ``(index, sample_seed)``. Together they make every augmented sample
   a pure function of (run seed, epoch, rank, position): a mid-epoch resume is bit-identical and the
   result does not depend on the number of DataLoader workers.
+- :func:`build_image_dataset` picks the path of ``data.augment_on``: ``cpu``, the timm PIL transform
+  in the workers; ``device``, workers that hand over uint8 crops (:mod:`clsvit.crops`) and batched
+  augmentation on the accelerator (:mod:`clsvit.augment`). Either dataset's
+  :meth:`~ImageClassDataset.batch_transform` turns a loader batch into the model's input.
 
 The train loader must NOT go through ``accelerator.prepare``: :class:`TrainSampler` already shards
 by rank, and accelerate would shard again (accelerate #4075). The eval loader does go through it.
@@ -20,7 +24,7 @@ import glob
 import io
 import math
 import random
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -32,7 +36,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from clsvit.shapes import ensure_shapes_dataset
 
@@ -165,6 +169,26 @@ def build_eval_transform(cfg: dict):
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
+def build_image_dataset(dataset, cfg: dict, *, train: bool, num_classes: int, image_column: str = "image",
+                        label_column: str = "label") -> ImageClassDataset:
+    """The training (``train``) or evaluation dataset of the path ``data.augment_on`` names: ``cpu``,
+    the timm transform in the DataLoader workers; ``device``, workers that hand over uint8 crops
+    (:class:`clsvit.crops.CropDataset`) and the same transform batched on the accelerator."""
+    transform = build_train_transform(cfg) if train else build_eval_transform(cfg)
+    columns = dict(num_classes=num_classes, image_column=image_column, label_column=label_column)
+    if cfg["data"]["augment_on"] == "cpu":
+        if cfg["data"]["decode_on"] != "cpu":
+            raise ValueError("data.decode_on=device needs data.augment_on=device (the CPU path decodes with PIL)")
+        return ImageClassDataset(dataset, transform, **columns)
+    if cfg["aug"]["rand_augment"]:
+        raise ValueError(f"aug.rand_augment={cfg['aug']['rand_augment']!r} runs on the CPU only: set "
+                         f"data.augment_on=cpu (data.augment_on=device implements 3-Augment)")
+    from clsvit.augment import EvalTransform, TrainAugment  # these modules build on this one
+    from clsvit.crops import CropDataset
+    return CropDataset(dataset, TrainAugment(transform) if train else EvalTransform(transform),
+                       jpeg_on_device=cfg["data"]["decode_on"] == "device", **columns)
+
+
 # ---------------------------------------------------------------- decoding
 
 def decode_image(value) -> Image.Image:
@@ -197,37 +221,59 @@ def _without_decoding(dataset, columns: list[str]):
 
 
 @contextlib.contextmanager
-def seeded_rngs(seed: int):
+def seeded_rngs(seed: int, numpy: bool = True):
     """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator for the block, then
     restore all three: transforms draw from these global RNGs (timm uses ``random``, torchvision
     uses torch), so seeding them makes one sample's augmentation reproducible without disturbing
-    the caller's random streams. Only the CPU generator is touched (never CUDA state)."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    the caller's random streams. Only the CPU generator is touched (never CUDA state).
+    ``numpy=False`` leaves NumPy alone, for code known not to draw from it (its state is the
+    costliest to save: ~0.1 ms)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state() if numpy else None
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
-        np.random.seed(seed % 2**32)
+        if numpy:
+            np.random.seed(seed % 2**32)
         torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            if numpy:
+                np.random.set_state(numpy_state)
 
 
 # ---------------------------------------------------------------- classification
 
+@dataclass(frozen=True)
+class UndecodableImage:
+    """One file that could not be decoded: where it is and why. Travels as it is from the
+    DataLoader workers to the training loop and across processes (``gather_object`` pickles it)."""
+
+    path: str | None  # the file, when the dataset knows it
+    row: int          # the row of the dataset
+    error: str        # exception type and the first line of its message
+
+    @property
+    def name(self) -> str:
+        return sample_name({"path": self.path}, self.row)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.error}"
+
+
 class ImageClassDataset(Dataset):
-    """An HF dataset + a transform -> ``(image tensor, label, problem)``, decoded lazily per sample.
+    """An HF dataset + a transform -> ``(image tensor, label, problems)``, decoded lazily per sample.
 
     ``dataset[i]`` uses the global RNGs; ``dataset[(i, sample_seed)]`` (what :class:`TrainSampler`
     yields) runs the transform under :func:`seeded_rngs`, so the augmentation is a pure function
     of (index, seed) whichever worker process runs it.
 
-    ``problem`` is ``""`` for a clean sample. An image that cannot be decoded (truncated, empty,
-    not an image, a decompression bomb) is replaced by the next decodable sample and ``problem``
-    names the file and the error, so the training loop can count and report broken files across
+    ``problems`` is a tuple of :class:`UndecodableImage`, empty for a clean sample. An image that
+    cannot be decoded (truncated, empty, not an image, a decompression bomb) is replaced by the next
+    decodable sample and recorded, so the training loop can count and report broken files across
     DataLoader workers and processes (:class:`UndecodableImages` holds the policy). A label
     outside ``[0, num_classes)`` is an error naming the sample: a wrong label is not noise to skip.
+    Loaders batch samples with :meth:`collate` (the problems of a batch become one flat list).
     """
 
     def __init__(self, dataset, transform, *, num_classes: int, image_column: str = "image",
@@ -244,27 +290,47 @@ class ImageClassDataset(Dataset):
 
     def __getitem__(self, key):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
-        image, label, problem = self._load(index)
-        if sample_seed is None:
-            return self.transform(image), label, problem
-        with seeded_rngs(sample_seed):
-            return self.transform(image), label, problem
+        decoded, label, problems = self._load(index, sample_seed)
+        return self._transform(decoded, sample_seed), label, problems
 
-    def _load(self, index: int):
+    def _decode(self, value, sample_seed, position: int):
+        """The stored image value of row ``position`` -> what :meth:`_transform` takes; raises for a
+        broken file."""
+        return to_rgb(decode_image(value))
+
+    def _transform(self, image, sample_seed):
+        if sample_seed is None:
+            return self.transform(image)
+        with seeded_rngs(sample_seed):
+            return self.transform(image)
+
+    def _load(self, index: int, sample_seed):
         problems = []
         for attempt in range(len(self)):
             position = (index + attempt) % len(self)
             row = self.dataset[position]
-            name = sample_name(row[self.image_column], position)
+            value = row[self.image_column]
             label = int(row[self.label_column])
             if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {name}: label {label} is outside [0, {self.num_classes}) "
-                                 f"(column {self.label_column!r}; set model.num_classes or fix the label)")
+                raise ValueError(f"sample {sample_name(value, position)}: label {label} is outside "
+                                 f"[0, {self.num_classes}) (column {self.label_column!r}; set model.num_classes "
+                                 f"or fix the label)")
             try:
-                return to_rgb(decode_image(row[self.image_column])), label, "\n".join(problems)
+                return self._decode(value, sample_seed, position), label, tuple(problems)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                problems.append(f"{name}: {type(error).__name__}: {_first_line(error)}")
+                path = value.get("path") if isinstance(value, dict) else None
+                problems.append(UndecodableImage(path, position, f"{type(error).__name__}: {_first_line(error)}"))
         raise ValueError(f"no image of the dataset can be decoded (first: {problems[0]})")
+
+    @staticmethod
+    def collate(samples):
+        """``(images, labels, problems)``: stacked images and labels, the problems of all samples."""
+        images, labels, problems = zip(*samples)
+        return default_collate(images), torch.tensor(labels), [p for sample in problems for p in sample]
+
+    def batch_transform(self, device):
+        """Loader images -> model input on ``device`` (here: the copy; the transform ran in the workers)."""
+        return lambda images: images.to(device, non_blocking=True)
 
 
 def sample_name(value, position: int) -> str:
@@ -280,25 +346,24 @@ def _first_line(error: Exception) -> str:
 
 class UndecodableImages:
     """The one place of the broken-file policy: undecodable images reported by every process are
-    collected (distinct by name), and more than ``max_fraction`` of the dataset stops the run.
+    collected (distinct by file and row), and more than ``max_fraction`` of the dataset stops the run.
 
-    The training loop feeds it the ``problem`` strings of :class:`ImageClassDataset` gathered from
-    all processes at each log step; its state is saved in checkpoints."""
+    The training loop feeds it the :class:`UndecodableImage` records of :class:`ImageClassDataset`
+    gathered from all processes at each log step; its state is saved in checkpoints."""
 
     def __init__(self, dataset_size: int, max_fraction: float):
         self.limit = int(max_fraction * dataset_size)
         self.dataset_size, self.max_fraction = dataset_size, max_fraction
         self.names: list[str] = []
 
-    def add(self, problems) -> list[str]:
-        """Record problem strings ("name: error" lines); returns the lines of names not seen before."""
+    def add(self, records) -> list[UndecodableImage]:
+        """Record problems; returns the records of files not seen before."""
         known, new = set(self.names), []
-        for line in (line for problem in problems for line in problem.splitlines()):
-            name = line.split(": ", 1)[0]
-            if name not in known:
-                known.add(name)
-                self.names.append(name)
-                new.append(line)
+        for record in records:
+            if record.name not in known:
+                known.add(record.name)
+                self.names.append(record.name)
+                new.append(record)
         return new
 
     def check(self) -> None:
@@ -347,6 +412,30 @@ class TrainSampler(Sampler):
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
+
+    def note(self) -> str | None:
+        """What a user should know at start: repeated augmentation asked for but inactive here."""
+        if self.repeats > 1 and not self.repeated_aug:
+            return (f"note: aug.repeated_aug={self.repeats} is inactive on a single process (as in the DeiT "
+                    f"reference): each image is seen once per epoch")
+        return None
+
+    def steps_per_epoch(self, batch_size: int, accum_steps: int) -> int:
+        """Optimizer steps of ``accum_steps`` batches of ``batch_size`` in one epoch of this process.
+        An epoch without one is a one-line error naming the sizes and the keys to change."""
+        steps = len(self) // batch_size // accum_steps
+        if steps == 0:
+            per_process = batch_size * accum_steps
+            needed = f"train.global_batch={per_process * self.num_replicas} needs {per_process} per process"
+            if self.repeated_aug:
+                raise ValueError(
+                    f"repeated augmentation (aug.repeated_aug={self.repeats}, timm's RepeatAugSampler) draws "
+                    f"{len(self)} images per process per epoch from the {self.num_samples}-image training split "
+                    f"over {self.num_replicas} processes; {needed}: set aug.repeated_aug=1 or lower "
+                    f"train.global_batch")
+            raise ValueError(f"the {self.num_samples}-image training split gives {len(self)} images per process per "
+                             f"epoch over {self.num_replicas} process(es); {needed}: lower train.global_batch")
+        return steps
 
     def set_start(self, position: int):
         """Skip the first ``position`` samples of the next iteration (mid-epoch resume); one-shot."""
@@ -401,7 +490,7 @@ def _loader_options(data_cfg: dict) -> dict:
 def build_train_loader(dataset, sampler: TrainSampler, batch_size: int, data_cfg: dict) -> DataLoader:
     """Per-process train loader; full batches only (batch-mode Mixup needs equal sizes). Do not
     pass it through ``accelerator.prepare`` (the sampler already shards)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_collate(dataset),
                       **_loader_options(data_cfg))
 
 
@@ -411,4 +500,12 @@ def build_eval_loader(dataset, batch_size: int, data_cfg: dict) -> DataLoader:
     (rare) evaluations."""
     options = _loader_options(data_cfg)
     options["persistent_workers"] = False
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, collate_fn=_collate(dataset),
+                      **options)
+
+
+def _collate(dataset):
+    """The dataset's own ``collate`` (through ``Subset`` wrappers), else torch's default."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate", default_collate)

@@ -6,24 +6,28 @@ import torch
 
 
 @torch.no_grad()
-def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (see
-    `clsvit.data.ImageClassDataset`), over a loader of `(images, labels, problems)` prepared by
-    `accelerator`. Exact under several processes: `gather_for_metrics` drops the samples duplicated
-    to pad an uneven split. Hits are counted on the device and read once at the end (no host sync
-    per batch)."""
+def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to_input=None) -> dict[str, float]:
+    """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (the
+    `clsvit.data.UndecodableImage` records of `clsvit.data.ImageClassDataset`), over a loader of
+    `(images, labels, problems)` prepared by `accelerator`. `to_input` turns a loader batch into the
+    model's input (the dataset's `batch_transform`: the batched eval transform with
+    `data.augment_on: device`); None takes the images as they come. Exact under several processes:
+    `gather_for_metrics` drops the samples duplicated to pad an uneven split. Hits are counted on
+    the device and read once at the end (no host sync per batch)."""
     model.eval()
     hits = torch.zeros(3, dtype=torch.long, device=accelerator.device)  # top-1, top-5, images
     undecodable = 0
     for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
+        if to_input is not None:
+            images = to_input(images)
         with accelerator.autocast():
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
         top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
         hits += torch.stack([top1.sum(), top5.sum(), torch.tensor(top1.numel(), device=hits.device)])
-        undecodable += sum(problem.count("\n") + 1 for problem in problems if problem)
+        undecodable += len(problems)
     undecodable = accelerator.reduce(torch.tensor(undecodable, device=hits.device), reduction="sum")
     top1, top5, seen = hits.tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
@@ -31,10 +35,10 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None) ->
 
 
 def validation_metrics(model, loader, accelerator, max_batches: int | None = None,
-                       prefix: str = "val") -> dict[str, float]:
+                       prefix: str = "val", to_input=None) -> dict[str, float]:
     """:func:`topk_accuracy` as training metrics: ``{"val/top1": ..., "val/top5": ..., "val/images": ...}``."""
     return {f"{prefix}/{key}": float(value) for key, value in
-            topk_accuracy(model, loader, accelerator, max_batches).items()}
+            topk_accuracy(model, loader, accelerator, max_batches, to_input).items()}
 
 
 def format_metrics(metrics: dict) -> str:
