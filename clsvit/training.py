@@ -172,12 +172,16 @@ def nonfinite_on_any_process(loss: torch.Tensor, accelerator) -> bool:
 class PreemptionSignals:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the run to checkpoint at the
     next log step and exit cleanly. A second signal ends the process at once: that is what a
-    launcher tearing a failed job down sends."""
+    launcher tearing a failed job down sends. Copies of one signal that arrive within
+    ``REPEAT_WINDOW_S`` of the first count as that one: under SLURM a pre-empted job's processes get
+    SIGTERM from slurmstepd and again forwarded by srun, milliseconds apart."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    REPEAT_WINDOW_S = 0.5
 
     def __init__(self):
         self.received: list[int] = []
+        self.first_at = 0.0
         for signum in self.SIGNALS:
             signal.signal(signum, self._on_signal)
 
@@ -186,7 +190,10 @@ class PreemptionSignals:
         return bool(self.received)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.received:
+        now = time.monotonic()
+        if self.received and now - self.first_at > self.REPEAT_WINDOW_S:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        if not self.received:
+            self.first_at = now
         self.received.append(signum)

@@ -3,12 +3,16 @@ stream, the collective skip decision and the gradient norm under a loss scale.""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from accelerate import Accelerator
 
 from clsvit.config import ConfigError
-from clsvit.training import MicroBatchStream, Progress, gradient_norm, nonfinite_on_any_process, split_global_batch
+from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, gradient_norm, nonfinite_on_any_process,
+                             split_global_batch)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -114,3 +118,18 @@ def test_logged_grad_norm_is_of_the_unscaled_gradients():
         assert torch.isfinite(model.weight).all()
     finally:
         accelerator.state._mixed_precision = "no"
+
+
+def test_copies_of_one_signal_are_one_request():
+    """SLURM pre-emption: slurmstepd's SIGTERM and srun's forwarded copy arrive milliseconds apart;
+    they ask for one checkpoint, they do not end the process (a later second signal does: tested
+    end to end in test_fault_tolerance.py)."""
+    previous = {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS}
+    try:
+        signals = PreemptionSignals()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.requested and signals.received == [signal.SIGUSR1, signal.SIGUSR1]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
