@@ -205,6 +205,6 @@ def test_tensorboard_of_a_sweep_has_one_run_per_cell_with_the_swept_keys_first(t
     first = [name for name, differs in served if differs]
     assert [name for name, _ in served[:len(first)]] == first and len(first) <= 5  # all of them ticked
     assert [re.sub(r"^\d\d ", "", name) for name in first] == [*SHAPES_DIFFER, "run.seed", "optim.lr"]
-    for cell, qkv in zip(cells, (0.0, 1 / 3)):
-        hparams = groups[cell]["hparams"]
-        assert [hparams[name] for name in first] == [pytest.approx(v) for v in (float(qkv > 0),) * 2 + (qkv, 3, 2e-3)]
+    # norm, layerscale, qkv fractions (recipes/shapes/*.yaml), seed, lr
+    for cell, values in zip(cells, ([0.0, 0.0, 0.0, 3, 2e-3], [1.0, 1.0, 1 / 3, 3, 2e-3])):
+        assert [groups[cell]["hparams"][name] for name in first] == pytest.approx(values), cell
