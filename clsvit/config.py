@@ -414,6 +414,17 @@ def save_config(config, path):
         raise
 
 
+def recipe_leaves(config, prefix=""):
+    """(dotted key, value) of every recipe key, in default.yaml's order; a free mapping
+    (model.timm_kwargs) is one value."""
+    for name, value in config.items():
+        key = prefix + name
+        if isinstance(value, dict) and key not in FREE_MAPPINGS:
+            yield from recipe_leaves(value, key + ".")
+        else:
+            yield key, value
+
+
 def flatten(config, stringify=True, prefix=""):
     """{'optim.lr': 0.004, ...}. With `stringify`, lists become '[0, 1, 2]' and null 'null', as
     TensorBoard HParams takes only numbers, strings and bools (and silently drops None)."""

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clsvit.config import ConfigError, error_line, load_config
+from clsvit.config import ConfigError, error_line, load_config, recipe_leaves
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"
@@ -131,15 +131,30 @@ def default_name(recipes: list[str]) -> str:
     return parents.pop().name if len(parents) == 1 else "sweep"
 
 
+def hparams_first(bases: list[dict], swept: dict) -> str:
+    """`log.hparams_first` of every cell, the columns TensorBoard's HParams tab shows first: the
+    recipe keys in which the sweep's recipes differ (run.name aside: the run is named after the cell),
+    then the swept keys, then run.seed. A swept key inside a mapping (model.timm_kwargs.depth) counts
+    as the mapping's key, a swept section as its keys."""
+    leaves = [dict(recipe_leaves(base)) for base in bases]
+    keys = [key for key in leaves[0] if key not in ("run.name", "log.hparams_first")
+            and any(other[key] != leaves[0][key] for other in leaves[1:])]
+    for swept_key in [*swept, "run.seed"]:
+        keys += [key for key in leaves[0] if key == swept_key or swept_key.startswith(key + ".")
+                 or key.startswith(swept_key + ".")]
+    return ",".join(dict.fromkeys(keys))
+
+
 def build_grid(recipes: list[str], seeds: list[int] | None, swept: dict[str, list[str]], overrides: list[str],
                name: str) -> tuple[Path, list[Cell]]:
     """Every cell of recipes x swept values x seeds, each config validated (a bad key or value fails
     here, in one line, before anything is launched)."""
     if not recipes:
         raise ConfigError("no recipe given")
-    cells, roots = [], set()
+    cells, roots, bases = [], set(), []
     for recipe in recipes:
         base = load_config(recipe, overrides)
+        bases.append(base)
         roots.add(base["run"]["root"])
         for combination in itertools.product(*swept.values()):
             values = dict(zip(swept, combination))
@@ -152,6 +167,10 @@ def build_grid(recipes: list[str], seeds: list[int] | None, swept: dict[str, lis
     if len(roots) > 1:
         raise ConfigError(f"the recipes name different run.root ({', '.join(sorted(roots))}); pass run.root=DIR")
     sweep_dir = Path(roots.pop()) / name
+    # one HParams layout for the whole sweep (TensorBoard takes it from one run of the logdir); an
+    # explicit log.hparams_first among the overrides stands
+    columns = [] if any(o.split("=", 1)[0].strip() == "log.hparams_first" for o in overrides) else \
+        [f"log.hparams_first={hparams_first(bases, swept)}"]
     seen = {}
     for cell in cells:
         if cell.name in seen:
@@ -159,7 +178,7 @@ def build_grid(recipes: list[str], seeds: list[int] | None, swept: dict[str, lis
                               f"give the recipes distinct run.name")
         seen[cell.name] = cell.recipe
         cell.run_dir = str(sweep_dir / cell.name)
-        cell.overrides += [f"run.root={sweep_dir}", f"run.name={cell.name}"]
+        cell.overrides += [f"run.root={sweep_dir}", f"run.name={cell.name}", *columns]
     return sweep_dir, cells
 
 

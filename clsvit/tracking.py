@@ -132,13 +132,15 @@ IDENTITY_KEYS = ("model.arch", "run.name", "run.seed", "train.global_batch", "sc
 def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
     """A run's HParams columns in the order TensorBoard shows them:
 
-      `differs` group (ticked first): `log.hparams_first`'s columns, default the five fractions
+      `differs` group (ticked first): the columns of `log.hparams_first` (of a model.specialize key:
+             its fraction), by default the five fractions
       01-05  model.specialize.<component>         fraction of the `depth` blocks (a list: its length / depth)
       06     model.specialize.final_norm          bool
       07-11  model.specialize.<component> blocks  the block indices as text: "0-3", "0,2,5", "none"
       12-16  model.arch, run.name, run.seed, train.global_batch, schedule.epochs
       then   every other recipe key, by name (its type from recipes/default.yaml; null numbers empty)
     """
+    from clsvit.config import recipe_leaves
     from clsvit.model import COMPONENTS, block_indices
 
     specialize = cfg["model"]["specialize"]
@@ -160,11 +162,12 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
     first_keys = hparams_first_keys(cfg)
     columns = []
     for rank, (key, display, value, description) in enumerate(compare, start=1):
-        # a block list column goes with its key; by default only the fractions are shown first
-        first = key.removesuffix(" blocks") in first_keys if first_keys else rank <= len(COMPONENTS)
+        # a specialization key is shown first by its fraction; its block list follows among the next
+        # columns (TensorBoard ticks five: one column per key leaves room for a sweep's keys and seed)
+        first = key in first_keys if first_keys else rank <= len(COMPONENTS)
         columns.append(HParamColumn(f"{rank:02d} {key}", display, value, first, description))
     shown = {key.removesuffix(" blocks") for key, *_ in compare}
-    for key, value in _recipe_leaves(cfg):
+    for key, value in recipe_leaves(cfg):
         if key not in shown:
             columns.append(HParamColumn(key, key, _hparam_value(key, value), key in first_keys))
     return sorted(columns, key=lambda column: (not column.first, column.name))
@@ -172,10 +175,10 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
 
 def hparams_first_keys(cfg: Mapping[str, Any]) -> list[str]:
     """The recipe keys of `log.hparams_first` (comma-separated); an unknown key is a ConfigError."""
-    from clsvit.config import ConfigError
+    from clsvit.config import ConfigError, recipe_leaves
 
     keys = [key.strip() for key in cfg["log"]["hparams_first"].split(",") if key.strip()]
-    known = {key for key, _ in _recipe_leaves(cfg)}
+    known = {key for key, _ in recipe_leaves(cfg)}
     for key in keys:
         if key not in known:
             raise ConfigError(f"log.hparams_first: {key!r} is not a recipe key")
@@ -200,26 +203,14 @@ def _get(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg
 
 
-def _recipe_leaves(cfg: Mapping[str, Any], prefix: str = ""):
-    """(dotted key, value) of every recipe key; a free mapping (model.timm_kwargs) is one value."""
-    from clsvit.config import FREE_MAPPINGS
-
-    for name, value in cfg.items():
-        key = prefix + name
-        if isinstance(value, dict) and key not in FREE_MAPPINGS:
-            yield from _recipe_leaves(value, key + ".")
-        else:
-            yield key, value
-
-
 @lru_cache(maxsize=1)
 def _column_kinds() -> dict[str, str]:
     """"number", "bool" or "text" for every recipe key, from the type recipes/default.yaml gives it
     (config.NULLABLE_TYPES for keys that may be null)."""
-    from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, load_config
+    from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, load_config, recipe_leaves
 
     kinds = {}
-    for key, default in _recipe_leaves(load_config(DEFAULT_RECIPE)):
+    for key, default in recipe_leaves(load_config(DEFAULT_RECIPE)):
         kind = NULLABLE_TYPES.get(key, type(default))
         kinds[key] = ("number" if kind in (int, float) else
                       "bool" if kind is bool and key not in NULLABLE_TYPES else "text")

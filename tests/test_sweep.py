@@ -1,20 +1,35 @@
-"""clsvit.sweep: the grid (cells, names, overrides), the dry run, the cells file slurm.sh reads, and
-a 2-recipe x 2-seed sweep of the shapes recipes run end to end, relaunched and compared."""
+"""clsvit.sweep: the grid (cells, names, overrides), the dry run, the cells file slurm.sh reads, the
+HParams columns every cell shows first, a 2-recipe x 2-seed sweep of the shapes recipes run end to
+end, relaunched and compared, and a 2-cell sweep read back from a served TensorBoard."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from clsvit.config import ConfigError, load_config
-from clsvit.sweep import build_grid, cell_name, index_ranges, main, parse_set, split_values, write_cells_file
+from clsvit.sweep import (build_grid, cell_name, hparams_first, index_ranges, main, parse_set, split_values,
+                          write_cells_file)
+from clsvit.tracking import hparams_columns
+from tensorboard_server import served_tensorboard
 from trainer_utils import REPO, subprocess_env
 
 BASELINE, SPECIALIZED = str(REPO / "recipes/shapes/baseline.yaml"), str(REPO / "recipes/shapes/specialized.yaml")
+# the keys in which the two shapes recipes differ (recipes/shapes/specialized.yaml, "differs in")
+SHAPES_DIFFER = ["model.specialize.norm", "model.specialize.layerscale", "model.specialize.qkv"]
+
+
+def tiny(root):
+    """Overrides for a sweep of the shapes recipes that trains each cell for 4 steps in seconds."""
+    return ["model.timm_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}", "data.num_workers=0",
+            "data.shapes={num_train: 256, num_val: 50, image_size: 32}", "train.global_batch=32",
+            "train.batch_per_device=32", "train.max_steps=4", "log.every=2", "log.progress_bar=false",
+            "eval.batch_per_device=50", f"run.root={root}"]
 
 
 def test_value_lists_split_at_top_level_commas_only():
@@ -45,7 +60,8 @@ def test_grid_is_the_product_with_one_directory_per_cell(tmp_path):
     assert len({c.run_dir for c in cells}) == 8 and all(c.status == "new" for c in cells)
     cell = cells[-1]
     assert cell.train_args == ["--config", SPECIALIZED, f"run.root={tmp_path}", "train.max_steps=3", "optim.lr=2e-3",
-                               "run.seed=1", f"run.root={tmp_path / 'grid'}", "run.name=shapes_specialized_lr2e-3_seed1"]
+                               "run.seed=1", f"run.root={tmp_path / 'grid'}", "run.name=shapes_specialized_lr2e-3_seed1",
+                               f"log.hparams_first={','.join(SHAPES_DIFFER)},optim.lr,run.seed"]
     # without --seeds: the recipe's own seed
     _, cells = build_grid([BASELINE], None, {}, [f"run.root={tmp_path}"], "grid")
     assert [c.name for c in cells] == ["shapes_baseline_seed0"]
@@ -59,6 +75,31 @@ def test_bad_grids_fail_in_one_line_before_launching(tmp_path):
     with pytest.raises(ConfigError, match="both named 'shapes_baseline_seed0'"):
         build_grid([BASELINE, BASELINE], [0], {}, [f"run.root={tmp_path}"], "grid")
     assert not (tmp_path / "grid").exists()
+
+
+def test_every_cell_shows_the_swept_keys_and_seed_first_in_tensorboard(tmp_path):
+    """Every cell gets the same log.hparams_first: the keys in which the recipes differ, the --set keys,
+    run.seed; the HParams layout shows exactly their columns first, few enough here for TensorBoard to
+    tick them all (it ticks five)."""
+    _, cells = build_grid([BASELINE, SPECIALIZED], [0, 1], parse_set(["optim.lr=1e-3,2e-3"]),
+                          [f"run.root={tmp_path}"], "grid")
+    expected = f"log.hparams_first={','.join(SHAPES_DIFFER)},optim.lr,run.seed"
+    assert len(cells) == 8 and all(cell.overrides[-1] == expected for cell in cells)
+    cfg = load_config(cells[-1].recipe, cells[-1].overrides)
+    assert [c.name for c in hparams_columns(cfg, depth=4) if c.first] == [
+        "01 model.specialize.norm", "02 model.specialize.layerscale", "03 model.specialize.qkv", "14 run.seed",
+        "optim.lr"]
+    # one recipe: the seed only; a key swept inside a mapping is the mapping's key, a section its keys
+    base = load_config(BASELINE)
+    assert hparams_first([base], {}) == "run.seed"
+    assert hparams_first([base, base], {"model.timm_kwargs.depth": ["2", "4"], "aug.mixup": ["0.8"]}) \
+        == "model.timm_kwargs,aug.mixup,run.seed"
+    assert hparams_first([base], {"eval.analysis": ["{num_images: 8}"]}) \
+        == "eval.analysis.num_images,eval.analysis.pca_images,run.seed"
+    # an explicit log.hparams_first among the overrides stands
+    _, cells = build_grid([BASELINE, SPECIALIZED], [0], {}, [f"run.root={tmp_path}", "log.hparams_first=optim.lr"],
+                          "grid")
+    assert {load_config(c.recipe, c.overrides)["log"]["hparams_first"] for c in cells} == {"optim.lr"}
 
 
 def test_dry_run_prints_cells_and_the_job_array_of_unfinished_cells(tmp_path, capsys):
@@ -113,11 +154,8 @@ def test_cells_file_lines_give_slurm_sh_the_exact_arguments(tmp_path):
 @pytest.mark.slow
 def test_two_recipes_two_seeds_run_relaunch_and_compare(tmp_path):
     env = subprocess_env(tmp_path / "hf_cache")
-    tiny = ["model.timm_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}", "data.num_workers=0",
-            "data.shapes={num_train: 256, num_val: 50, image_size: 32}", "train.global_batch=32",
-            "train.batch_per_device=32", "train.max_steps=4", "log.every=2", "log.progress_bar=false",
-            "eval.batch_per_device=50", f"run.root={tmp_path}"]
-    sweep = [sys.executable, "-m", "clsvit.sweep", BASELINE, SPECIALIZED, "--seeds", "0", "1", "--name", "grid", *tiny]
+    sweep = [sys.executable, "-m", "clsvit.sweep", BASELINE, SPECIALIZED, "--seeds", "0", "1", "--name", "grid",
+             *tiny(tmp_path)]
     first = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     grid = tmp_path / "grid"
@@ -147,3 +185,26 @@ def test_two_recipes_two_seeds_run_relaunch_and_compare(tmp_path):
     for row in rows.values():
         assert row["n"] == "2" and row["seeds"] == "0 1" and row["top1_lo"] and row["top1_hi"]
     assert rows["shapes_specialized"]["d_top1_n"] == "2" and rows["shapes_specialized"]["d_top1_lo"]
+
+
+@pytest.mark.slow
+def test_tensorboard_of_a_sweep_has_one_run_per_cell_with_the_swept_keys_first(tmp_path):
+    """`tensorboard --logdir <sweep dir>` of a 2-cell sweep (the two shapes recipes, one --set value, one
+    seed), read back over HTTP: the runs are the cells, the columns shown first (and ticked) are those of
+    the keys the cells were swept over and the seed, with each cell's values."""
+    env = subprocess_env(tmp_path / "hf_cache")
+    sweep = [sys.executable, "-m", "clsvit.sweep", BASELINE, SPECIALIZED, "--seeds", "3", "--set", "optim.lr=2e-3",
+             "--name", "grid", "--parallel", "2", *tiny(tmp_path)]
+    result = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cells = ["shapes_baseline_lr2e-3_seed3", "shapes_specialized_lr2e-3_seed3"]
+    with served_tensorboard(tmp_path / "grid") as tensorboard:
+        groups = tensorboard.wait_for(lambda tb: len(tb.session_groups()) == 2 and tb.session_groups())
+        assert sorted(tensorboard.get("/data/runs")) == cells and sorted(groups) == cells
+        served = [(info["name"], bool(info.get("differs"))) for info in tensorboard.experiment()["hparamInfos"]]
+    first = [name for name, differs in served if differs]
+    assert [name for name, _ in served[:len(first)]] == first and len(first) <= 5  # all of them ticked
+    assert [re.sub(r"^\d\d ", "", name) for name in first] == [*SHAPES_DIFFER, "run.seed", "optim.lr"]
+    # norm, layerscale, qkv fractions (recipes/shapes/*.yaml), seed, lr
+    for cell, values in zip(cells, ([0.0, 0.0, 0.0, 3, 2e-3], [1.0, 1.0, 1 / 3, 3, 2e-3])):
+        assert [groups[cell]["hparams"][name] for name in first] == pytest.approx(values), cell

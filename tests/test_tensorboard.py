@@ -185,8 +185,11 @@ def test_hparams_first_puts_swept_keys_first():
     """A sweep over optim.lr and seeds: those two columns first, then the specialization fractions."""
     order = [c.name for c in hparams_columns(tiny_config("log.hparams_first=optim.lr,run.seed"), depth=12)]
     assert order[:5] == ["14 run.seed", "optim.lr", *FRACTIONS[:3]]
-    assert [c.first for c in hparams_columns(tiny_config("log.hparams_first=model.specialize.qkv"), depth=12)
-            ][:2] == [True, True]  # its fraction and its block list
+    columns = [(c.name, c.first) for c in hparams_columns(tiny_config("log.hparams_first=model.specialize.qkv"),
+                                                          depth=12)]
+    # a specialization key is shown first by its fraction; its block list follows among the comparison columns
+    assert columns[0] == ("03 model.specialize.qkv", True) and not any(first for _, first in columns[1:])
+    assert columns[8] == ("09 model.specialize.qkv blocks", False)
     with pytest.raises(ConfigError, match="log.hparams_first: 'optim.lrr' is not a recipe key"):
         hparams_columns(tiny_config("log.hparams_first=optim.lrr"), depth=12)
 
