@@ -63,8 +63,8 @@ def _twin(base: str, name: str) -> Callable[..., nn.Module]:
                             in_chans=kwargs.get("in_chans", 3), filter_fn=checkpoint_filter_fn,
                             cache_dir=kwargs.get("cache_dir"))
         if features.pop("features_only", False):
-        return feature_extractor(model, **features)
-    return model
+            return feature_extractor(model, **features)
+        return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
