@@ -1,19 +1,27 @@
-"""Evaluate a trained run the way the paper does, and compare runs side by side.
+"""Evaluate a trained run, or any public checkpoint, the way the paper does; compare runs side by side.
 
     python eval.py --run runs/shapes_specialized [--tasks cls,seg,depth,analysis] [section.key=value ...]
     python eval.py --run RUN --tasks seg --recipe recipes/eval/ade20k_linear.yaml eval.seg.path=/data/ADEChallengeData2016
+    python eval.py --weights SOURCE --arch NAME --out DIR [--config RECIPE] [--recipe ...] [section.key=value ...]
     accelerate launch eval.py --run <run dir> ...          (several processes; same numbers)
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval.py --run ...   (CPU processes)
     python eval.py --compare 'runs/shapes_*' [--baseline runs/shapes_baseline] [--out DIR]
 
+--weights takes what `model.pretrained` takes (a checkpoint file of timm, official DeiT-III or
+DINOv2 layout, a run or export directory, hf-hub:ORG/NAME, a timm pretrained tag), converted by
+timm, on the model of --config (default recipes/default.yaml) with model.arch = --arch; overrides
+`model.specialize.*=...` retrofit it (the copies are cloned). The model keeps the checkpoint's class
+count unless model.num_classes is set. DIR receives config.yaml (run.name: DIR's name), eval.json and
+TensorBoard, like a run, so --compare takes it too.
+
 Tasks (recipe keys under `eval:` in recipes/default.yaml; --recipe files, then overrides, apply over the
-run's config.yaml):
+run's config.yaml or --config):
   cls       top-1 / top-5 (%) on the validation split with the DeiT-III eval transform
   seg       linear segmentation on frozen patch tokens, DINOv2/DINOv3 protocol -> mIoU (%)   (clsvit.dense)
   depth     linear depth on frozen patch tokens -> RMSE (m), abs-rel, sq-rel, RMSE-log, log10, delta<1.25^k
   analysis  [CLS]/patch cosine similarities and dimension separation per block, PCA maps (clsvit.analysis)
 
-Writes `<run>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, seg.pixels, depth.rmse,
+Writes `<run or DIR>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, seg.pixels, depth.rmse,
 depth.abs_rel, depth.delta1, depth.pixels, ..., <task>.protocol and <task>.settings (the resolved
 protocol settings), analysis.<statistic>.<site> = one value per block; results of earlier calls for
 other tasks are kept), TensorBoard events in the run directory (clsvit.tracking.write_eval_events:
@@ -39,11 +47,11 @@ from torch.utils.data import Subset
 
 from clsvit import analysis, dense
 from clsvit.compare import compare
-from clsvit.config import CHOICE_LISTS, ConfigError, error_line, load_config
+from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, ConfigError, error_line, load_config, save_config
 from clsvit.data import ImageClassDataset, build_eval_loader, build_eval_transform, load_splits
 from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.evaluation import topk_accuracy
-from clsvit.model import describe_specialization, load_run, weights_path
+from clsvit.model import build_model, describe_specialization, weights_path
 from clsvit.runlock import RunDirectoryInUse, eval_snapshot, same_snapshot_on_every_process
 from clsvit.tracking import write_eval_events
 
@@ -54,37 +62,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--run", help="run directory (config.yaml + model.safetensors)")
+    mode.add_argument("--weights", metavar="SOURCE", help="a checkpoint to evaluate without a run (needs --arch, --out)")
     mode.add_argument("--compare", nargs="+", metavar="RUN", help="run directories or globs to tabulate")
+    parser.add_argument("--arch", help="--weights: the timm architecture name (model.arch)")
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="--weights: the recipe (default: %(default)s)")
     parser.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: eval.tasks)")
     parser.add_argument("--recipe", action="append", default=[], metavar="YAML",
-                        help="--run: an evaluation recipe (recipes/eval/*.yaml) applied over the run's config, "
-                             "before the overrides; may be repeated")
+                        help="--run, --weights: an evaluation recipe (recipes/eval/*.yaml) applied over the run's "
+                             "config or --config, before the overrides; may be repeated")
     parser.add_argument("--baseline", help="--compare: the run the deltas refer to (default: the unspecialized run)")
-    parser.add_argument("--out", help="--compare: directory for compare.md/.csv/.png (default: the runs' parent)")
+    parser.add_argument("--out", help="--weights: the results directory; --compare: directory for "
+                                      "compare.md/.csv/.png (default: the runs' parent)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value (YAML values)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.weights and not (args.arch and args.out):
+        parser.error("--weights needs --arch and --out")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare, baseline=args.baseline, out=args.out)
-    return evaluate_run(Path(args.run), args.tasks, args.overrides, args.recipe)
+    if args.run:
+        run_dir = Path(args.run)
+        snapshot = eval_snapshot(run_dir)  # a run that is training: its newest complete checkpoint, copied out
+        weights = weights_path(snapshot.directory)  # a missing model.safetensors is a one-line error before anything loads
+        cfg = load_config(snapshot.directory / "config.yaml", args.overrides, overlays=args.recipe)
+        return evaluate(cfg, weights, run_dir, args.tasks, snapshot=snapshot)
+    cfg = load_config(args.config, [*args.overrides, f"model.arch={args.arch}"], overlays=args.recipe)
+    cfg["model"]["pretrained"], cfg["run"]["name"] = args.weights, Path(args.out).name
+    return evaluate(cfg, args.weights, Path(args.out), args.tasks, write_config=True)
 
 
-# ============================================================================ one run
+# ============================================================================ one model
 
 
-def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) -> dict:
-    snapshot = eval_snapshot(run_dir)  # a run that is training: its newest complete checkpoint, copied out
-    weights_path(snapshot.directory)  # a missing model.safetensors is a one-line error before anything loads
-    cfg = load_config(snapshot.directory / "config.yaml", overrides, overlays=recipes)
+def evaluate(cfg: dict, weights, out_dir: Path, tasks_arg: str | None, snapshot=None, write_config: bool = False) -> dict:
+    """The tasks on the model of `cfg["model"]` with `weights`; results into `out_dir` (a run's
+    `snapshot`: into its eval_step_<N>/ while it trains; a checkpoint without a run: with its config)."""
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
     accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
-    same_snapshot_on_every_process(snapshot, accelerator)
-    if accelerator.is_main_process:
-        print(f"evaluating {snapshot.description}")
-    model, _ = load_run(snapshot.directory, device=accelerator.device)
+    if snapshot is not None:
+        same_snapshot_on_every_process(snapshot, accelerator)
+        if accelerator.is_main_process:
+            print(f"evaluating {snapshot.description}")
+    say = print if accelerator.is_main_process else None
+    model = build_model(cfg["model"], pretrained=weights, report=say).to(accelerator.device).eval()
+    if cfg["model"]["num_classes"] is None:  # --weights: the checkpoint's class count
+        cfg["model"]["num_classes"] = model.num_classes
+    if "cls" in tasks and not model.num_classes:
+        raise ValueError(f"cls: {weights} has no classifier (model.num_classes is 0); "
+                         f"choose other --tasks or set model.num_classes")
+    if write_config and accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
     seed = cfg["run"]["seed"]
 
     results, figures, images = {}, {}, {}
@@ -103,8 +134,9 @@ def evaluate_run(run_dir: Path, tasks_arg: str | None, overrides, recipes=()) ->
                 images["analysis/pca"] = pca
 
     if accelerator.is_main_process:  # a live run's results go to <run>/eval_step_<N>/, not to the training's files
-        write_results(snapshot.output_dir(run_dir), results, figures, images, snapshot.step)
-        print_summary(snapshot.output_dir(run_dir), cfg, results, tasks)
+        target = out_dir if snapshot is None else snapshot.output_dir(out_dir)
+        write_results(target, results, figures, images, None if snapshot is None else snapshot.step)
+        print_summary(target, cfg, results, tasks)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: exiting without it can abort (gloo threads)
     return results

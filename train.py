@@ -32,7 +32,7 @@ from clsvit.data import (TrainSampler, UndecodableImages, build_eval_loader, bui
                          load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
-from clsvit.model import baseline_model_config, build_model, count_parameters, load_pretrained
+from clsvit.model import baseline_model_config, build_model, check_pretrained, count_parameters
 from clsvit.runlock import RunDirectoryInUse, hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
@@ -60,6 +60,7 @@ def main() -> None:
     with torch.device("meta"):  # a model the recipe cannot build fails here, in one line, before any data work
         build_model(cfg["model"], cfg["model"]["num_classes"] or 1)
     hparams_first_keys(cfg)  # so does a log.hparams_first that names no recipe key
+    check_pretrained(cfg["model"])  # so does a pretrained source that does not exist
     run_dir = Path(cfg["run"]["root"]) / cfg["run"]["name"]
     ckpt_dir = run_dir / "checkpoints"
     train_cfg, data_cfg = cfg["train"], cfg["data"]
@@ -111,10 +112,7 @@ def main() -> None:
         total_steps = min(total_steps, train_cfg["max_steps"])
 
     # ---- model --------------------------------------------------------------------------------
-    model = build_model(cfg["model"], num_classes)
-    if cfg["model"]["pretrained"]:
-        not_loaded = load_pretrained(model, cfg["model"]["pretrained"])
-        say(f"initialised from {cfg['model']['pretrained']} (not loaded: {not_loaded or 'none'})")
+    model = build_model(cfg["model"], num_classes, pretrained=cfg["model"]["pretrained"], report=say)
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from clsvit.model.specialization import COMPONENTS
+
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
 
 # Keys that accept null, with the type of their non-null values. Every null default must be
@@ -66,8 +68,8 @@ CHOICE_LISTS = {
 FREE_MAPPINGS = {"model.timm_kwargs"}
 
 # A fraction of the blocks counted from the input, or explicit block indices (checked against
-# the depth by the model, which knows it).
-BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in ("norm", "layerscale", "qkv", "proj", "mlp")}
+# the depth by the model, which knows it): one key per specializable component.
+BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in COMPONENTS}
 
 
 class ConfigError(ValueError):

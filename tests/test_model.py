@@ -18,54 +18,23 @@ from torch import nn
 from clsvit import COMPONENTS, PAPER_DEFAULT, create_model, specialize
 from clsvit.config import load_config, save_config
 from clsvit.model import (
+    NO_SPECIALIZATION,
+    OPTIONS,
     block_indices,
     build_model,
     count_parameters,
-    load_pretrained,
+    describe_specialization,
+    feature_extractor,
+    is_specialized,
     load_run,
     set_uniform_drop_path,
+    specialized_modules,
     split_class,
 )
+from model_utils import images, random_timm_model, randomize_, tiny_vit
 
 EVERYTHING = {"norm": 1.0, "layerscale": 1.0, "qkv": 1.0, "proj": 1.0, "mlp": 1.0, "final_norm": True}
 EVERYTHING_NO_FINAL = {**EVERYTHING, "final_norm": False}
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights of a realistic scale, different in every module. timm's own init makes every
-    LayerNorm 1/0 and DeiT-III's LayerScale 1e-6, which would hide a copy applied in the wrong place
-    (and make every block nearly the identity)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2:  # Linear / conv weights, cls/reg tokens, pos_embed
-                param.normal_(0.0, 0.02, generator=generator)
-            elif name.endswith("gamma"):  # LayerScale
-                param.uniform_(0.2, 0.6, generator=generator)
-            elif name.endswith("weight"):  # LayerNorm scale
-                param.normal_(1.0, 0.1, generator=generator)
-            else:  # biases
-                param.normal_(0.0, 0.05, generator=generator)
-    return model
-
-
-def random_timm_model(arch: str, **kwargs) -> nn.Module:
-    """A full-size timm model with random weights, built on the meta device (timm's trunc-normal
-    init of ViT-L's 300M parameters alone takes ~15 s on two cores)."""
-    with torch.device("meta"):
-        model = timm.create_model(arch, **kwargs)
-    assert not list(model.buffers())  # to_empty() would leave buffers uninitialised
-    return randomize_(model.to_empty(device="cpu"))
-
-
-def tiny_vit(arch: str = "deit3_small_patch16_224", seed: int = 0, **kwargs) -> nn.Module:
-    kwargs = {"img_size": 32, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 10,
-              "init_values": 0.1, **kwargs}
-    return randomize_(timm.create_model(arch, **kwargs), seed)
-
-
-def images(size: int = 32, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def global_copy_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -84,7 +53,7 @@ def every_output(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out[f"forward_intermediates.{i}.prefix"] = prefix
     for i, layer in enumerate(model.get_intermediate_layers(x, n=2, reshape=True)):
         out[f"get_intermediate_layers.{i}"] = layer
-    with torch.inference_mode():  # the hook writes into an inference tensor here
+    with torch.inference_mode():  # no autograd: the splits overwrite rows of inference tensors
         out["logits.inference_mode"] = model(x)
     return out
 
@@ -442,6 +411,73 @@ def test_torch_compile_has_no_graph_breaks_and_matches_eager():
     assert (compiled - expected).abs().max() <= 1e-5
 
 
+# --- TorchScript, torch.fx, feature extraction -------------------------------------------------
+
+TRACE_CASES = [
+    pytest.param("deit3_small_patch16_224", {"reg_tokens": 2}, EVERYTHING, id="cls+reg2-everything"),
+    pytest.param("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, EVERYTHING_NO_FINAL, id="reg4-avgpool"),
+    pytest.param("deit_tiny_distilled_patch16_224", {"init_values": None}, {"norm": 1.0, "qkv": 0.5},
+                 id="distilled-no-layerscale"),
+]
+
+
+@pytest.mark.parametrize("arch, kwargs, selection", TRACE_CASES)
+def test_torchscript_computes_the_eager_model(arch, kwargs, selection):
+    model = specialize(tiny_vit(arch, **kwargs), **selection).eval()
+    scripted = torch.jit.script(model)
+    x = images()
+    for grad in (True, False):  # LayerScale: per-token gamma with autograd, row overwrite without
+        with torch.set_grad_enabled(grad):
+            assert_unchanged(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("arch, kwargs, selection", TRACE_CASES)
+def test_fx_trace_computes_the_eager_model_and_its_gradients(arch, kwargs, selection):
+    model = specialize(tiny_vit(arch, **kwargs), **selection)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():  # traced without autograd, run below with it: LayerScale's choice is made at run time
+        traced = torch.fx.symbolic_trace(twin)
+    calls = collections.Counter(node.target.__name__ for node in traced.graph.nodes if node.op == "call_function")
+    copies = global_copy_modules(model).values()
+    assert calls["scale_global_rows"] == sum(isinstance(m, LayerScale) for m in copies)
+    assert calls["with_global_rows"] == sum(not isinstance(m, LayerScale) for m in copies)
+    x, weights = images(), torch.randn(10, generator=torch.Generator().manual_seed(4))
+    for m in (model, traced):
+        (m.train()(x) @ weights).sum().backward()
+    traced_grads = dict(traced.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(traced_grads[name].grad, param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        assert_unchanged(traced.eval()(x), model.eval()(x))
+
+
+def test_feature_extractors_trace_a_specialized_model():
+    """torchvision's and timm's create_feature_extractor (torch.fx), and timm's features_only."""
+    from torchvision.models import feature_extraction
+
+    model = specialize(tiny_vit(reg_tokens=2), **EVERYTHING).eval()
+    x = images()
+    blocks = block_outputs(model, x)
+    for create in (feature_extraction.create_feature_extractor, timm.models.create_feature_extractor):
+        features = create(model, return_nodes={"blocks.1": "block1", "blocks.3": "block3"})(x)
+        assert_unchanged(features["block1"], blocks[1])
+        assert_unchanged(features["block3"], blocks[3])
+
+    expected = model.forward_intermediates(x, indices=3, intermediates_only=True)  # NCHW maps, last 3 blocks
+    wrapped = feature_extractor(copy.deepcopy(model))  # timm's FeatureGetterNet, as features_only builds it
+    assert wrapped.feature_info.channels() == [64] * 3
+    for feature, reference in zip(wrapped.eval()(x), expected, strict=True):
+        assert_unchanged(feature, reference)
+    built = create_model("deit3_small_patch16_224", specialize=PAPER_DEFAULT, features_only=True,
+                         img_size=32, embed_dim=64, depth=4, num_heads=2)
+    twin = timm.create_model("deit3_small_patch16_224_clsvit", features_only=True, out_indices=(1, 3),
+                             img_size=32, embed_dim=64, depth=4, num_heads=2)
+    for extractor in (built, twin):
+        assert type(extractor).__name__ == "FeatureGetterNet"
+        assert len(global_copy_modules(extractor.model)) == 4 * 4 + 1  # the paper default in 4 blocks
+    assert [tuple(f.shape) for f in twin(x)] == [(2, 64, 2, 2)] * 2
+
+
 # --- bad arguments -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -478,46 +514,48 @@ def test_models_that_cannot_be_specialized_are_refused():
         specialize(pooled, final_norm=True)
 
 
-# --- fine-tuning from a run --------------------------------------------------------------------
-
-@pytest.mark.parametrize("arch, kwargs, source_specialized", [
-    ("deit3_small_patch16_224", {}, True),  # no_embed_class: pos_embed covers patches only
-    ("vit_small_patch16_224", {"reg_tokens": 4, "init_values": 0.1}, False),  # pos_embed has 5 prefix rows
+@pytest.mark.parametrize("arch, kwargs, selection, message", [
+    ("vit_tiny_patch16_224", {"init_values": None}, PAPER_DEFAULT,
+     r"^layerscale: blocks.0.ls1 is an Identity in this model \(the architecture has no LayerScale"),
+    ("deit_tiny_distilled_patch16_224", {"init_values": None}, PAPER_DEFAULT, r"^layerscale: blocks.0.ls1"),
+    ("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, {**PAPER_DEFAULT, "final_norm": True},
+     r"^final_norm: the model has no final norm over the tokens \(it pools the patch tokens .*fc_norm"),
+    ("deit3_small_patch16_224", {}, {"norm": 1.0, "layerscale": 1.0, "qkv": [0, 9]}, r"^qkv: block index 9"),
 ])
-def test_load_pretrained_resizes_pos_embed_and_skips_another_head(tmp_path, arch, kwargs, source_specialized):
-    source = tiny_vit(arch, img_size=32, num_classes=10, **kwargs)
-    if source_specialized:
-        randomize_(specialize(source, **PAPER_DEFAULT), seed=11)
-    save_file(source.state_dict(), tmp_path / "model.safetensors")
-    target = specialize(tiny_vit(arch, img_size=48, num_classes=5, seed=12, **kwargs), **PAPER_DEFAULT)
-    head_before = target.head.weight.detach().clone()
-
-    not_loaded = load_pretrained(target, tmp_path)  # a run directory
-
-    assert not_loaded == ["head.bias", "head.weight"]
-    assert torch.equal(target.head.weight, head_before)
-    prefix = 0 if source.no_embed_class else source.num_prefix_tokens
-    expected_pos_embed = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[3, 3], num_prefix_tokens=prefix,
-                                                interpolation="bicubic", antialias=True)
-    assert target.pos_embed.shape == (1, 9 + prefix, 64)
-    torch.testing.assert_close(target.pos_embed.detach(), expected_pos_embed, rtol=0, atol=0)
-    target_state, source_state = target.state_dict(), source.state_dict()
-    for key, value in target_state.items():
-        if key.startswith(("head.", "pos_embed")):
-            continue
-        if key in source_state:
-            assert torch.equal(value, source_state[key]), key
-        else:  # a copy the source did not have: cloned from the shared weights
-            assert torch.equal(value, source_state[key.replace("global_copy.", "")]), key
+def test_a_refused_specialization_leaves_the_model_untouched(arch, kwargs, selection, message):
+    """Every check comes before the first change: a component the architecture lacks is refused
+    (not skipped), and the model keeps its classes, weights and load hooks."""
+    model = tiny_vit(arch, **kwargs)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        specialize(model, **selection)
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    assert not any(module._load_state_dict_pre_hooks for module in model.modules())
 
 
-def test_load_pretrained_refuses_weights_of_another_model(tmp_path):
-    save_file(specialize(tiny_vit(), **PAPER_DEFAULT).state_dict(), tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="unexpected keys"):
-        load_pretrained(tiny_vit(), tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model weights"):
-        load_pretrained(tiny_vit(), tmp_path / "missing")
+# --- one description of a specialization --------------------------------------------------------
 
+def test_the_recipe_keys_are_the_options_of_specialize():
+    from clsvit.config import BLOCK_SELECTION_KEYS
+
+    default = load_config("recipes/default.yaml")["model"]["specialize"]
+    assert list(default) == list(OPTIONS) and default == dict(NO_SPECIALIZATION)
+    assert BLOCK_SELECTION_KEYS == {f"model.specialize.{component}" for component in COMPONENTS}
+
+
+def test_describe_specialization_and_is_specialized():
+    assert describe_specialization(PAPER_DEFAULT) == "norm=1 layerscale=1 qkv=0.333"
+    assert describe_specialization({**NO_SPECIALIZATION, "qkv": [0, 1], "final_norm": True}) == "qkv=[0, 1] final_norm"
+    assert describe_specialization(NO_SPECIALIZATION) == "none" and describe_specialization(None) == "none"
+    assert not is_specialized(NO_SPECIALIZATION) and not is_specialized({"qkv": []}) and not is_specialized(None)
+    assert is_specialized(PAPER_DEFAULT) and is_specialized({"qkv": [3]}) and is_specialized({"final_norm": True})
+    assert specialized_modules(specialize(tiny_vit(), qkv=[2])).keys() == {"blocks.2.attn.qkv"}
+
+
+# --- runs -------------------------------------------------------------------------------------
 
 def test_load_run_rebuilds_the_model_a_recipe_describes(tmp_path):
     cfg = load_config("recipes/default.yaml", [
@@ -540,3 +578,12 @@ def test_load_run_rebuilds_the_model_a_recipe_describes(tmp_path):
     with pytest.raises(ValueError, match="^model.num_classes"):
         build_model({**cfg["model"], "num_classes": None})
     assert build_model({**cfg["model"], "num_classes": None}, num_classes=3).head.out_features == 3
+
+    # command-line overrides apply: another resolution resizes the position embeddings (timm's
+    # resampling), a component the run did not specialize is cloned from its shared weights
+    resized, resized_cfg = load_run(tmp_path, ["model.img_size=48", "model.specialize.mlp=[0]"])
+    assert resized_cfg["model"]["img_size"] == 48 and resized_cfg["model"]["specialize"]["mlp"] == [0]
+    expected_pos_embed = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[3, 3], num_prefix_tokens=0)
+    torch.testing.assert_close(resized.pos_embed.detach(), expected_pos_embed, rtol=0, atol=0)
+    assert torch.equal(resized.blocks[0].mlp.global_copy.fc1.weight, model.blocks[0].mlp.fc1.weight)
+    assert torch.equal(resized.norm.global_copy.weight, model.norm.global_copy.weight)

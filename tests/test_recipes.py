@@ -225,8 +225,10 @@ def test_differs_from_its_baseline_only_in_the_claimed_keys(recipe):
         assert params_claim(recipe)[2] == params_claim(baseline)[0]
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if config(r)["model"]["pretrained"]])
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if config(r)["model"]["pretrained"]
+                                    and not config(r)["model"]["pretrained"].startswith("hf-hub:")])
 def test_finetune_starts_from_a_recipe_of_the_grid(recipe):
+    """Fine-tunes of a run (retrofits of public weights start from the hub: tests/test_checkpoints.py)."""
     cfg = config(recipe)
     run_dir = Path(cfg["model"]["pretrained"])
     assert run_dir.parent == Path(cfg["run"]["root"]), f"{recipe}: pretrained is not a run directory"

@@ -12,30 +12,37 @@ How it is done here: a specialized module keeps its shared weights under its usu
 (`GlobalTokenLayerNorm`, `GlobalTokenLinear`, ...; `split_class`) whose forward recomputes the
 output rows of the global tokens with that copy:
 
-    out = super().forward(x)                 # timm's own forward, every token
-    out[:, :n] = self.global_copy(x[:, :n])  # global tokens: their own weights
+    out = self.shared_forward(x)                             # the timm module's forward, every token
+    return with_global_rows(out, self.global_copy(x[:, :n]))  # out[:, :n] overwritten in place
 
 Because the split sits in token-wise modules only (norms, LayerScale, Linear, Mlp), timm's
 `Block.forward` and `Attention.forward` run unchanged: attention is still one
 `F.scaled_dot_product_attention` over the concatenated sequence, and every timm API
 (`forward_features`, `forward_intermediates`, grad checkpointing, `no_weight_decay`,
-`group_matcher`) keeps working. The shared op also runs on the n global rows and is then
-overwritten: n/N of one op (1/197 for ViT-S/16 at 224) is cheaper than slicing the patch rows
-out, which would copy the whole activation. Autograd routes the prefix rows' gradient to the
+`group_matcher`, `features_only`) keeps working. The shared op also runs on the n global rows and
+is then overwritten: n/N of one op (1/197 for ViT-S/16 at 224) is cheaper than slicing the patch
+rows out, which would copy the whole activation. Autograd routes the prefix rows' gradient to the
 copy only (the overwritten rows contribute nothing to the shared weights).
 
-Why a class and not a forward hook (the design before issue #6): torch.compile does not guard
-nn.Module hook dictionaries (`torch._dynamo.config.skip_nnmodule_hook_guards`, on by default), but
-it does guard module types. With hooks, a graph traced for a block without a QKV copy was silently
-reused for a block with one (regional compilation, `block.compile()`, of the paper default: QKV
-copies in the first third only), and a baseline model compiled first in the same process made a
-specialized model run the baseline graph. With a class per split, each structure gets its own graph
-(tests/test_performance_paths.py).
+The same code runs under TorchScript and torch.fx. `shared_forward` is the base class's own
+`forward` under another name (TorchScript compiles no `super()` call, and compiles a called method
+under its `__name__`, which must not clash with `forward`). `with_global_rows` and
+`scale_global_rows` are registered with `torch.fx.wrap`: an fx Proxy takes no item assignment, so
+symbolic tracing (torchvision's and timm's `create_feature_extractor`, timm's `FeatureGraphNet`)
+records each as one call, run eagerly, and LayerScale's choice below is made when the traced
+graph runs, not when it is traced. Neither changes the operations eager PyTorch runs.
+
+A class per split, not a forward hook: torch.compile does not guard nn.Module hook dictionaries
+(`torch._dynamo.config.skip_nnmodule_hook_guards`, on by default) but does guard module types, so
+with hooks a graph traced for a block without a QKV copy would be reused for a block with one
+(regional compilation, `block.compile()`, of the paper default: QKV copies in the first third
+only), and a baseline compiled first in the same process would run in place of a specialized model.
+With a class per split each structure gets its own graph (tests/test_performance_paths.py).
 
 LayerScale is split differently: `GlobalTokenLayerScale` multiplies by a per-token gamma
 (`cat([copy.gamma] * n + [gamma] * (N - n))`, shape (N, D)) instead of overwriting rows.
 
-Why (issue #6, `python benchmarks/bench_split.py`: one module's forward + backward at ViT-S/16
+Why, measured by `python benchmarks/bench_split.py` (one module's forward + backward at ViT-S/16
 shapes, B=16 N=197 D=384, 1 CPU thread, as a multiple of the timm module's time): the in-place
 overwrite costs little forward, but its backward makes three passes over full-size tensors:
 autograd's CopySlices clones the output gradient to zero the global rows, the `x[:, :n]` slice
@@ -58,19 +65,21 @@ computing the same function:
 - One fused projection on the concatenated weight [W; W_copy] with a per-token select: doubles
   the projection's FLOPs to save the copies (QKV: 2x instead of 1.07x with the overwrite). Rejected.
 Whole model (`python benchmarks/bench_model.py`): see README "Performance".
+
+Components the architecture lacks are refused, never skipped: `specialize` checks every selected
+module before it changes the first one, and a model it refuses is left exactly as it was.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from pathlib import Path
+import types
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-import timm
 import torch
-from timm.layers import DropPath, LayerScale
+from timm.layers import LayerScale
 from timm.models import VisionTransformer
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import get_init_weights_vit
@@ -89,7 +98,58 @@ COMPONENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 PAPER_DEFAULT: Mapping[str, float] = MappingProxyType(
     {"norm": 1.0, "layerscale": 1.0, "qkv": 1 / 3, "proj": 0.0, "mlp": 0.0})
 
+# Nothing specialized: the keyword arguments of `specialize` for a baseline model.
+NO_SPECIALIZATION: Mapping[str, Any] = MappingProxyType(
+    {**dict.fromkeys(COMPONENTS, 0.0), "final_norm": False, "init": "clone"})
+
 INITS = ("clone", "fresh")
+OPTIONS = (*COMPONENTS, "final_norm", "init")  # every keyword argument of `specialize`
+
+
+def is_specialized(selection: Mapping[str, Any] | None) -> bool:
+    """Whether `specialize(model, **selection)` gives the global tokens any weights of their own
+    (a non-zero fraction or a non-empty block list for some component, or `final_norm`)."""
+    if not selection:
+        return False
+    return any(bool(selection.get(component)) for component in COMPONENTS) or bool(selection.get("final_norm"))
+
+
+def describe_specialization(selection: Mapping[str, Any] | None) -> str:
+    """'norm=1 layerscale=1 qkv=0.333', 'qkv=[0, 1] final_norm', or 'none'."""
+    selection = selection or {}
+    parts = [f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+             for key, value in ((key, selection.get(key)) for key in COMPONENTS) if value]
+    if selection.get("final_norm"):
+        parts.append("final_norm")
+    return " ".join(parts) or "none"
+
+
+def with_global_rows(out: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
+    """`out` with its first rows (dim 1) replaced, in place, by `global_rows`."""
+    out[:, :global_rows.shape[1]] = global_rows
+    return out
+
+
+def scale_global_rows(x: torch.Tensor, gamma: torch.Tensor, global_gamma: torch.Tensor, n: int) -> torch.Tensor:
+    """LayerScale with `global_gamma` on the first n rows (dim 1) and `gamma` on the others."""
+    if torch.is_grad_enabled():  # one multiply by a per-token gamma: a backward without an overwrite
+        return x * torch.cat([global_gamma.expand(n, -1), gamma.expand(x.shape[1] - n, -1)])
+    out = x * gamma  # no backward: overwriting n rows is cheaper than building an (N, D) gamma
+    out[:, :n] = x[:, :n] * global_gamma
+    return out
+
+
+torch.fx.wrap("with_global_rows")
+torch.fx.wrap("scale_global_rows")
+
+
+def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
+    renamed = types.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                                 function.__closure__)
+    renamed.__kwdefaults__ = function.__kwdefaults__
+    renamed.__annotations__ = function.__annotations__
+    renamed.__qualname__ = f"{function.__qualname__.rpartition('.')[0]}.{name}"
+    return renamed
 
 
 class GlobalTokenSplit(nn.Module):
@@ -98,17 +158,18 @@ class GlobalTokenSplit(nn.Module):
 
     `specialize()` changes the class of the module in place to `GlobalToken<Class>` (this mixin +
     the module's class, made once per class by `split_class`), so parameters, buffers, state-dict
-    keys and `isinstance` checks stay those of the timm module."""
+    keys and `isinstance` checks stay those of the timm module. A subclass gets `shared_forward`,
+    the forward of the first class after this mixin in its MRO, and `_split_base`, that class."""
 
-    num_global_tokens: int
-    global_copy: nn.Module
-    _split_base: type  # the class before specialization
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base = next(klass for klass in cls.__mro__ if "forward" in vars(klass)
+                    and not issubclass(klass, GlobalTokenSplit))
+        cls._split_base = base
+        cls.shared_forward = _renamed(vars(base)["forward"], "shared_forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        n = self.num_global_tokens
-        out[:, :n] = self.global_copy(x[:, :n])
-        return out
+        return with_global_rows(self.shared_forward(x), self.global_copy(x[:, :self.num_global_tokens]))
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time, so pickle cannot find it by name: rebuild it from the base
@@ -122,17 +183,8 @@ class GlobalTokenLayerScale(LayerScale):
     rows — element for element the multiplies of the shared and the copy's LayerScale, without the
     overwrite (whose backward clones the output gradient; see the module docstring)."""
 
-    num_global_tokens: int
-    global_copy: LayerScale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.num_global_tokens
-        if not torch.is_grad_enabled():  # no backward: overwriting n rows is cheaper than an (N, D) gamma
-            out = x * self.gamma
-            out[:, :n] = x[:, :n] * self.global_copy.gamma
-            return out
-        gamma = torch.cat([self.global_copy.gamma.expand(n, -1), self.gamma.expand(x.shape[1] - n, -1)])
-        return x * gamma  # (B, N, D) * (N, D)
+        return scale_global_rows(x, self.gamma, self.global_copy.gamma, self.num_global_tokens)
 
 
 _SPLIT_CLASSES: dict[type, type] = {LayerScale: GlobalTokenLayerScale}
@@ -142,8 +194,7 @@ def split_class(cls: type) -> type:
     """The specialized class of a token-wise module class (made once, then cached)."""
     if cls not in _SPLIT_CLASSES:
         name = f"GlobalToken{cls.__name__}"
-        _SPLIT_CLASSES[cls] = type(name, (GlobalTokenSplit, cls),
-                                   {"__module__": __name__, "__qualname__": name, "_split_base": cls})
+        _SPLIT_CLASSES[cls] = type(name, (GlobalTokenSplit, cls), {"__module__": __name__, "__qualname__": name})
     return _SPLIT_CLASSES[cls]
 
 
@@ -163,8 +214,6 @@ def _fill_missing_global_copies(module: nn.Module, state_dict: dict, prefix: str
 
 def _add_global_copy(module: nn.Module, name: str, num_global_tokens: int, init: str,
                      init_mode: str) -> None:
-    if hasattr(module, "global_copy"):
-        return  # already specialized: specialize() is idempotent
     global_copy = copy.deepcopy(module)
     if init == "fresh":
         init_fn = get_init_weights_vit(init_mode, needs_reset=True)
@@ -198,15 +247,22 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
                **unknown: Any) -> nn.Module:
     """Give the global tokens ([CLS] + registers) their own copy of the selected modules, in place.
 
-    Each component (`norm`: norm1+norm2, `layerscale`: ls1+ls2, `qkv`, `proj`, `mlp`: fc1+fc2) is a
-    fraction of the depth counted from the input, or a list of block indices. `final_norm` unties the
-    norm after the last block. `init="clone"` starts each copy equal to the shared weights (the model
-    then computes exactly the function it computed before); `init="fresh"` re-initialises the copies
-    the way timm initialises the model. Returns the same model.
+    Each component (`norm`: norm1+norm2, `layerscale`: ls1+ls2, `qkv`, `proj`, `mlp`: the whole
+    MLP) is a fraction of the depth counted from the input, or a list of block indices.
+    `final_norm` unties `model.norm`, the norm over every token after the last block; global-pool
+    models (timm's `fc_norm`) have none — their `fc_norm` normalises the pooled patch average,
+    which no global token enters — and are refused. `init="clone"` starts each copy equal to the
+    shared weights (the model then computes the function it computed before, up to float
+    rounding); `init="fresh"` re-initialises the copies the way timm initialises the model.
+
+    Atomic: every argument and every selected module is checked first; a component the
+    architecture lacks (no LayerScale, no `attn.qkv`, no final norm) raises a ValueError naming
+    it, and the model is left untouched. Modules already specialized are kept as they are.
+    Returns the same model.
     """
     if unknown:
         name = next(iter(unknown))
-        close = difflib.get_close_matches(name, [*COMPONENTS, "final_norm", "init"], n=1)
+        close = difflib.get_close_matches(name, OPTIONS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"specialize: unknown component {name!r}{hint}")
     if not isinstance(model, VisionTransformer):
@@ -216,22 +272,20 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
     selected = {"norm": norm, "layerscale": layerscale, "qkv": qkv, "proj": proj, "mlp": mlp}
     plan = {component: block_indices(value, len(model.blocks), component)
             for component, value in selected.items()}
-    if not any(plan.values()) and not final_norm:
+    targets = [(f"blocks.{i}.{path}", component) for component, indices in plan.items()
+               for i in indices for path in COMPONENTS[component]]
+    if not targets and not final_norm:
         return model
     num_global = model.num_prefix_tokens
     if num_global == 0:
         raise ValueError("model: it has no global tokens (no [CLS] and no registers) to specialize")
-
-    for component, indices in plan.items():
-        for i in indices:
-            for path in COMPONENTS[component]:
-                name = f"blocks.{i}.{path}"
-                module = _token_wise_module(model, name, component)
-                _add_global_copy(module, name, num_global, init, model.weight_init_mode)
+    modules = [(name, _token_wise_module(model, name, component)) for name, component in targets]
     if final_norm:
-        if isinstance(model.norm, nn.Identity):
-            raise ValueError("final_norm: the model has no final norm (it uses fc_norm after pooling)")
-        _add_global_copy(model.norm, "norm", num_global, init, model.weight_init_mode)
+        modules.append(("norm", _final_norm(model)))
+
+    for name, module in modules:  # every check passed: nothing below raises on a bad argument
+        if not hasattr(module, "global_copy"):
+            _add_global_copy(module, name, num_global, init, model.weight_init_mode)
     return model
 
 
@@ -245,137 +299,22 @@ def _token_wise_module(model: nn.Module, name: str, component: str) -> nn.Module
         block = type(model.get_submodule(".".join(name.split(".")[:2]))).__name__  # "blocks.<i>"
         raise ValueError(f"{component}: block type {block} has no module {name!r}") from None
     if isinstance(module, nn.Identity):
-        why = " (build the model with LayerScale: layerscale_init/init_values)" if component == "layerscale" else ""
+        why = (" (the architecture has no LayerScale: build it with layerscale_init / timm's init_values, "
+               "or set layerscale to 0)" if component == "layerscale" else "")
         raise ValueError(f"{component}: {name} is an Identity in this model{why}")
     if isinstance(module, LayerScale) and module.inplace:
         raise ValueError(f"{component}: {name} is an in-place LayerScale; build the model with inplace=False")
     return module
 
 
-def set_uniform_drop_path(model: VisionTransformer, rate: float) -> None:
-    """DeiT-III uses the same stochastic-depth rate in every block; timm's rises linearly with depth."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path: rate {rate!r} is outside [0, 1)")
-    for block in model.blocks:
-        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
-        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+def _final_norm(model: VisionTransformer) -> nn.Module:
+    if isinstance(model.norm, nn.Identity):
+        why = ("it pools the patch tokens and normalises the pooled vector (fc_norm), which no global token "
+               "enters" if not isinstance(model.fc_norm, nn.Identity) else "it was built without one")
+        raise ValueError(f"final_norm: the model has no final norm over the tokens ({why}); leave final_norm false")
+    return model.norm
 
 
-def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, drop_path: float = 0.0,
-                 layerscale_init: float | None = None, **timm_kwargs: Any) -> VisionTransformer:
-    """`timm.create_model(arch, **timm_kwargs)`, then the DeiT-III settings and the specialization.
-
-    `drop_path` is a uniform stochastic-depth rate (DeiT-III); `layerscale_init` is timm's
-    `init_values` (DeiT-III: 1e-4 at every size; None keeps the architecture's default).
-    `specialize` holds the keyword arguments of `specialize()`, e.g. `clsvit.PAPER_DEFAULT`.
-    """
-    if "drop_path_rate" in timm_kwargs:
-        raise ValueError("drop_path_rate: timm's rate rises linearly with depth; pass drop_path (uniform)")
-    if layerscale_init is not None:
-        timm_kwargs["init_values"] = layerscale_init
-    try:
-        model = timm.create_model(arch, **timm_kwargs)
-    except (RuntimeError, TypeError) as error:  # unknown name, or arguments this architecture does not take
-        raise ValueError(f"arch: {arch!r}: {error}") from None
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"arch: {arch!r} is a {type(model).__name__}, not a timm VisionTransformer")
-    set_uniform_drop_path(model, drop_path)
-    if specialize:
-        _specialize(model, **specialize)
-    return model
-
-
-def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None) -> VisionTransformer:
-    """The model a recipe's `model:` section describes (weights freshly initialised)."""
-    num_classes = model_cfg["num_classes"] if num_classes is None else num_classes
-    if num_classes is None:
-        raise ValueError("model.num_classes: unknown; set it or build the model with the dataset's class count")
-    try:
-        return create_model(
-            model_cfg["arch"],
-            specialize=model_cfg["specialize"],
-            drop_path=model_cfg["drop_path"],
-            layerscale_init=model_cfg["layerscale_init"],
-            img_size=model_cfg["img_size"],
-            num_classes=num_classes,
-            reg_tokens=model_cfg["reg_tokens"],  # None keeps the architecture's default
-            **model_cfg.get("timm_kwargs", {}),
-        )
-    except ValueError as error:  # name the recipe key: "qkv: ..." -> "model.specialize.qkv: ..."
-        key, _, rest = str(error).partition(": ")
-        if key in (*COMPONENTS, "final_norm", "init"):
-            raise ValueError(f"model.specialize.{key}: {rest}") from None
-        if key in ("arch", "drop_path"):
-            raise ValueError(f"model.{key}: {rest}") from None
-        raise
-
-
-def is_specialized(specialization: Mapping[str, Any]) -> bool:
-    """Whether a recipe's `model.specialize` section gives the global tokens any copy at all."""
-    return any(specialization.get(component) for component in COMPONENTS) or bool(specialization.get("final_norm"))
-
-
-def describe_specialization(specialization: Mapping[str, Any]) -> str:
-    """'norm=1 layerscale=1 qkv=0.333', 'qkv=[0, 1, 2, 3] final_norm' or 'none'."""
-    parts = [f"{component}={value:.3g}" if isinstance(value, float) else f"{component}={value}"
-             for component in COMPONENTS if (value := specialization.get(component))]
-    if specialization.get("final_norm"):
-        parts.append("final_norm")
-    return " ".join(parts) or "none"
-
-
-def baseline_model_config(model_cfg: Mapping[str, Any]) -> dict:
-    """The recipe's `model` section without specialization: the baseline a run's overhead is counted against."""
-    unspecialized = {**model_cfg["specialize"], **dict.fromkeys(COMPONENTS, 0.0), "final_norm": False}
-    return {**model_cfg, "specialize": unspecialized}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def weights_path(path: str | Path) -> Path:
-    """A run directory or a .safetensors file -> the .safetensors file (one-line error if missing)."""
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no model weights at {file}")
-    return file
-
-
-def load_pretrained(model: VisionTransformer, path: str | Path) -> list[str]:
-    """Initialise `model` from another run's weights (fine-tuning): position embeddings are resized
-    bicubically to this model's grid (192 -> 224), a classifier of another shape is left freshly
-    initialised, and missing global-token copies are cloned from the shared weights.
-    Returns the keys that were not loaded."""
-    from safetensors.torch import load_file
-    from timm.layers import resample_abs_pos_embed
-
-    state = load_file(weights_path(path))
-    own = model.state_dict()
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix,
-            interpolation="bicubic", antialias=True)
-    skipped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    for key in skipped:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: weights do not fit {type(model).__name__}: unexpected keys {unexpected[:5]}")
-    return sorted(set(missing) | set(skipped))
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VisionTransformer, dict]:
-    """Rebuild a trained model from its run directory (config.yaml + model.safetensors)."""
-    from safetensors.torch import load_file
-
-    from clsvit.config import load_config
-
-    run_dir = Path(run_dir)
-    weights = weights_path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_model(cfg["model"])
-    model.load_state_dict(load_file(weights))  # on the CPU, then moved: any torch device string works
-    return model.to(device).eval(), cfg
+def specialized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> module for every module that has a global-token copy."""
+    return {name: module for name, module in model.named_modules() if hasattr(module, "global_copy")}

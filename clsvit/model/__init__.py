@@ -1,0 +1,45 @@
+"""Specialized timm Vision Transformers: the specialization itself (`specialization`), building
+and loading models from recipes, runs and public checkpoints (`loading`), and their twins in timm's
+model registry (`registry`)."""
+
+from clsvit.model.specialization import (
+    COMPONENTS,
+    INITS,
+    NO_SPECIALIZATION,
+    OPTIONS,
+    PAPER_DEFAULT,
+    GlobalTokenLayerScale,
+    GlobalTokenSplit,
+    _add_global_copy,
+    block_indices,
+    describe_specialization,
+    is_specialized,
+    specialize,
+    specialized_modules,
+    split_class,
+)
+from clsvit.model.loading import (  # noqa: I001 — after specialization, which it imports
+    baseline_model_config,
+    build_model,
+    check_pretrained,
+    count_parameters,
+    create_model,
+    feature_extractor,
+    load_run,
+    locate_pretrained,
+    read_pretrained,
+    set_uniform_drop_path,
+    timm_vit,
+    weights_path,
+)
+from clsvit.model.registry import paper_default_for, specialized_name  # registers the twins in timm
+
+__all__ = [
+    "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "GlobalTokenLayerScale",
+    "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained",
+    "count_parameters", "create_model",
+    "describe_specialization", "feature_extractor", "is_specialized", "load_run", "locate_pretrained",
+    "paper_default_for",
+    "read_pretrained", "set_uniform_drop_path", "specialize", "specialized_modules", "specialized_name",
+    "split_class", "timm_vit", "weights_path",
+]
