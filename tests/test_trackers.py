@@ -54,4 +54,4 @@ def test_mlflow_gets_the_recipe_and_the_metrics_at_their_steps(tmp_path, monkeyp
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
         assert logged and [step for step, _ in sorted(history)] == [step for step, _ in logged], key
         assert [value for _, value in sorted(history)] == pytest.approx([value for _, value in logged]), key
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard stays on
+    assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard stays on

@@ -236,7 +236,7 @@ def test_a_second_launch_is_refused_untouched_and_the_first_finishes_as_a_lone_r
     assert files_of(run_dir) == before
     resume(first, [pid])
     assert_same_weights(run_dir, finished_run[0])
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert [e["step"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e] == [2, 4, 6, 8, 10, 12]
     assert (run_dir / "run.lock").read_text() == ""  # a clean exit leaves no owner
 
@@ -278,7 +278,7 @@ def test_two_processes_take_the_lock_once_eval_reads_the_newest_checkpoint_and_a
     relaunch = run_train(recipe, *overrides, env=env, processes=2)
     assert f"resumed from {run_dir / 'checkpoints' / 'step_4'}" in relaunch.stdout + relaunch.stderr
     assert (run_dir / "model.safetensors").is_file() and not (run_dir / "eval.json").exists()
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # first launch + relaunch
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # first launch + relaunch
 
 
 # ---------------------------------------------------------------- the README's commands
