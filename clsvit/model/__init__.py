@@ -10,7 +10,6 @@ from clsvit.model.specialization import (
     PAPER_DEFAULT,
     GlobalTokenLayerScale,
     GlobalTokenSplit,
-    _add_global_copy,
     block_indices,
     describe_specialization,
     is_specialized,

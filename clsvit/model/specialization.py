@@ -42,8 +42,8 @@ With a class per split each structure gets its own graph (tests/test_performance
 LayerScale is split differently: `GlobalTokenLayerScale` multiplies by a per-token gamma
 (`cat([copy.gamma] * n + [gamma] * (N - n))`, shape (N, D)) instead of overwriting rows.
 
-Why, measured by `python benchmarks/bench_split.py` (one module's forward + backward at ViT-S/16
-shapes, B=16 N=197 D=384, 1 CPU thread, as a multiple of the timm module's time): the in-place
+Why (one module's forward + backward at ViT-S/16 shapes, B=16 N=197 D=384, 1 CPU thread, as a
+multiple of the timm module's time; the measurements are recorded in benchmarks/README.md): the in-place
 overwrite costs little forward, but its backward makes three passes over full-size tensors:
 autograd's CopySlices clones the output gradient to zero the global rows, the `x[:, :n]` slice
 gives back a zero-filled input-size gradient, and that is added to the shared path's. For a
@@ -64,7 +64,7 @@ computing the same function:
   of the gradient. Rejected: the shared weights must get exactly the patch rows' sum.
 - One fused projection on the concatenated weight [W; W_copy] with a per-token select: doubles
   the projection's FLOPs to save the copies (QKV: 2x instead of 1.07x with the overwrite). Rejected.
-Whole model (`python benchmarks/bench_model.py`): see README "Performance".
+Whole model (`python benchmarks/bench_model.py`): see benchmarks/README.md.
 
 Components the architecture lacks are refused, never skipped: `specialize` checks every selected
 module before it changes the first one, and a model it refuses is left exactly as it was.
