@@ -25,7 +25,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clsvit.config import load_config  # noqa: E402
+from clsvit.config import ConfigError, load_config  # noqa: E402
 from clsvit.dense import DenseDataset, engine, resolve  # noqa: E402
 from clsvit.dense import transforms as T  # noqa: E402
 from clsvit.dense.heads import LinearDepthHead, depth_bin_centres, lr_at, segmentation_loss, sig_loss  # noqa: E402
@@ -502,6 +502,15 @@ def test_protocols_fill_nulls_with_their_published_values():
     json.dumps(s3.as_dict())  # eval.json-ready
     d2 = depth_settings(protocol="dinov2_linear", iterations=None, warmup_iters=None)
     assert (d2.cls_token, d2.final_norm, d2.upsample, d2.batchnorm, d2.warmup_iters) == (True, False, 4, False, 11520)
+
+
+def test_test_ratios_take_any_number_of_scales():
+    cfg = load_config(ROOT / "recipes" / "default.yaml", ["eval.seg.test_ratios=[0.5, 1, 1.75]"])
+    assert seg_settings(test_ratios=cfg["eval"]["seg"]["test_ratios"]).test_ratios == (0.5, 1.0, 1.75)
+    with pytest.raises(ConfigError, match=r"'eval.seg.test_ratios' must be a non-empty list"):
+        load_config(ROOT / "recipes" / "default.yaml", ["eval.seg.test_ratios=[]"])
+    with pytest.raises(ValueError, match=r"eval.seg.test_ratios must be ratios > 0, got \[0.0, 1.0\]"):
+        seg_settings(test_ratios=[0.0, 1.0])
 
 
 def test_schedules_by_hand():

@@ -4,9 +4,10 @@ Training: every step draws ``batch_size`` augmented crops (the protocol's pipeli
 :mod:`clsvit.dense.transforms`), extracts their features with the frozen backbone and takes one
 optimizer step on the head. With ``cache_features`` one augmented view per image of a subset is
 extracted once and the head takes its steps on those (the CPU demo). Evaluation runs at each image's
-own size: segmentation resizes the image as the protocol does, slides ``crop_size`` windows with
-``slide_stride`` over it, resizes the logits back to the ORIGINAL label size and accumulates the
-confusion matrix over the split (mmseg's mIoU); depth predicts the whole (KITTI: benchmark-cropped)
+own size: segmentation resizes the image as the protocol does (once per ``test_ratios`` scale), slides
+``crop_size`` windows with ``slide_stride`` over it, resizes the logits back to the ORIGINAL label size,
+averages the softmax over scales and flips, and accumulates the confusion matrix over the split
+(mmseg's mIoU); depth predicts the whole (KITTI: benchmark-cropped)
 image, averages it with its flipped prediction when ``flip_test``, and computes the toolbox's metrics
 per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
 Where nothing is trained (the feature cache, evaluation), consecutive images of one size share a
