@@ -71,6 +71,9 @@ FREE_MAPPINGS = {"model.timm_kwargs"}
 # the depth by the model, which knows it): one key per specializable component.
 BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in COMPONENTS}
 
+# Lists of any length >= 1 (other lists keep the length of their default), with their element type.
+VARIABLE_LISTS = {"eval.seg.test_ratios": float}
+
 
 class ConfigError(ValueError):
     """A bad recipe or override; the message is one line naming the file/key and the value."""
@@ -253,6 +256,10 @@ def _check_value(key, value, default, where):
             return float(value)
         raise ConfigError(f"'{key}' must be a fraction in [0, 1] or a list of block indices >= 0, "
                           f"got {value!r} (in {where})")
+    if key in VARIABLE_LISTS:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"'{key}' must be a non-empty list like {default}, got {value!r} (in {where})")
+        return [_check_value(f"{key}[{i}]", v, VARIABLE_LISTS[key](0), where) for i, v in enumerate(value)]
     expected = NULLABLE_TYPES[key] if default is None else type(default)
     if expected is list:
         if not isinstance(value, list) or len(value) != len(default):
@@ -325,7 +332,7 @@ def _check_schema(schema):
     """default.yaml and the tables above must agree; catches editing one without the other."""
     flat = flatten(schema, stringify=False)
     rule_keys = [key for keys, _, _ in CROSS_KEY_RULES for key in keys]
-    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, *rule_keys]:
+    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, *VARIABLE_LISTS, *rule_keys]:
         if key not in flat and key not in FREE_MAPPINGS:
             raise ConfigError(f"config.py's tables name '{key}', which is not a key of {DEFAULT_RECIPE}")
     for key, value in flat.items():

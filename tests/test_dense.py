@@ -25,10 +25,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clsvit.config import load_config  # noqa: E402
+from clsvit.config import ConfigError, load_config  # noqa: E402
 from clsvit.dense import DenseDataset, engine, resolve  # noqa: E402
 from clsvit.dense import transforms as T  # noqa: E402
-from clsvit.dense.heads import lr_at, segmentation_loss, sig_loss  # noqa: E402
+from clsvit.dense.heads import LinearDepthHead, depth_bin_centres, lr_at, segmentation_loss, sig_loss  # noqa: E402
 
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -232,11 +232,33 @@ def test_predictions_are_compared_at_the_original_label_size():
     mask = luminance_mask(grace_hopper(), 3)
     items = seg_dataset([(colour_coded(mask), mask)])
     s = seg_settings(num_classes=3, scale=[1024, 200], crop_size=[96, 96], slide_stride=[64, 64])  # test at 234x200
-    probs = engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), engine.seg_eval_view(items[0], s)["image"][None],
+    probs = engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), engine.seg_eval_view(items[0], s)["images"][0][None],
                                      mask.shape, s)
     assert probs.shape == (1, 3, 600, 512)
     result = engine.evaluate_segmentation(ColourBackbone(1), OneHotMaskHead(), items, s)
     assert result["pixels"] == int((mask != 255).sum()) and 0.6 < result["miou"] < 1.0  # resampled borders
+
+
+def test_multi_scale_test_sizes_by_hand_and_mean_of_the_scales():
+    s2 = seg_settings(protocol="dinov2_linear", scale=[2048, 512], test_ratios=[0.5, 1.5])
+    assert [engine.seg_test_size(600, 512, s2, r) for r in (0.5, 1.0, 1.5)] == [(300, 256), (600, 512), (900, 768)]
+    s3 = seg_settings(protocol="dinov3_linear", scale=[2048, 512])
+    assert engine.seg_test_size(600, 512, s3, 0.7) == (450, 384)  # short side int(358.4) -> 384 (multiple of 32)
+    assert engine.seg_test_size(600, 512, s3, 1.25) == (750, 640)
+    mask = luminance_mask(grace_hopper()[::4, ::4], 3)  # 150 x 128
+    items = seg_dataset([(colour_coded(mask), mask)])
+    ratios = [0.5, 1.0, 1.5]
+    s = seg_settings(num_classes=3, scale=[1024, 128], crop_size=[64, 64], slide_stride=[48, 48], test_ratios=ratios,
+                     flip_test=True)
+    view = engine.seg_eval_view(items[0], s)
+    assert [tuple(image.shape[-2:]) for image in view["images"]] == [(75, 64), (150, 128), (225, 192)]
+    singles = [engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), image[None], mask.shape, s)
+               for image in view["images"]]
+    torch.testing.assert_close(engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(),
+                                                        [image[None] for image in view["images"]], mask.shape, s),
+                               sum(singles) / 3)
+    result = engine.evaluate_segmentation(ColourBackbone(1), OneHotMaskHead(), items, s)
+    assert result["pixels"] == int((mask != 255).sum()) and result["miou"] > 0.9
 
 
 def test_miou_accumulates_over_the_split_ignores_255_and_skips_absent_classes():
@@ -273,6 +295,45 @@ def test_perfect_features_train_to_miou_one():
     backbone = ColourBackbone(4)
     head = engine.train_head(backbone, engine.LinearSegHead(3, 3, s), seg_dataset(items[:16]), s)
     assert engine.evaluate_segmentation(backbone, head, seg_dataset(items[16:]), s)["miou"] > 0.99
+
+
+class CountingBackbone(nn.Module):
+    """A frozen timm ViT that counts its forward passes."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.patch_embed, self.blocks, self.calls = backbone, backbone.patch_embed, backbone.blocks, 0
+
+    def forward_intermediates(self, *args, **kwargs):
+        self.calls += 1
+        return self.backbone.forward_intermediates(*args, **kwargs)
+
+
+def test_batched_evaluation_equals_image_by_image():
+    photo = grace_hopper()
+    tall, wide = photo[:200, :150], photo[:150, :200]  # at scale [128, 64]: 85x64 (3x2 windows), 64x85 (2x3)
+    items = seg_dataset([(tile.copy(), luminance_mask(tile, 4)) for tile in (tall, photo[300:500, 200:350], wide, tall)])
+    backbone = CountingBackbone(engine.frozen_backbone(tiny_vit()))
+    results = {}
+    for budget, forwards in ((1, 4), (12, 4), (24, 3), (64, 3)):  # 12 crops per image (6 windows x flip)
+        s = seg_settings(scale=[128, 64], crop_size=[48, 48], slide_stride=[32, 32], flip_test=True, eval_batch_size=budget)
+        head = engine.build_head(backbone, s, seed=0).eval()
+        backbone.calls = 0
+        results[budget] = engine.evaluate_segmentation(backbone, head, items, s)
+        assert backbone.calls == forwards, budget  # consecutive images of one size share a forward
+    assert results[1]["pixels"] == sum(int((m["mask"] != 255).sum()) for m in items) and results[1]["images"] == 4
+    for budget in (12, 24, 64):
+        assert results[budget]["pixels"] == results[1]["pixels"]
+        assert results[budget]["miou"] == pytest.approx(results[1]["miou"], abs=1e-4)
+    depth_items = elevation_items("topobathy.npz", "topo", 2) * 2
+    depth = {}
+    for budget in (1, 64):
+        s = depth_settings(protocol="dinov2_linear", min_depth=0.1, max_depth=12.0, n_bins=16, eval_batch_size=budget)
+        head = engine.build_head(backbone, s, seed=0).eval()
+        depth[budget] = engine.evaluate_depth(backbone, head, depth_items, s)
+    for key in engine.DEPTH_METRICS:
+        assert depth[64][key] == pytest.approx(depth[1][key], rel=1e-4), key
+    assert depth[64]["pixels"] == depth[1]["pixels"] and depth[64]["images"] == 4
 
 
 # ----------------------------------------------------------------------------- depth
@@ -399,6 +460,25 @@ def test_depth_probe_on_real_elevation_maps(protocol):
     assert isinstance(head.bn, nn.Identity) == (protocol == "dinov2_linear")
 
 
+@pytest.mark.parametrize("protocol", ["dinov2_linear", "dinov3_linear"])
+def test_depth_head_computes_the_reference_order(protocol):
+    """DINOv2's head upsamples the tokens x4, then BatchNorm (none for DINOv2) and the 1x1 conv; the head
+    convolves before upsampling when it can (the two commute): same depth, same gradients."""
+    s = depth_settings(protocol=protocol, n_bins=16, max_depth=12.0)
+    head = LinearDepthHead(24, depth_bin_centres(16, s.min_depth, 12.0, "linear"), s).train()
+    features = torch.randn(3, 24, 5, 7, generator=torch.Generator().manual_seed(0))
+    upsampled = F.interpolate(features, scale_factor=s.upsample, mode="bilinear", align_corners=False)
+    weights = torch.relu(head.conv(head.bn(upsampled))) + 0.1
+    reference = (weights / weights.sum(1, keepdim=True) * head.bin_centres[:, None, None]).sum(1, keepdim=True)
+    reference = F.interpolate(reference, size=(40, 56), mode="bilinear", align_corners=False)
+    out = head(features, (40, 56))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().mean(), [head.conv.weight, head.conv.bias])
+    expected = torch.autograd.grad(reference.square().mean(), [head.conv.weight, head.conv.bias])
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+
+
 def test_depth_train_view_crops_and_flips_the_depth_with_the_image():
     item = elevation_items("jacksboro_fault_dem.npz", "elevation", 1)[0]
     s = depth_settings(crop_size=[64, 96])
@@ -422,6 +502,15 @@ def test_protocols_fill_nulls_with_their_published_values():
     json.dumps(s3.as_dict())  # eval.json-ready
     d2 = depth_settings(protocol="dinov2_linear", iterations=None, warmup_iters=None)
     assert (d2.cls_token, d2.final_norm, d2.upsample, d2.batchnorm, d2.warmup_iters) == (True, False, 4, False, 11520)
+
+
+def test_test_ratios_take_any_number_of_scales():
+    cfg = load_config(ROOT / "recipes" / "default.yaml", ["eval.seg.test_ratios=[0.5, 1, 1.75]"])
+    assert seg_settings(test_ratios=cfg["eval"]["seg"]["test_ratios"]).test_ratios == (0.5, 1.0, 1.75)
+    with pytest.raises(ConfigError, match=r"'eval.seg.test_ratios' must be a non-empty list"):
+        load_config(ROOT / "recipes" / "default.yaml", ["eval.seg.test_ratios=[]"])
+    with pytest.raises(ValueError, match=r"eval.seg.test_ratios must be ratios > 0, got \[0.0, 1.0\]"):
+        seg_settings(test_ratios=[0.0, 1.0])
 
 
 def test_schedules_by_hand():

@@ -4,11 +4,15 @@ Training: every step draws ``batch_size`` augmented crops (the protocol's pipeli
 :mod:`clsvit.dense.transforms`), extracts their features with the frozen backbone and takes one
 optimizer step on the head. With ``cache_features`` one augmented view per image of a subset is
 extracted once and the head takes its steps on those (the CPU demo). Evaluation runs at each image's
-own size: segmentation resizes the image as the protocol does, slides ``crop_size`` windows with
-``slide_stride`` over it, resizes the logits back to the ORIGINAL label size and accumulates the
-confusion matrix over the split (mmseg's mIoU); depth predicts the whole (KITTI: benchmark-cropped)
+own size: segmentation resizes the image as the protocol does (once per ``test_ratios`` scale), slides
+``crop_size`` windows with ``slide_stride`` over it, resizes the logits back to the ORIGINAL label size,
+averages the softmax over scales and flips, and accumulates the confusion matrix over the split
+(mmseg's mIoU); depth predicts the whole (KITTI: benchmark-cropped)
 image, averages it with its flipped prediction when ``flip_test``, and computes the toolbox's metrics
 per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
+Where nothing is trained (the feature cache, evaluation), consecutive images of one size share a
+backbone forward of up to ``eval_batch_size`` crops (windows x flips); the numbers are those of one
+image at a time.
 
 Several processes (``accelerate launch``): every process draws the same global plan of augmented
 views, extracts features for its share only, and the shares are gathered in plan order, so the head
@@ -133,14 +137,28 @@ def seg_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
             "mask": F.pad(out["mask"], (0, pad_w, 0, pad_h), value=T.IGNORE_INDEX)}
 
 
-def seg_eval_view(item: dict, s: Settings) -> dict:
-    """The image resized as the protocol tests (ratio 1), the mask untouched at its own size."""
-    height, width = item["mask"].shape
+def seg_test_size(height: int, width: int, s: Settings, ratio: float = 1.0) -> tuple[int, int]:
+    """(h, w) an image is tested at, scale x `ratio`: mmseg ``MultiScaleFlipAug`` rescales to
+    (int(long x ratio), int(short x ratio)) keeping the aspect ratio; DINOv3 sets the short side to
+    int(short x ratio), rounded up to a multiple of 32 below ratio 1 (dinov3/eval/segmentation/
+    transforms.py:203-209)."""
     if s.resize == "mmseg":
-        size, backend = T.mmseg_rescale_size(height, width, s.scale), "cv2"
-    else:
-        size, backend = T.short_side_size(height, width, min(s.scale)), "pil"
-    return {**T.to_tensors(T.resize_image(item["image"], size, backend), mask=item["mask"]), "name": item["name"]}
+        return T.mmseg_rescale_size(height, width, (int(s.scale[0] * ratio), int(s.scale[1] * ratio)))
+    short = int(min(s.scale) * ratio)
+    if ratio < 1:
+        short = math.ceil(short / 32) * 32
+    return T.short_side_size(height, width, short)
+
+
+def seg_eval_view(item: dict, s: Settings) -> dict:
+    """The image resized as the protocol tests, once per test ratio (``images``), the mask untouched
+    at its own size."""
+    height, width = item["mask"].shape
+    backend = "cv2" if s.resize == "mmseg" else "pil"
+    images = [T.to_tensors(T.resize_image(item["image"], seg_test_size(height, width, s, ratio), backend))["image"]
+              for ratio in s.test_ratios]
+    return {"images": images, "mask": torch.from_numpy(np.ascontiguousarray(item["mask"], dtype=np.int64)),
+            "name": item["name"]}
 
 
 def _fixed_crop(s: Settings, height: int, width: int, train: bool):
@@ -249,7 +267,7 @@ def _training_batches(backbone, dataset, s: Settings, generator: torch.Generator
         return
     count = len(dataset) if s.max_train_images <= 0 else min(s.max_train_images, len(dataset))
     plan = {"index": torch.randperm(len(dataset), generator=generator)[:count].sort().values, "seed": seeds(count)}
-    parts = list(_feature_batches(backbone, dataset, plan, s.batch_size, s))
+    parts = list(_feature_batches(backbone, dataset, plan, s.eval_batch_size * PartialState().num_processes, s))
     features, targets = torch.cat([p["features"] for p in parts]), torch.cat([p["target"] for p in parts])
     order = _epoch_order(count, s.iterations * s.batch_size, generator)
     for step in range(s.iterations):
@@ -306,44 +324,55 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
     return windows
 
 
-def slide_logits(predict, image: torch.Tensor, crop, stride) -> torch.Tensor:
-    """[1, K, H, W] logits of a [1, 3, H, W] image: windows predicted in one batch, overlaps averaged."""
-    windows = slide_windows(*image.shape[-2:], crop, stride)
-    crops = torch.cat([image[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
-    out = predict(crops)
-    total = image.new_zeros((1, out.shape[1], *image.shape[-2:]))
-    count = image.new_zeros((1, 1, *image.shape[-2:]))
+def slide_logits(predict, images: torch.Tensor, crop, stride) -> torch.Tensor:
+    """[B, K, H, W] logits of [B, 3, H, W] images of one size: every window of every image predicted in
+    one batch, overlaps averaged."""
+    windows = slide_windows(*images.shape[-2:], crop, stride)
+    crops = torch.cat([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
+    out = predict(crops).unflatten(0, (len(windows), images.shape[0]))
+    total = images.new_zeros((images.shape[0], out.shape[2], *images.shape[-2:]))
+    count = images.new_zeros((1, 1, *images.shape[-2:]))
     for (y1, y2, x1, x2), logits in zip(windows, out):
-        total[0, :, y1:y2, x1:x2] += logits
+        total[..., y1:y2, x1:x2] += logits
         count[..., y1:y2, x1:x2] += 1
     return total / count
 
 
-def seg_probabilities(backbone, head, image: torch.Tensor, size: tuple[int, int], s: Settings) -> torch.Tensor:
-    """Class probabilities [1, K, *size] at the original label size: slide logits, bilinear resize,
-    softmax; with ``flip_test`` the mean with the flipped image's (mmseg ``aug_test``)."""
+def _with_flipped(images: torch.Tensor, s: Settings) -> torch.Tensor:
+    return torch.cat([images, images.flip(-1)]) if s.flip_test else images
+
+
+def _mean_with_flipped(out: torch.Tensor, s: Settings) -> torch.Tensor:
+    """The mean of the predictions of the images and of their mirrors, mirrored back."""
+    if not s.flip_test:
+        return out
+    plain, flipped = out.chunk(2)
+    return (plain + flipped.flip(-1)) / 2
+
+
+def seg_probabilities(backbone, head, images, size: tuple[int, int], s: Settings) -> torch.Tensor:
+    """Class probabilities [B, K, *size] at the original label size of [B, 3, H, W] images, or of a
+    list of them (the test scales): per scale and flip, slide logits, bilinear resize to the label
+    size, softmax; then the mean over scales and flips (mmseg ``aug_test``, DINOv3 TTA)."""
     def predict(crops):
         return head(feature_maps(backbone, crops, s), crops.shape[-2:])
 
-    views = [image, image.flip(-1)] if s.flip_test else [image]
+    scales = [images] if torch.is_tensor(images) else images
     probs = 0
     with torch.no_grad():
-        for k, view in enumerate(views):
-            logits = F.interpolate(slide_logits(predict, view, s.crop_size, s.slide_stride), size=size,
-                                   mode="bilinear", align_corners=False)
-            p = logits.softmax(1)
-            probs = probs + (p.flip(-1) if k else p)
-    return probs / len(views)
+        for scaled in scales:
+            logits = slide_logits(predict, _with_flipped(scaled, s), s.crop_size, s.slide_stride)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            probs = probs + _mean_with_flipped(logits.softmax(1), s)
+    return probs / len(scales)
 
 
-def depth_prediction(backbone, head, image: torch.Tensor, s: Settings) -> torch.Tensor:
-    """[H, W] depth of the whole image, averaged with the flipped image's when ``flip_test``."""
-    views = [image, image.flip(-1)] if s.flip_test else [image]
+def depth_prediction(backbone, head, images: torch.Tensor, s: Settings) -> torch.Tensor:
+    """[B, H, W] depth of whole [B, 3, H, W] images, averaged with the flipped images' when ``flip_test``."""
     with torch.no_grad():
-        preds = [head(feature_maps(backbone, v, s), v.shape[-2:])[0, 0] for v in views]
-    if s.flip_test:
-        preds[1] = preds[1].flip(-1)
-    return (sum(preds) / len(preds)).clamp(s.min_depth, s.max_depth)
+        views = _with_flipped(images, s)
+        depth = head(feature_maps(backbone, views, s), views.shape[-2:])[:, 0]
+    return _mean_with_flipped(depth, s).clamp(s.min_depth, s.max_depth)
 
 
 def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -363,14 +392,6 @@ def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
             "delta3": (thresh < 1.25 ** 3).double().mean().item()}
 
 
-def _eval_items(dataset, s: Settings):
-    """This process's validation images (every world-th), each as the protocol's evaluation view."""
-    state = PartialState()
-    limit = len(dataset) if s.max_val_images <= 0 else min(s.max_val_images, len(dataset))
-    shard = torch.utils.data.Subset(_EvalViews(dataset, s), list(range(state.process_index, limit, state.num_processes)))
-    return DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers)
-
-
 class _EvalViews(Dataset):
     def __init__(self, dataset, s: Settings):
         self.dataset, self.s = dataset, s
@@ -382,6 +403,51 @@ class _EvalViews(Dataset):
         return EVAL_VIEWS[self.s.task](self.dataset[i], self.s)
 
 
+def _crops_per_image(view: dict, s: Settings) -> int:
+    """Backbone inputs one image needs: its windows at every test scale (seg) or 1 (depth), x flips."""
+    if s.task == "seg":
+        crops = sum(len(slide_windows(*image.shape[-2:], s.crop_size, s.slide_stride)) for image in view["images"])
+    else:
+        crops = 1
+    return crops * (2 if s.flip_test else 1)
+
+
+def _shapes(view: dict) -> list[tuple]:
+    tensors = [v for value in view.values() for v in (value if isinstance(value, list) else [value])]
+    return [tuple(t.shape) for t in tensors if torch.is_tensor(t)]
+
+
+def _stack(group: list[dict]) -> dict:
+    """Views of one size as a batch: tensors stacked (lists of tensors position by position)."""
+    out = {}
+    for key, value in group[0].items():
+        if torch.is_tensor(value):
+            out[key] = torch.stack([view[key] for view in group])
+        elif isinstance(value, list) and value and torch.is_tensor(value[0]):
+            out[key] = [torch.stack([view[key][i] for view in group]) for i in range(len(value))]
+        else:
+            out[key] = [view[key] for view in group]
+    return out
+
+
+def _eval_batches(dataset, s: Settings):
+    """This process's validation images (every world-th) as the protocol's evaluation views, consecutive
+    views of one image and target size stacked while their crops (windows x scales x flips) fit in
+    ``eval_batch_size`` (an image with more crops alone)."""
+    state = PartialState()
+    limit = len(dataset) if s.max_val_images <= 0 else min(s.max_val_images, len(dataset))
+    shard = torch.utils.data.Subset(_EvalViews(dataset, s), list(range(state.process_index, limit, state.num_processes)))
+    group, shapes = [], None
+    for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers):
+        if group and (_shapes(view) != shapes or (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size):
+            yield _stack(group)
+            group = []
+        group.append(view)
+        shapes = _shapes(view)
+    if group:
+        yield _stack(group)
+
+
 def evaluate_segmentation(backbone, head, dataset, s: Settings) -> dict:
     """mIoU over the split (confusion matrix summed over images and processes, nan-mean over the classes
     present in prediction or label, 255 ignored) at each label's own size; ``pixels`` = labelled pixels
@@ -389,12 +455,13 @@ def evaluate_segmentation(backbone, head, dataset, s: Settings) -> dict:
     device = PartialState().device
     miou = MulticlassJaccardIndex(num_classes=s.num_classes, ignore_index=T.IGNORE_INDEX, average="macro").to(device)
     pixels, images = SumMetric().to(device), SumMetric().to(device)
-    for item in _eval_items(dataset, s):
-        mask = item["mask"].to(device)
-        probs = seg_probabilities(backbone, head, item["image"][None].to(device), tuple(mask.shape), s)
-        miou.update(probs.argmax(1), mask[None])
-        pixels.update((mask != T.IGNORE_INDEX).sum())
-        images.update(1)
+    for batch in _eval_batches(dataset, s):
+        masks = batch["mask"].to(device)
+        scales = [images.to(device) for images in batch["images"]]
+        probs = seg_probabilities(backbone, head, scales, tuple(masks.shape[-2:]), s)
+        miou.update(probs.argmax(1), masks)
+        pixels.update((masks != T.IGNORE_INDEX).sum())
+        images.update(len(masks))
     return {"miou": float(miou.compute()), "pixels": int(pixels.compute()), "images": int(images.compute())}
 
 
@@ -404,15 +471,15 @@ def evaluate_depth(backbone, head, dataset, s: Settings) -> dict:
     device = PartialState().device
     means = {key: MeanMetric().to(device) for key in DEPTH_METRICS}
     pixels, images = SumMetric().to(device), SumMetric().to(device)
-    for item in _eval_items(dataset, s):
-        gt = item["depth"].to(device)
-        valid = item["region"].to(device) & (gt > s.min_depth) & (gt < s.max_depth)
-        pred = depth_prediction(backbone, head, item["image"][None].to(device), s)
-        if valid.any():
-            for key, value in depth_errors(pred[valid], gt[valid]).items():
-                means[key].update(value)
-            pixels.update(valid.sum())
-            images.update(1)
+    for batch in _eval_batches(dataset, s):
+        preds = depth_prediction(backbone, head, batch["image"].to(device), s)
+        for pred, gt, region in zip(preds, batch["depth"].to(device), batch["region"].to(device)):
+            valid = region & (gt > s.min_depth) & (gt < s.max_depth)
+            if valid.any():
+                for key, value in depth_errors(pred[valid], gt[valid]).items():
+                    means[key].update(value)
+                pixels.update(valid.sum())
+                images.update(1)
     counted = int(images.compute())
     return {**{key: float(metric.compute()) if counted else math.nan for key, metric in means.items()},
             "pixels": int(pixels.compute()), "images": counted}

@@ -109,10 +109,12 @@ class Settings:
     max_train_images: int
     cache_features: bool
     num_workers: int
+    eval_batch_size: int
     scale: tuple = (0, 0)  # seg: img_scale [long, short]
     ratio_range: tuple = (1.0, 1.0)  # seg: training rescale ratio range
     slide_stride: tuple = (0, 0)  # seg: [h, w]
     cat_max_ratio: float = 1.0  # seg
+    test_ratios: tuple = (1.0,)  # seg: test scales as ratios of `scale`
     num_classes: int = 0  # seg
     crops: str = "none"  # depth: nyu | kitti | none
     min_depth: float = 1e-3  # depth
@@ -166,7 +168,7 @@ def resolve(section: dict, task: str) -> Settings:
             values[key] = default
     if values["warmup_iters"] is None:  # one-cycle: the rise takes 30 % of the run (mmcv / torch default)
         values["warmup_iters"] = round(0.3 * values["iterations"])
-    for key in ("crop_size", "scale", "ratio_range", "slide_stride", "brightness_range"):
+    for key in ("crop_size", "scale", "ratio_range", "slide_stride", "brightness_range", "test_ratios"):
         if key in values:
             values[key] = tuple(values[key])
     settings = Settings(task=task, protocol=protocol, **values, **FIXED[(task, protocol)])
@@ -175,7 +177,8 @@ def resolve(section: dict, task: str) -> Settings:
 
 
 def _check(s: Settings, name: str) -> None:
-    positive = ["layers", "iterations", "batch_size"] + (["num_classes"] if s.task == "seg" else ["n_bins"])
+    positive = ["layers", "iterations", "batch_size", "eval_batch_size"]
+    positive += ["num_classes"] if s.task == "seg" else ["n_bins"]
     for key in positive:
         if getattr(s, key) < 1:
             raise ValueError(f"{name}.{key} must be >= 1, got {getattr(s, key)}")
@@ -185,6 +188,8 @@ def _check(s: Settings, name: str) -> None:
             raise ValueError(f"{name}.{key} must be two sizes >= 1, got {list(getattr(s, key))}")
     if s.warmup_iters < 0:
         raise ValueError(f"{name}.warmup_iters must be >= 0, got {s.warmup_iters}")
+    if s.task == "seg" and min(s.test_ratios) <= 0:
+        raise ValueError(f"{name}.test_ratios must be ratios > 0, got {list(s.test_ratios)}")
     if s.task == "seg" and not 0 < s.ratio_range[0] <= s.ratio_range[1]:
         raise ValueError(f"{name}.ratio_range must be [low, high] with 0 < low <= high, got {list(s.ratio_range)}")
     if s.task == "depth" and not 0 < s.min_depth < s.max_depth:
