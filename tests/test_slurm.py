@@ -103,13 +103,21 @@ def test_a_job_submitted_outside_the_repository_trains_in_its_submit_directory(c
 
 def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(cluster, job_env, tmp_path):
     """--time=2 with the warning 30 s before the limit: SLURM signals 60-90 s after the start (it checks
-    every 30 s) while train.py is in its 1500 steps (about 2 minutes on one core, longer beside the
-    uninterrupted run). Once the job is requeued the test raises its time limit, so that a slow machine
-    needs one resume, not a chain of them."""
+    every 30 s) while train.py is in its 1500 steps. A fast machine would finish them first, so the job's
+    processes sleep 0.08 s before each optimizer step (a sitecustomize hook, the training code untouched):
+    the run lasts over 2 minutes on any machine. Once the job is requeued the test raises its time limit,
+    so that a slow machine needs one resume, not a chain of them."""
     steps = ["train.max_steps=1500", "schedule.epochs=190", "train.checkpoint_every=2000", "log.every=10"]
     recipe = write_tiny_recipe(tmp_path, tmp_path / "runs")
+    hook = tmp_path / "slow_steps"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
+        "register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: time.sleep(0.08))\n")
+    slow_env = {**job_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), job_env.get("PYTHONPATH")]))}
     job = sbatch(["--time=2", "--signal=B:USR1@30", str(REPO / "scripts" / "slurm.sh"), str(recipe), *steps],
-                 tmp_path, job_env)
+                 tmp_path, slow_env)
     reference = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(recipe), *steps,
                                   "run.name=uninterrupted"], cwd=REPO, env=job_env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
