@@ -1,4 +1,4 @@
-"""Screenshots of TensorBoard for the README, from a real browser: the HParams table of a small
+"""Screenshots of TensorBoard for docs/, from a real browser: the HParams table of a small
 ablation and its curves overlaid on the custom-scalars page.
 
     python scripts/tensorboard_screenshots.py [--out docs] [--steps 80] [--runs DIR]
