@@ -51,7 +51,7 @@ from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, ConfigError, error_line,
 from clsvit.data import ImageClassDataset, build_eval_loader, build_eval_transform, load_splits
 from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.evaluation import topk_accuracy
-from clsvit.model import build_model, describe_specialization, weights_path
+from clsvit.model import build_model, describe_specialization, normalisation_note, weights_path
 from clsvit.runlock import RunDirectoryInUse, eval_snapshot, same_snapshot_on_every_process
 from clsvit.tracking import write_eval_events
 
@@ -109,6 +109,8 @@ def evaluate(cfg: dict, weights, out_dir: Path, tasks_arg: str | None, snapshot=
             print(f"evaluating {snapshot.description}")
     say = print if accelerator.is_main_process else None
     model = build_model(cfg["model"], pretrained=weights, report=say).to(accelerator.device).eval()
+    if say and write_config and (note := normalisation_note(cfg)):  # --weights: another input normalisation
+        say(note)
     if cfg["model"]["num_classes"] is None:  # --weights: the checkpoint's class count
         cfg["model"]["num_classes"] = model.num_classes
     if "cls" in tasks and not model.num_classes:
@@ -183,7 +185,7 @@ def _dense_probe(model, cfg: dict, task: str, seed: int, accelerator) -> dict:
     section = dict(cfg["eval"][task])
     if task == "seg" and section["source"] == "shapes":  # shapes masks: 0 = background, k + 1 = class k
         section["num_classes"] = cfg["data"]["shapes"]["num_classes"] + 1
-    settings = dense.resolve(section, task)
+    settings = dense.resolve(section, task, mean=cfg["data"]["mean"], std=cfg["data"]["std"])
     target = section["mask_column"] if task == "seg" else section["depth_column"]
     with accelerator.main_process_first():  # the main process generates / caches the dataset first
         train, val = dense.load_dense_splits(section, cfg["data"], f"eval.{task}", target)

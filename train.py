@@ -32,7 +32,8 @@ from clsvit.data import (TrainSampler, UndecodableImages, build_eval_loader, bui
                          load_splits)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
-from clsvit.model import baseline_model_config, build_model, check_pretrained, count_parameters
+from clsvit.model import (baseline_model_config, build_model, check_pretrained, count_parameters,
+                          normalisation_note)
 from clsvit.runlock import RunDirectoryInUse, hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
@@ -113,6 +114,8 @@ def main() -> None:
 
     # ---- model --------------------------------------------------------------------------------
     model = build_model(cfg["model"], num_classes, pretrained=cfg["model"]["pretrained"], report=say)
+    if say and (note := normalisation_note(cfg)):
+        say(note)  # weights trained on inputs normalised otherwise than data.mean / data.std
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)

@@ -34,7 +34,7 @@ import torch
 from datasets import ClassLabel
 from datasets import Image as ImageFeature
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
@@ -159,14 +159,15 @@ def build_train_transform(cfg: dict):
         cfg["model"]["img_size"], is_training=True, scale=tuple(aug["crop_scale"]), hflip=aug["hflip"],
         auto_augment="3a" if aug["three_augment"] else aug["rand_augment"] or None,
         color_jitter=aug["color_jitter"] or None, interpolation=aug["interpolation"], re_prob=0.0,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        mean=tuple(cfg["data"]["mean"]), std=tuple(cfg["data"]["std"]))
 
 
 def build_eval_transform(cfg: dict):
-    """Resize to img_size / eval_crop_pct, centre crop img_size, normalise (DeiT-III: crop_pct 1.0)."""
+    """Resize to img_size / eval_crop_pct, centre crop img_size, normalise with data.mean / data.std
+    (DeiT-III: crop_pct 1.0)."""
     return create_transform(cfg["model"]["img_size"], is_training=False, crop_pct=cfg["aug"]["eval_crop_pct"],
                             interpolation=cfg["aug"]["interpolation"],
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                            mean=tuple(cfg["data"]["mean"]), std=tuple(cfg["data"]["std"]))
 
 
 def build_image_dataset(dataset, cfg: dict, *, train: bool, num_classes: int, image_column: str = "image",

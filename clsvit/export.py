@@ -31,7 +31,6 @@ from pathlib import Path
 import timm
 import torch
 import yaml
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from clsvit.config import ConfigError, error_line
 from clsvit.model import (baseline_model_config, build_model, count_parameters, describe_specialization,
@@ -86,7 +85,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
     size = model_cfg["img_size"]
     data_config = {"input_size": (3, size, size), "interpolation": cfg["aug"]["interpolation"],
                    "crop_pct": cfg["aug"]["eval_crop_pct"], "crop_mode": "center",
-                   "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}  # clsvit.data's eval transform
+                   "mean": tuple(cfg["data"]["mean"]), "std": tuple(cfg["data"]["std"])}  # clsvit.data's eval transform
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))

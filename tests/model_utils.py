@@ -50,10 +50,11 @@ def images(size: int = 32, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def make_run(run_dir: Path, specialize: dict, seed: int) -> tuple[torch.nn.Module, dict]:
+def make_run(run_dir: Path, specialize: dict, seed: int, overrides: tuple[str, ...] = ()) -> tuple[torch.nn.Module, dict]:
     """A run directory as train.py leaves it (config.yaml + model.safetensors), random weights."""
     overrides = ["model.img_size=32", "model.num_classes=10", "model.timm_kwargs={embed_dim: 32, depth: 3, num_heads: 2}",
-                 f"run.name={run_dir.name}", *(f"model.specialize.{key}={value}" for key, value in specialize.items())]
+                 f"run.name={run_dir.name}", *(f"model.specialize.{key}={value}" for key, value in specialize.items()),
+                 *overrides]
     cfg = load_config(DEFAULT_RECIPE, overrides)
     model = randomize_(build_model(cfg["model"]), seed).eval()  # the copies differ from the shared weights
     run_dir.mkdir(parents=True)

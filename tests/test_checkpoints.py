@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 import clsvit
 from clsvit import PAPER_DEFAULT
-from clsvit.config import load_config
-from clsvit.model import (block_indices, build_model, is_specialized, load_run, paper_default_for, read_pretrained,
-                          specialized_name)
+from clsvit.config import DEFAULT_RECIPE, load_config
+from clsvit.model import (block_indices, build_model, is_specialized, load_run, normalisation_note, paper_default_for,
+                          read_pretrained, specialized_name)
 from model_utils import TINY, images, make_run, randomize_
 
 def random_model(arch: str, img_size: int, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -185,6 +185,27 @@ def hub_cache(tmp_path, monkeypatch):
     model = random_model("deit3_small_patch16_224", 32, num_classes=1000)
     save_file(model.state_dict(), repo / "snapshots" / revision / "model.safetensors")
     return model
+
+
+def test_weights_trained_on_other_input_statistics_get_a_note_naming_the_keys(tmp_path):
+    """timm's pretrained_cfg (its registry, nothing downloaded) says how a tag's weights were fed:
+    timm's augreg ViTs with 0.5 / 0.5, DeiT-III and DINOv2 with ImageNet's statistics (the default)."""
+    def note(arch, pretrained, *overrides):
+        return normalisation_note(load_config(DEFAULT_RECIPE, [f"model.arch={arch}", f"model.pretrained={pretrained}",
+                                                               *overrides]))
+
+    assert note("vit_tiny_patch16_224", "augreg_in21k") == (
+        "note: timm vit_tiny_patch16_224.augreg_in21k was trained on inputs normalised with mean [0.5,0.5,0.5], "
+        "std [0.5,0.5,0.5], this recipe normalises with data.mean=[0.485,0.456,0.406] data.std=[0.229,0.224,0.225]; "
+        "set data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5] to feed it as it was trained")
+    assert note("vit_tiny_patch16_224", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k").startswith(
+        "note: timm vit_tiny_patch16_224.augreg_in21k was trained")
+    assert note("vit_tiny_patch16_224", "augreg_in21k", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]") is None
+    assert note("deit3_small_patch16_224", "fb_in1k") is None
+    assert note("vit_small_patch14_reg4_dinov2", "hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m") is None
+    checkpoint = tmp_path / "weights.safetensors"  # a file does not say how it was trained: no note
+    save_file({"cls_token": torch.zeros(1, 1, 192)}, checkpoint)
+    assert note("vit_tiny_patch16_224", checkpoint) is None
 
 
 def test_hub_references_read_the_cache_offline(hub_cache):

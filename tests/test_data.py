@@ -284,6 +284,17 @@ def test_eval_transform_matches_timm():
     assert torch.equal(D.build_eval_transform(recipe())(image), expected)
 
 
+def test_transforms_normalise_with_the_recipes_mean_and_std():
+    """data.mean / data.std (timm's augreg ViTs: 0.5): a grey level of 51 becomes (51 / 255 - 0.5) / 0.5
+    = -0.6 in every channel, in the eval and the training transform."""
+    cfg = recipe(three_augment=False, color_jitter=0.0, hflip=0.0)
+    cfg["data"].update(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    grey = Image.new("RGB", (40, 40), (51, 51, 51))
+    for transform in (D.build_eval_transform(cfg), D.build_train_transform(cfg)):
+        out = transform(grey)
+        assert out.shape == (3, 32, 32) and torch.allclose(out, torch.full_like(out, -0.6), atol=1e-6)
+
+
 # ---------------------------------------------------------------- ImageClassDataset
 
 @pytest.fixture

@@ -571,3 +571,22 @@ def test_bad_inputs_are_one_line_errors_naming_the_file():
                      target_column="depth")[0]
     with pytest.raises(ValueError, match=r"eval.seg.protocol must be one of dinov2_linear \| dinov3_linear"):
         seg_settings(protocol="dinov1")
+
+
+def test_images_are_normalised_with_the_backbones_mean_and_std():
+    """resolve(..., mean, std) from the recipe's data.mean / data.std reaches the evaluated images: a grey level
+    of 51 becomes (51 / 255 - 0.5) / 0.5 = -0.6 with timm's augreg statistics, and
+    (51 / 255 - 0.485) / 0.229 with ImageNet's (the default)."""
+    grey = np.full((20, 30, 3), 51, np.uint8)
+    for mean, std, expected in (((0.5,) * 3, (0.5,) * 3, [-0.6] * 3),
+                                (None, None, [(0.2 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])):
+        stats = {} if mean is None else {"mean": mean, "std": std}
+        seg = resolve(dict(load_config(ROOT / "recipes" / "default.yaml")["eval"]["seg"], num_classes=4,
+                           scale=[30, 20], ratio_range=[1.0, 1.0], crop_size=[16, 16]), "seg", **stats)
+        depth = resolve(dict(load_config(ROOT / "recipes" / "default.yaml")["eval"]["depth"], crop_size=[16, 16]),
+                        "depth", **stats)
+        assert seg.as_dict()["mean"] == list(mean or (0.485, 0.456, 0.406))  # recorded in eval.json's settings
+        views = [engine.seg_eval_view({"image": grey, "mask": np.zeros((20, 30), np.int64), "name": "g"}, seg)["images"][0],
+                 engine.depth_eval_view({"image": grey, "depth": np.ones((20, 30), np.float32), "name": "g"}, depth)["image"]]
+        for image in views:  # (the training views distort the colours first, then normalise alike)
+            assert torch.allclose(image, torch.tensor(expected).view(3, 1, 1).expand_as(image), atol=1e-5), image[:, 0, 0]

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 SPECIALIZED = {"norm": 1.0, "layerscale": 1.0, "qkv": "[0]"}
 
 
-def exported(tmp_path: Path, specialize: dict, name: str) -> tuple[torch.nn.Module, dict, Path]:
-    model, cfg = make_run(tmp_path / "runs" / name, specialize, seed=5)
+def exported(tmp_path: Path, specialize: dict, name: str, overrides: tuple[str, ...] = ()) -> tuple[torch.nn.Module, dict, Path]:
+    model, cfg = make_run(tmp_path / "runs" / name, specialize, seed=5, overrides=overrides)
     (tmp_path / "runs" / name / "eval.json").write_text(json.dumps({"cls.top1": 61.5, "cls.top5": 90.25,
                                                                     "seg.miou": 12.75, "analysis.x.input": [1.0]}))
     out = export_main([str(tmp_path / "runs" / name), str(tmp_path / "exports" / name)])
@@ -101,6 +101,16 @@ def test_a_baseline_export_loads_in_plain_timm(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""},
                    timeout=300)
     assert torch.equal(torch.load(tmp_path / "y.pt"), model(x))
+
+
+def test_the_export_carries_the_runs_input_normalisation(tmp_path):
+    """A run trained with timm's augreg statistics (data.mean = data.std = 0.5) exports them in its
+    pretrained_cfg, which timm's resolve_data_config hands to whoever builds the model's transform."""
+    _, _, out = exported(tmp_path, {}, "augreg_stats", overrides=("data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and config["pretrained_cfg"]["std"] == [0.5, 0.5, 0.5]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert tuple(timm.data.resolve_data_config({}, model=model)["mean"]) == (0.5, 0.5, 0.5)
 
 
 def test_an_occupied_directory_is_refused_before_anything_is_written(tmp_path):

@@ -131,7 +131,7 @@ def seg_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     image = T.photometric_distortion(image, rng, s.distortion)
-    out = T.to_tensors(image, mask=mask)
+    out = T.to_tensors(image, s.mean, s.std, mask=mask)
     pad_h, pad_w = s.crop_size[0] - mask.shape[0], s.crop_size[1] - mask.shape[1]
     return {"image": F.pad(out["image"], (0, pad_w, 0, pad_h), value=0.0),
             "mask": F.pad(out["mask"], (0, pad_w, 0, pad_h), value=T.IGNORE_INDEX)}
@@ -155,7 +155,8 @@ def seg_eval_view(item: dict, s: Settings) -> dict:
     at its own size."""
     height, width = item["mask"].shape
     backend = "cv2" if s.resize == "mmseg" else "pil"
-    images = [T.to_tensors(T.resize_image(item["image"], seg_test_size(height, width, s, ratio), backend))["image"]
+    images = [T.to_tensors(T.resize_image(item["image"], seg_test_size(height, width, s, ratio), backend),
+                            s.mean, s.std)["image"]
               for ratio in s.test_ratios]
     return {"images": images, "mask": torch.from_numpy(np.ascontiguousarray(item["mask"], dtype=np.int64)),
             "name": item["name"]}
@@ -181,7 +182,7 @@ def depth_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
     cy1, cy2, cx1, cx2 = T.random_crop_box(*depth.shape, s.crop_size, rng)
     image, depth = image[cy1:cy2, cx1:cx2], depth[cy1:cy2, cx1:cx2]
     image = T.color_augmentation(image, rng, s.brightness_range)
-    out = T.to_tensors(T.pad_to(image, s.crop_size, 0), depth=T.pad_to(depth, s.crop_size, 0))
+    out = T.to_tensors(T.pad_to(image, s.crop_size, 0), s.mean, s.std, depth=T.pad_to(depth, s.crop_size, 0))
     return out
 
 
@@ -190,7 +191,7 @@ def depth_eval_view(item: dict, s: Settings) -> dict:
     y1, y2, x1, x2 = _fixed_crop(s, *item["depth"].shape, train=False)
     depth = item["depth"][y1:y2, x1:x2]
     region = T.eval_region({"nyu": "eigen", "kitti": "garg"}.get(s.crops, "full"), *depth.shape)
-    return {**T.to_tensors(item["image"][y1:y2, x1:x2], depth=depth), "region": torch.from_numpy(region),
+    return {**T.to_tensors(item["image"][y1:y2, x1:x2], s.mean, s.std, depth=depth), "region": torch.from_numpy(region),
             "name": item["name"]}
 
 

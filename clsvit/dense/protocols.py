@@ -55,6 +55,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 SEG_PROTOCOLS = ("dinov2_linear", "dinov3_linear")
 DEPTH_PROTOCOLS = ("dinov2_linear", "dinov3_linear")
 
@@ -122,6 +124,8 @@ class Settings:
     n_bins: int = 256  # depth
     bin_spacing: str = "linear"  # depth
     brightness_range: tuple = (0.9, 1.1)  # depth
+    mean: tuple = IMAGENET_DEFAULT_MEAN  # data.mean / data.std: the backbone's input normalisation
+    std: tuple = IMAGENET_DEFAULT_STD
     # protocol constants (FIXED)
     resize: str = "none"
     distortion: str = "none"
@@ -152,16 +156,17 @@ class Settings:
         return out
 
 
-def resolve(section: dict, task: str) -> Settings:
+def resolve(section: dict, task: str, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> Settings:
     """The settings of ``eval.<task>``: recipe values, the protocol's published values where the recipe
-    says null, and the protocol's fixed choices. One-line errors name the key."""
+    says null, and the protocol's fixed choices; images normalised with `mean` / `std` (the recipe's
+    data.mean / data.std: the backbone's own). One-line errors name the key."""
     name = f"eval.{task}"
     protocol = section["protocol"]
     protocols = SEG_PROTOCOLS if task == "seg" else DEPTH_PROTOCOLS
     if protocol not in protocols:
         raise ValueError(f"{name}.protocol must be one of {' | '.join(protocols)}, got {protocol!r}")
     published = PUBLISHED[(task, protocol)]
-    own = {f.name for f in fields(Settings)} - {"task", "protocol"} - set(FIXED[(task, protocol)])
+    own = {f.name for f in fields(Settings)} - {"task", "protocol", "mean", "std"} - set(FIXED[(task, protocol)])
     values = {key: section[key] for key in own if key in section}
     for key, default in published.items():
         if values.get(key) is None:
@@ -171,7 +176,8 @@ def resolve(section: dict, task: str) -> Settings:
     for key in ("crop_size", "scale", "ratio_range", "slide_stride", "brightness_range", "test_ratios"):
         if key in values:
             values[key] = tuple(values[key])
-    settings = Settings(task=task, protocol=protocol, **values, **FIXED[(task, protocol)])
+    settings = Settings(task=task, protocol=protocol, mean=tuple(mean), std=tuple(std), **values,
+                        **FIXED[(task, protocol)])
     _check(settings, name)
     return settings
 

@@ -20,7 +20,6 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import functional as TF
 
 IGNORE_INDEX = 255
@@ -209,11 +208,11 @@ def color_augmentation(image: np.ndarray, rng: np.random.Generator, brightness: 
 # ----------------------------------------------------------------------------- to tensors
 
 
-def to_tensors(image: np.ndarray, **targets: np.ndarray) -> dict[str, torch.Tensor]:
-    """HxWx3 values in [0, 255] -> normalised float [3, H, W] (ImageNet mean/std, as both references);
-    masks -> int64, depth -> float32."""
+def to_tensors(image: np.ndarray, mean, std, **targets: np.ndarray) -> dict[str, torch.Tensor]:
+    """HxWx3 values in [0, 255] -> float [3, H, W] normalised with the backbone's `mean` / `std` (both
+    references normalise with the backbone's ImageNet statistics); masks -> int64, depth -> float32."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    out = {"image": TF.normalize(tensor, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
+    out = {"image": TF.normalize(tensor, list(mean), list(std))}
     for key, value in targets.items():
         value = np.ascontiguousarray(value)
         out[key] = torch.from_numpy(value.astype(np.int64) if key == "mask" else value.astype(np.float32))

@@ -354,6 +354,40 @@ def check_pretrained(model_cfg: Mapping[str, Any]) -> None:
             raise _naming_the_recipe_key(error) from None
 
 
+def pretrained_normalisation(source: str | Path, arch: str) -> tuple[str, tuple, tuple] | None:
+    """(label, mean, std) of the inputs the weights of a timm pretrained name or tag, or of an
+    `hf-hub:timm/NAME` reference, were trained on: timm's pretrained_cfg, read from its registry
+    (nothing is downloaded). None for files, run directories and other hub references, which do not
+    say."""
+    text = str(source)
+    if text.startswith("hf-hub:timm/"):
+        name = text[len("hf-hub:timm/"):]
+    elif "/" in text or Path(text).exists():
+        return None
+    else:
+        name = text if "." in text else f"{timm.models.split_model_name_tag(arch)[0]}.{text}"
+    if name not in timm.list_pretrained(name):
+        return None
+    cfg = timm.models.get_pretrained_cfg(name)
+    return f"timm {name}", tuple(cfg.mean), tuple(cfg.std)
+
+
+def normalisation_note(cfg: Mapping[str, Any]) -> str | None:
+    """A note when `model.pretrained` is known to have been trained on inputs normalised otherwise than
+    the recipe's data.mean / data.std normalise them (timm's augreg ViTs: 0.5 for both)."""
+    found = cfg["model"]["pretrained"] and pretrained_normalisation(cfg["model"]["pretrained"], cfg["model"]["arch"])
+    if not found:
+        return None
+    label, mean, std = found
+    recipe = tuple(cfg["data"]["mean"]), tuple(cfg["data"]["std"])
+    if all(abs(a - b) < 1e-6 for a, b in zip(mean + std, recipe[0] + recipe[1])):
+        return None
+    spell = lambda values: "[" + ",".join(f"{v:g}" for v in values) + "]"  # noqa: E731
+    return (f"note: {label} was trained on inputs normalised with mean {spell(mean)}, std {spell(std)}, this "
+            f"recipe normalises with data.mean={spell(recipe[0])} data.std={spell(recipe[1])}; set "
+            f"data.mean={spell(mean)} data.std={spell(std)} to feed it as it was trained")
+
+
 def _naming_the_recipe_key(error: Exception) -> Exception:
     """"qkv: ..." -> "model.specialize.qkv: ...", "pretrained: ..." -> "model.pretrained: ..."."""
     key, _, rest = str(error).partition(": ")
