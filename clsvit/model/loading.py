@@ -158,8 +158,8 @@ def locate_pretrained(source: str | Path, arch: str) -> Path | tuple[str, str | 
         return weights_path(path)
     if path.is_file():
         return path
-    name = text if "." in text else f"{timm.models.split_model_name_tag(arch)[0]}.{text}"
-    if "/" not in text and name in timm.list_pretrained(name):
+    name = _timm_pretrained_name(text, arch)
+    if name:
         cfg = timm.models.get_pretrained_cfg(name)
         if not cfg.hf_hub_id:
             raise ValueError(f"pretrained: timm's {name} weights are not on the Hugging Face hub; "
@@ -167,6 +167,14 @@ def locate_pretrained(source: str | Path, arch: str) -> Path | tuple[str, str | 
         return cfg.hf_hub_id, cfg.hf_hub_filename, f"timm {name}"
     raise FileNotFoundError(f"pretrained: {text} is not a file, a run directory, an hf-hub: reference or a "
                             f"timm pretrained name/tag of {arch}")
+
+
+def _timm_pretrained_name(text: str, arch: str) -> str | None:
+    """The timm pretrained name `text` is (`NAME.TAG`) or stands for (a tag of `arch`), if timm has it."""
+    if "/" in text:
+        return None
+    name = text if "." in text else f"{timm.models.split_model_name_tag(arch)[0]}.{text}"
+    return name if name in timm.list_pretrained(name) else None
 
 
 def weights_path(path: str | Path) -> Path:
@@ -361,12 +369,10 @@ def pretrained_normalisation(source: str | Path, arch: str) -> tuple[str, tuple,
     say."""
     text = str(source)
     if text.startswith("hf-hub:timm/"):
-        name = text[len("hf-hub:timm/"):]
-    elif "/" in text or Path(text).exists():
-        return None
+        name = _timm_pretrained_name(text[len("hf-hub:timm/"):], arch)
     else:
-        name = text if "." in text else f"{timm.models.split_model_name_tag(arch)[0]}.{text}"
-    if name not in timm.list_pretrained(name):
+        name = None if Path(text).exists() else _timm_pretrained_name(text, arch)
+    if name is None:
         return None
     cfg = timm.models.get_pretrained_cfg(name)
     return f"timm {name}", tuple(cfg.mean), tuple(cfg.std)
@@ -382,10 +388,15 @@ def normalisation_note(cfg: Mapping[str, Any]) -> str | None:
     recipe = tuple(cfg["data"]["mean"]), tuple(cfg["data"]["std"])
     if all(abs(a - b) < 1e-6 for a, b in zip(mean + std, recipe[0] + recipe[1])):
         return None
-    spell = lambda values: "[" + ",".join(f"{v:g}" for v in values) + "]"  # noqa: E731
-    return (f"note: {label} was trained on inputs normalised with mean {spell(mean)}, std {spell(std)}, this "
-            f"recipe normalises with data.mean={spell(recipe[0])} data.std={spell(recipe[1])}; set "
-            f"data.mean={spell(mean)} data.std={spell(std)} to feed it as it was trained")
+    return (f"note: {label} was trained on inputs normalised with mean {_override_list(mean)}, std "
+            f"{_override_list(std)}, this recipe normalises with data.mean={_override_list(recipe[0])} "
+            f"data.std={_override_list(recipe[1])}; set data.mean={_override_list(mean)} "
+            f"data.std={_override_list(std)} to feed it as it was trained")
+
+
+def _override_list(values) -> str:
+    """(0.5, 0.5, 0.5) -> "[0.5,0.5,0.5]", as a command-line override takes it."""
+    return "[" + ",".join(f"{v:g}" for v in values) + "]"
 
 
 def _naming_the_recipe_key(error: Exception) -> Exception:
