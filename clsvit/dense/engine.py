@@ -11,7 +11,7 @@ averages the softmax over scales and flips, and accumulates the confusion matrix
 image, averages it with its flipped prediction when ``flip_test``, and computes the toolbox's metrics
 per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
 Where nothing is trained (the feature cache, evaluation), consecutive images of one size share a
-backbone forward of up to ``eval_batch_size`` crops (windows x flips); the numbers are those of one
+backbone forward of up to ``eval_batch_size`` crops (windows x scales x flips); the numbers are those of one
 image at a time.
 
 Several processes (``accelerate launch``): every process draws the same global plan of augmented
@@ -438,13 +438,14 @@ def _eval_batches(dataset, s: Settings):
     state = PartialState()
     limit = len(dataset) if s.max_val_images <= 0 else min(s.max_val_images, len(dataset))
     shard = torch.utils.data.Subset(_EvalViews(dataset, s), list(range(state.process_index, limit, state.num_processes)))
-    group, shapes = [], None
+    group, group_shapes = [], None
     for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers):
-        if group and (_shapes(view) != shapes or (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size):
+        shapes = _shapes(view)
+        if group and (shapes != group_shapes or (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size):
             yield _stack(group)
             group = []
         group.append(view)
-        shapes = _shapes(view)
+        group_shapes = shapes
     if group:
         yield _stack(group)
 
