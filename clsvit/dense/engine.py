@@ -441,7 +441,8 @@ def _eval_batches(dataset, s: Settings):
     group, group_shapes = [], None
     for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers):
         shapes = _shapes(view)
-        if group and (shapes != group_shapes or (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size):
+        full = (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size
+        if group and (shapes != group_shapes or full):
             yield _stack(group)
             group = []
         group.append(view)
