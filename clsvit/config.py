@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from clsvit.errors import InputError
 from clsvit.model.specialization import COMPONENTS
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
@@ -75,7 +76,7 @@ BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in COMPONENTS}
 VARIABLE_LISTS = {"eval.seg.test_ratios": float}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad recipe or override; the message is one line naming the file/key and the value."""
 
 
