@@ -4,7 +4,6 @@ tiny local copy of its dataset in the dataset's own layout, cut from a real phot
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -14,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clsvit.config import load_config, save_config
+from clsvit.errors import InputError
+from clsvit.model import build_model
 
-from clsvit.config import load_config, save_config  # noqa: E402
-from clsvit.model import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
 eval_script = importlib.util.module_from_spec(spec)
@@ -196,6 +195,6 @@ def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
 
 def test_a_label_outside_the_classes_names_its_file(run, tmp_path):
     make_voc(tmp_path / "voc", bad_label=True)
-    with pytest.raises(ValueError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
+    with pytest.raises(InputError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
         eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/voc_linear.yaml"),
                           f"eval.seg.path={tmp_path / 'voc'}", *TINY_SEG, "eval.seg.max_val_images=0"])

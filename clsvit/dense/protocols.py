@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass, fields
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from clsvit.errors import InputError
+
 SEG_PROTOCOLS = ("dinov2_linear", "dinov3_linear")
 DEPTH_PROTOCOLS = ("dinov2_linear", "dinov3_linear")
 
@@ -164,7 +166,7 @@ def resolve(section: dict, task: str, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_D
     protocol = section["protocol"]
     protocols = SEG_PROTOCOLS if task == "seg" else DEPTH_PROTOCOLS
     if protocol not in protocols:
-        raise ValueError(f"{name}.protocol must be one of {' | '.join(protocols)}, got {protocol!r}")
+        raise InputError(f"{name}.protocol must be one of {' | '.join(protocols)}, got {protocol!r}")
     published = PUBLISHED[(task, protocol)]
     own = {f.name for f in fields(Settings)} - {"task", "protocol", "mean", "std"} - set(FIXED[(task, protocol)])
     values = {key: section[key] for key in own if key in section}
@@ -182,21 +184,21 @@ def resolve(section: dict, task: str, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_D
     return settings
 
 
-def _check(s: Settings, name: str) -> None:
+def _check(settings: Settings, name: str) -> None:
     positive = ["layers", "iterations", "batch_size", "eval_batch_size"]
-    positive += ["num_classes"] if s.task == "seg" else ["n_bins"]
+    positive += ["num_classes"] if settings.task == "seg" else ["n_bins"]
     for key in positive:
-        if getattr(s, key) < 1:
-            raise ValueError(f"{name}.{key} must be >= 1, got {getattr(s, key)}")
-    pairs = ["crop_size"] + (["scale", "slide_stride"] if s.task == "seg" else [])
+        if getattr(settings, key) < 1:
+            raise InputError(f"{name}.{key} must be >= 1, got {getattr(settings, key)}")
+    pairs = ["crop_size"] + (["scale", "slide_stride"] if settings.task == "seg" else [])
     for key in pairs:
-        if min(getattr(s, key)) < 1:
-            raise ValueError(f"{name}.{key} must be two sizes >= 1, got {list(getattr(s, key))}")
-    if s.warmup_iters < 0:
-        raise ValueError(f"{name}.warmup_iters must be >= 0, got {s.warmup_iters}")
-    if s.task == "seg" and min(s.test_ratios) <= 0:
-        raise ValueError(f"{name}.test_ratios must be ratios > 0, got {list(s.test_ratios)}")
-    if s.task == "seg" and not 0 < s.ratio_range[0] <= s.ratio_range[1]:
-        raise ValueError(f"{name}.ratio_range must be [low, high] with 0 < low <= high, got {list(s.ratio_range)}")
-    if s.task == "depth" and not 0 < s.min_depth < s.max_depth:
-        raise ValueError(f"{name}: need 0 < min_depth < max_depth, got {s.min_depth} and {s.max_depth}")
+        if min(getattr(settings, key)) < 1:
+            raise InputError(f"{name}.{key} must be two sizes >= 1, got {list(getattr(settings, key))}")
+    if settings.warmup_iters < 0:
+        raise InputError(f"{name}.warmup_iters must be >= 0, got {settings.warmup_iters}")
+    if settings.task == "seg" and min(settings.test_ratios) <= 0:
+        raise InputError(f"{name}.test_ratios must be ratios > 0, got {list(settings.test_ratios)}")
+    if settings.task == "seg" and not 0 < settings.ratio_range[0] <= settings.ratio_range[1]:
+        raise InputError(f"{name}.ratio_range must be [low, high] with 0 < low <= high, got {list(settings.ratio_range)}")
+    if settings.task == "depth" and not 0 < settings.min_depth < settings.max_depth:
+        raise InputError(f"{name}: need 0 < min_depth < max_depth, got {settings.min_depth} and {settings.max_depth}")
