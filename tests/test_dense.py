@@ -4,6 +4,7 @@ that matplotlib ships (at their own, non-square sizes) and on hand-computed valu
 Several processes are covered end to end by tests/test_eval.py::test_two_processes_give_the_single_process_numbers.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -100,6 +101,29 @@ def test_resize_rules_by_hand():
 ])
 def test_slide_windows_match_a_hand_count(size, crop, stride, expected):
     assert engine.slide_windows(*size, crop, stride) == expected
+
+
+@pytest.mark.parametrize("size,expected", [
+    # smaller than the 512 window in both sides: square windows of side min(h, w) = 300, stride 341
+    # (dinov3/eval/segmentation/inference.py:118-119, then its grid of :121-132): cols (400-300+340)//341+1 = 2
+    ((300, 400), [(0, 300, 0, 300), (0, 300, 100, 400)]),
+    ((400, 300), [(0, 300, 0, 300), (100, 400, 0, 300)]),
+    ((200, 200), [(0, 200, 0, 200)]),
+    ((300, 1000), [(0, 300, 0, 512), (0, 300, 341, 853), (0, 300, 488, 1000)]),  # one side longer: mmseg's windows
+])
+def test_dinov3_slides_square_windows_over_images_smaller_than_the_crop(size, expected):
+    assert engine.slide_windows(*size, (512, 512), (341, 341), square_small=True) == expected
+    image = torch.arange(3 * size[0] * size[1], dtype=torch.float64).reshape(1, 3, *size)
+    shapes = []
+
+    def identity(crops):
+        shapes.append(tuple(crops.shape))
+        return crops
+
+    torch.testing.assert_close(engine.slide_logits(identity, image, (512, 512), (341, 341), square_small=True), image)
+    assert shapes == [(len(expected), 3, expected[0][1] - expected[0][0], expected[0][3] - expected[0][2])]
+    assert seg_settings(protocol="dinov3_linear").square_small_windows
+    assert not seg_settings(protocol="dinov2_linear").square_small_windows  # mmseg: one smaller window
 
 
 def test_slide_logits_reassemble_a_real_photo():
@@ -294,6 +318,31 @@ def test_perfect_features_train_to_miou_one():
     backbone = ColourBackbone(4)
     head = engine.train_head(backbone, engine.LinearSegHead(3, 3, s), seg_dataset(items[:16]), s)
     assert engine.evaluate_segmentation(backbone, head, seg_dataset(items[16:]), s)["miou"] > 0.99
+
+
+def test_dinov3_reports_the_best_of_its_periodic_evaluations():
+    """DINOv3's segmentation evaluates the head every eval_interval steps and at the end and reports the
+    best (config-ade20k-linear-training.yaml:52: every 5,000 steps). The evaluations leave the training
+    alone: the final head and its mIoU are those of the same run without them (dropout draws included)."""
+    photo = grace_hopper()
+    items = [(photo[y : y + 40, x : x + 48].copy(), luminance_mask(photo[y : y + 40, x : x + 48], 4))
+             for y in (0, 150, 300, 450) for x in (0, 200, 400)]
+    s = seg_settings(protocol="dinov3_linear", scale=[40, 40], ratio_range=[1.0, 1.0], crop_size=[32, 32],
+                     slide_stride=[24, 24], iterations=10, batch_size=4, lr=0.05, warmup_iters=2, max_train_images=8)
+    assert s.eval_interval == 5000 and seg_settings(protocol="dinov2_linear").eval_interval == 0
+    every_4 = dataclasses.replace(s, eval_interval=4)
+    train, val = seg_dataset(items[:8]), seg_dataset(items[8:])
+    result = engine.run_probe(tiny_vit(), train, val, every_4, seed=0)
+    assert [e["step"] for e in result["evaluations"]] == [4, 8, 10]  # 4, 8 and the final head
+    assert result["miou"] == result["evaluations"][-1]["miou"]
+    scores = [e["miou"] for e in result["evaluations"]]
+    assert len(set(scores)) > 1, "the test needs evaluations that differ"
+    assert result["best"] is result["evaluations"][scores.index(max(scores))]
+    alone = engine.run_probe(tiny_vit(), train, val, dataclasses.replace(s, eval_interval=0), seed=0)
+    assert "best" not in alone and [e["step"] for e in alone["evaluations"]] == [10]
+    assert alone["miou"] == result["miou"]
+    for name, tensor in alone["head"].state_dict().items():
+        torch.testing.assert_close(tensor, result["head"].state_dict()[name], rtol=0, atol=0, msg=name)
 
 
 class CountingBackbone(nn.Module):

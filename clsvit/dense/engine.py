@@ -12,7 +12,8 @@ image, averages it with its flipped prediction when ``flip_test``, and computes 
 per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
 Where nothing is trained (the feature cache, evaluation), consecutive images of one size share a
 backbone forward of up to ``eval_batch_size`` crops (windows x scales x flips); the numbers are those of one
-image at a time.
+image at a time. DINOv3's segmentation also evaluates the head every ``eval_interval`` steps while it
+trains and reports the best of these evaluations; :func:`run_probe` records them all.
 
 Several processes (``accelerate launch``): every process draws the same global plan of augmented
 views, extracts features for its share only, and the shares are gathered in plan order, so the head
@@ -202,16 +203,23 @@ def _training_batches(backbone, dataset, settings: Settings, generator: torch.Ge
         yield features[index], targets[index]
 
 
-def train_head(backbone: nn.Module, head: nn.Module, dataset, settings: Settings, seed: int = 0) -> nn.Module:
+def _rng_devices() -> list:
+    device = PartialState().device
+    return [device] if device.type == "cuda" else []
+
+
+def train_head(backbone: nn.Module, head: nn.Module, dataset, settings: Settings, seed: int = 0,
+               validate: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train `head` on frozen `backbone` features of `dataset` with the protocol's loss, AdamW and
-    schedule. Returns the head in eval mode, identical on every process."""
+    schedule; every ``eval_interval`` steps before the last, ``validate(steps done, head)``. Returns the
+    head in eval mode, identical on every process."""
     state = PartialState()
     head.to(state.device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, betas=settings.betas,
                                   weight_decay=settings.weight_decay)
     loss_of = TASKS[settings.task].loss
-    devices = [state.device] if state.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # dropout draws: the same on every process and run
+    every = settings.eval_interval
+    with torch.random.fork_rng(devices=_rng_devices()):  # dropout draws: the same on every process and run
         torch.manual_seed(seed)
         batches = _training_batches(backbone, dataset, settings, torch.Generator().manual_seed(seed))
         for step, (features, target) in enumerate(batches):
@@ -226,6 +234,9 @@ def train_head(backbone: nn.Module, head: nn.Module, dataset, settings: Settings
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
             optimizer.step()
+            done = step + 1
+            if validate is not None and every and done % every == 0 and done < settings.iterations:
+                validate(done, head)
     head.eval()
     if state.num_processes > 1:  # guard against last-bit drift between devices
         for tensor in list(head.parameters()) + list(head.buffers()):
@@ -236,9 +247,15 @@ def train_head(backbone: nn.Module, head: nn.Module, dataset, settings: Settings
 # ----------------------------------------------------------------------------- inference
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple]:
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
+                  square_small: bool = False) -> list[tuple]:
     """(y1, y2, x1, x2) of mmseg's slide inference: ceil((H - crop) / stride) + 1 rows of windows, the
-    last one flush with the border; an image smaller than the crop is one smaller window (no padding)."""
+    last one flush with the border; a side shorter than the crop is taken whole (no padding), so an
+    image smaller than the crop in both sides is one smaller window. With `square_small` such an image
+    is slid over with square windows of side min(H, W) instead (DINOv3, dinov3/eval/segmentation/
+    inference.py:118-119: its test ratios below 1 make images smaller than the crop)."""
+    if square_small and crop[0] > height and crop[1] > width:
+        crop = (min(height, width),) * 2
     rows = max(height - crop[0] + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - crop[1] + stride[1] - 1, 0) // stride[1] + 1
     windows = []
@@ -249,10 +266,10 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
     return windows
 
 
-def slide_logits(predict, images: torch.Tensor, crop, stride) -> torch.Tensor:
+def slide_logits(predict, images: torch.Tensor, crop, stride, square_small: bool = False) -> torch.Tensor:
     """[B, K, H, W] logits of [B, 3, H, W] images of one size: every window of every image predicted in
-    one batch, overlaps averaged."""
-    windows = slide_windows(*images.shape[-2:], crop, stride)
+    one batch, overlaps averaged (windows as :func:`slide_windows`)."""
+    windows = slide_windows(*images.shape[-2:], crop, stride, square_small)
     crops = torch.cat([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
     out = predict(crops).unflatten(0, (len(windows), images.shape[0]))
     total = images.new_zeros((images.shape[0], out.shape[2], *images.shape[-2:]))
@@ -286,7 +303,8 @@ def seg_probabilities(backbone, head, images, size: tuple[int, int], settings: S
     probs = 0
     with torch.no_grad():
         for scaled in scales:
-            logits = slide_logits(predict, _with_flipped(scaled, settings), settings.crop_size, settings.slide_stride)
+            logits = slide_logits(predict, _with_flipped(scaled, settings), settings.crop_size, settings.slide_stride,
+                                  settings.square_small_windows)
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             probs = probs + _mean_with_flipped(logits.softmax(1), settings)
     return probs / len(scales)
@@ -330,7 +348,8 @@ class _EvalViews(Dataset):
 
 def _seg_inputs(view: dict, settings: Settings) -> int:
     """Windows of one segmentation view, over its test scales."""
-    return sum(len(slide_windows(*image.shape[-2:], settings.crop_size, settings.slide_stride))
+    return sum(len(slide_windows(*image.shape[-2:], settings.crop_size, settings.slide_stride,
+                                 settings.square_small_windows))
                for image in view["images"])
 
 
@@ -447,8 +466,28 @@ TASKS = {
 def run_probe(model: nn.Module, train_set, val_set, settings: Settings, seed: int = 0) -> dict:
     """Train the protocol's head on `train_set` and measure it on `val_set` (DenseDataset-like items).
 
-    Returns ``{"miou", "pixels", "images", "head"}`` (seg) or the depth metrics, "pixels", "images",
-    "head" (depth)."""
+    Returns the final head's metrics (``"miou"``, or the depth metrics), ``"pixels"``, ``"images"``,
+    ``"head"`` and ``"evaluations"``: ``{"step", metrics}`` of each evaluation in step order, the final
+    head's last. With an ``eval_interval`` (DINOv3 segmentation) the head is also evaluated every
+    ``eval_interval`` steps, as DINOv3 validates it while it trains, and ``"best"`` is the first of the
+    evaluations with the highest mIoU: the number DINOv3 reports (dinov3/eval/segmentation/train.py:
+    256, 284-301, 331 keeps the best, run.py:61-62 writes it as the result)."""
     backbone = frozen_backbone(model)
-    head = train_head(backbone, build_head(backbone, settings, seed), train_set, settings, seed)
-    return {**TASKS[settings.task].evaluate(backbone, head, val_set, settings), "head": head}
+    evaluate = TASKS[settings.task].evaluate
+    evaluations = []
+
+    def validate(step: int, head: nn.Module) -> None:
+        """Evaluate the head being trained, in eval mode and with random draws of its own, so that its
+        training goes on exactly as it would without this evaluation."""
+        with torch.random.fork_rng(devices=_rng_devices()):
+            head.eval()
+            evaluations.append({"step": step, **evaluate(backbone, head, val_set, settings)})
+            head.train()
+
+    head = train_head(backbone, build_head(backbone, settings, seed), train_set, settings, seed, validate)
+    final = evaluate(backbone, head, val_set, settings)
+    evaluations.append({"step": settings.iterations, **final})
+    result = {**final, "head": head, "evaluations": evaluations}
+    if settings.eval_interval:
+        result["best"] = max(evaluations, key=lambda evaluation: evaluation["miou"])  # the first of equals
+    return result
