@@ -435,7 +435,7 @@ def evaluate_depth(backbone, head, dataset, settings: Settings) -> dict:
             "pixels": int(pixels.compute()), "images": counted}
 
 
-# ----------------------------------------------------------------------------- entry points
+# ----------------------------------------------------------------------------- the two tasks, entry point
 
 
 @dataclass(frozen=True)
