@@ -197,6 +197,10 @@ def _dense_probe(model, cfg: dict, task: str, seed: int, accelerator) -> dict:
     result = dense.run_probe(model, dense.DenseDataset(train, task, **options), dense.DenseDataset(val, task, **options),
                              settings, seed=seed)
     metrics = {"miou": 100.0 * result["miou"]} if task == "seg" else {k: result[k] for k in DEPTH_METRICS}
+    if "best" in result:  # DINOv3's segmentation reports the best of its periodic evaluations
+        metrics.update(miou_best=100.0 * result["best"]["miou"], best_step=result["best"]["step"],
+                       evaluated_steps=[e["step"] for e in result["evaluations"]],
+                       evaluated_miou=[100.0 * e["miou"] for e in result["evaluations"]])
     return {**{f"{task}.{key}": value for key, value in metrics.items()}, f"{task}.pixels": result["pixels"],
             f"{task}.images": result["images"], f"{task}.protocol": settings.protocol,
             f"{task}.settings": settings.as_dict()}

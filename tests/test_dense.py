@@ -4,9 +4,9 @@ that matplotlib ships (at their own, non-square sizes) and on hand-computed valu
 Several processes are covered end to end by tests/test_eval.py::test_two_processes_give_the_single_process_numbers.
 """
 
+import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +22,13 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clsvit.config import ConfigError, load_config
+from clsvit.dense import DenseDataset, engine, resolve
+from clsvit.dense import transforms as T
+from clsvit.dense.heads import LinearDepthHead, depth_bin_centres, lr_at, segmentation_loss, sig_loss
+from clsvit.errors import InputError
 
-from clsvit.config import ConfigError, load_config  # noqa: E402
-from clsvit.dense import DenseDataset, engine, resolve  # noqa: E402
-from clsvit.dense import transforms as T  # noqa: E402
-from clsvit.dense.heads import LinearDepthHead, depth_bin_centres, lr_at, segmentation_loss, sig_loss  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -101,6 +101,29 @@ def test_resize_rules_by_hand():
 ])
 def test_slide_windows_match_a_hand_count(size, crop, stride, expected):
     assert engine.slide_windows(*size, crop, stride) == expected
+
+
+@pytest.mark.parametrize("size,expected", [
+    # smaller than the 512 window in both sides: square windows of side min(h, w) = 300, stride 341
+    # (dinov3/eval/segmentation/inference.py:118-119, then its grid of :121-132): cols (400-300+340)//341+1 = 2
+    ((300, 400), [(0, 300, 0, 300), (0, 300, 100, 400)]),
+    ((400, 300), [(0, 300, 0, 300), (100, 400, 0, 300)]),
+    ((200, 200), [(0, 200, 0, 200)]),
+    ((300, 1000), [(0, 300, 0, 512), (0, 300, 341, 853), (0, 300, 488, 1000)]),  # one side longer: mmseg's windows
+])
+def test_dinov3_slides_square_windows_over_images_smaller_than_the_crop(size, expected):
+    assert engine.slide_windows(*size, (512, 512), (341, 341), square_small=True) == expected
+    image = torch.arange(3 * size[0] * size[1], dtype=torch.float64).reshape(1, 3, *size)
+    shapes = []
+
+    def identity(crops):
+        shapes.append(tuple(crops.shape))
+        return crops
+
+    torch.testing.assert_close(engine.slide_logits(identity, image, (512, 512), (341, 341), square_small=True), image)
+    assert shapes == [(len(expected), 3, expected[0][1] - expected[0][0], expected[0][3] - expected[0][2])]
+    assert seg_settings(protocol="dinov3_linear").square_small_windows
+    assert not seg_settings(protocol="dinov2_linear").square_small_windows  # mmseg: one smaller window
 
 
 def test_slide_logits_reassemble_a_real_photo():
@@ -181,7 +204,7 @@ def test_seg_train_view_scales_within_the_ratio_range_and_pads_with_ignore(proto
     mask = luminance_mask(image, 4)
     s = seg_settings(protocol=protocol, scale=[200, 100], crop_size=[160, 160], ratio_range=[0.5, 2.0])
     for seed in range(12):
-        view = engine.seg_train_view({"image": image, "mask": mask}, s, np.random.default_rng(seed))
+        view = T.seg_train_view({"image": image, "mask": mask}, s, np.random.default_rng(seed))
         assert view["image"].shape == (3, 160, 160) and view["mask"].shape == (160, 160)
         labelled = view["mask"] != 255
         rows, cols = labelled.any(1).nonzero(), labelled.any(0).nonzero()
@@ -195,7 +218,7 @@ def test_seg_train_view_scales_within_the_ratio_range_and_pads_with_ignore(proto
 def test_seg_train_view_small_image_padding_by_hand():
     image, mask = grace_hopper()[:40, :30].copy(), np.full((40, 30), 2, np.int64)
     s = seg_settings(scale=[40, 30], ratio_range=[1.0, 1.0], crop_size=[64, 64])
-    view = engine.seg_train_view({"image": image, "mask": mask}, s, np.random.default_rng(0))
+    view = T.seg_train_view({"image": image, "mask": mask}, s, np.random.default_rng(0))
     assert (view["mask"][:40, :30] == 2).all() and (view["mask"][40:] == 255).all() and (view["mask"][:, 30:] == 255).all()
     assert view["image"][:, 40:].abs().sum() == 0 and view["image"][:, :, 30:].abs().sum() == 0
 
@@ -232,7 +255,7 @@ def test_predictions_are_compared_at_the_original_label_size():
     mask = luminance_mask(grace_hopper(), 3)
     items = seg_dataset([(colour_coded(mask), mask)])
     s = seg_settings(num_classes=3, scale=[1024, 200], crop_size=[96, 96], slide_stride=[64, 64])  # test at 234x200
-    probs = engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), engine.seg_eval_view(items[0], s)["images"][0][None],
+    probs = engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), T.seg_eval_view(items[0], s)["images"][0][None],
                                      mask.shape, s)
     assert probs.shape == (1, 3, 600, 512)
     result = engine.evaluate_segmentation(ColourBackbone(1), OneHotMaskHead(), items, s)
@@ -241,16 +264,16 @@ def test_predictions_are_compared_at_the_original_label_size():
 
 def test_multi_scale_test_sizes_by_hand_and_mean_of_the_scales():
     s2 = seg_settings(protocol="dinov2_linear", scale=[2048, 512], test_ratios=[0.5, 1.5])
-    assert [engine.seg_test_size(600, 512, s2, r) for r in (0.5, 1.0, 1.5)] == [(300, 256), (600, 512), (900, 768)]
+    assert [T.seg_test_size(600, 512, s2, r) for r in (0.5, 1.0, 1.5)] == [(300, 256), (600, 512), (900, 768)]
     s3 = seg_settings(protocol="dinov3_linear", scale=[2048, 512])
-    assert engine.seg_test_size(600, 512, s3, 0.7) == (450, 384)  # short side int(358.4) -> 384 (multiple of 32)
-    assert engine.seg_test_size(600, 512, s3, 1.25) == (750, 640)
+    assert T.seg_test_size(600, 512, s3, 0.7) == (450, 384)  # short side int(358.4) -> 384 (multiple of 32)
+    assert T.seg_test_size(600, 512, s3, 1.25) == (750, 640)
     mask = luminance_mask(grace_hopper()[::4, ::4], 3)  # 150 x 128
     items = seg_dataset([(colour_coded(mask), mask)])
     ratios = [0.5, 1.0, 1.5]
     s = seg_settings(num_classes=3, scale=[1024, 128], crop_size=[64, 64], slide_stride=[48, 48], test_ratios=ratios,
                      flip_test=True)
-    view = engine.seg_eval_view(items[0], s)
+    view = T.seg_eval_view(items[0], s)
     assert [tuple(image.shape[-2:]) for image in view["images"]] == [(75, 64), (150, 128), (225, 192)]
     singles = [engine.seg_probabilities(ColourBackbone(1), OneHotMaskHead(), image[None], mask.shape, s)
                for image in view["images"]]
@@ -295,6 +318,31 @@ def test_perfect_features_train_to_miou_one():
     backbone = ColourBackbone(4)
     head = engine.train_head(backbone, engine.LinearSegHead(3, 3, s), seg_dataset(items[:16]), s)
     assert engine.evaluate_segmentation(backbone, head, seg_dataset(items[16:]), s)["miou"] > 0.99
+
+
+def test_dinov3_reports_the_best_of_its_periodic_evaluations():
+    """DINOv3's segmentation evaluates the head every eval_interval steps and at the end and reports the
+    best (config-ade20k-linear-training.yaml:52: every 5,000 steps). The evaluations leave the training
+    alone: the final head and its mIoU are those of the same run without them (dropout draws included)."""
+    photo = grace_hopper()
+    items = [(photo[y : y + 40, x : x + 48].copy(), luminance_mask(photo[y : y + 40, x : x + 48], 4))
+             for y in (0, 150, 300, 450) for x in (0, 200, 400)]
+    s = seg_settings(protocol="dinov3_linear", scale=[40, 40], ratio_range=[1.0, 1.0], crop_size=[32, 32],
+                     slide_stride=[24, 24], iterations=10, batch_size=4, lr=0.05, warmup_iters=2, max_train_images=8)
+    assert s.eval_interval == 5000 and seg_settings(protocol="dinov2_linear").eval_interval == 0
+    every_4 = dataclasses.replace(s, eval_interval=4)
+    train, val = seg_dataset(items[:8]), seg_dataset(items[8:])
+    result = engine.run_probe(tiny_vit(), train, val, every_4, seed=0)
+    assert [e["step"] for e in result["evaluations"]] == [4, 8, 10]  # 4, 8 and the final head
+    assert result["miou"] == result["evaluations"][-1]["miou"]
+    scores = [e["miou"] for e in result["evaluations"]]
+    assert len(set(scores)) > 1, "the test needs evaluations that differ"
+    assert result["best"] is result["evaluations"][scores.index(max(scores))]
+    alone = engine.run_probe(tiny_vit(), train, val, dataclasses.replace(s, eval_interval=0), seed=0)
+    assert "best" not in alone and [e["step"] for e in alone["evaluations"]] == [10]
+    assert alone["miou"] == result["miou"]
+    for name, tensor in alone["head"].state_dict().items():
+        torch.testing.assert_close(tensor, result["head"].state_dict()[name], rtol=0, atol=0, msg=name)
 
 
 class CountingBackbone(nn.Module):
@@ -483,7 +531,7 @@ def test_depth_train_view_crops_and_flips_the_depth_with_the_image():
     item = elevation_items("jacksboro_fault_dem.npz", "elevation", 1)[0]
     s = depth_settings(crop_size=[64, 96])
     for seed in range(6):
-        view = engine.depth_train_view(item, s, np.random.default_rng(seed))
+        view = T.depth_train_view(item, s, np.random.default_rng(seed))
         assert view["image"].shape == (3, 64, 96) and view["depth"].shape == (64, 96)
         assert view["depth"].max() <= item["depth"].max() + 1e-6
 
@@ -509,7 +557,7 @@ def test_test_ratios_take_any_number_of_scales():
     assert seg_settings(test_ratios=cfg["eval"]["seg"]["test_ratios"]).test_ratios == (0.5, 1.0, 1.75)
     with pytest.raises(ConfigError, match=r"'eval.seg.test_ratios' must be a non-empty list"):
         load_config(ROOT / "recipes" / "default.yaml", ["eval.seg.test_ratios=[]"])
-    with pytest.raises(ValueError, match=r"eval.seg.test_ratios must be ratios > 0, got \[0.0, 1.0\]"):
+    with pytest.raises(InputError, match=r"eval.seg.test_ratios must be ratios > 0, got \[0.0, 1.0\]"):
         seg_settings(test_ratios=[0.0, 1.0])
 
 
@@ -554,22 +602,22 @@ def test_dense_dataset_keeps_the_own_size_and_reduces_zero_label():
 def test_bad_inputs_are_one_line_errors_naming_the_file():
     photo = grace_hopper()
     small = np.zeros((300, 512), np.uint8)
-    with pytest.raises(ValueError, match=r"^eval: mask of row 0 is 512x300 but its image is 512x600") as error:
+    with pytest.raises(InputError, match=r"^eval: mask of row 0 is 512x300 but its image is 512x600") as error:
         DenseDataset(hf([png(photo)], [png(small)]), "seg", image_column="image", target_column="mask", num_classes=3)[0]
     assert "\n" not in str(error.value)
     bad = np.zeros((600, 512), np.uint8)
     bad[5, 5] = 7
-    with pytest.raises(ValueError, match=r"mask row 0 has label 7 outside \[0, 3\) and not 255"):
+    with pytest.raises(InputError, match=r"mask row 0 has label 7 outside \[0, 3\) and not 255"):
         DenseDataset(hf([png(photo)], [png(bad)]), "seg", image_column="image", target_column="mask", num_classes=3)[0]
     millimetres_as_metres = np.full((600, 512), 4000, np.uint16)
-    with pytest.raises(ValueError, match=r"depth row 0 reaches 4000 m with depth_scale=1.*wrong unit"):
+    with pytest.raises(InputError, match=r"depth row 0 reaches 4000 m with depth_scale=1.*wrong unit"):
         DenseDataset(hf([png(photo)], [png(millimetres_as_metres)], "depth"), "depth", image_column="image",
                      target_column="depth", depth_scale=1.0, max_depth=10.0)[0]
     eight_bit = np.full((600, 512), 40, np.uint8)
-    with pytest.raises(ValueError, match=r"depth row 0 must be a 16-bit or float single-channel image"):
+    with pytest.raises(InputError, match=r"depth row 0 must be a 16-bit or float single-channel image"):
         DenseDataset(hf([png(photo)], [png(eight_bit)], "depth"), "depth", image_column="image",
                      target_column="depth")[0]
-    with pytest.raises(ValueError, match=r"eval.seg.protocol must be one of dinov2_linear \| dinov3_linear"):
+    with pytest.raises(InputError, match=r"eval.seg.protocol must be one of dinov2_linear \| dinov3_linear"):
         seg_settings(protocol="dinov1")
 
 
@@ -586,7 +634,7 @@ def test_images_are_normalised_with_the_backbones_mean_and_std():
         depth = resolve(dict(load_config(ROOT / "recipes" / "default.yaml")["eval"]["depth"], crop_size=[16, 16]),
                         "depth", **stats)
         assert seg.as_dict()["mean"] == list(mean or (0.485, 0.456, 0.406))  # recorded in eval.json's settings
-        views = [engine.seg_eval_view({"image": grey, "mask": np.zeros((20, 30), np.int64), "name": "g"}, seg)["images"][0],
-                 engine.depth_eval_view({"image": grey, "depth": np.ones((20, 30), np.float32), "name": "g"}, depth)["image"]]
+        views = [T.seg_eval_view({"image": grey, "mask": np.zeros((20, 30), np.int64), "name": "g"}, seg)["images"][0],
+                 T.depth_eval_view({"image": grey, "depth": np.ones((20, 30), np.float32), "name": "g"}, depth)["image"]]
         for image in views:  # (the training views distort the colours first, then normalise alike)
             assert torch.allclose(image, torch.tensor(expected).view(3, 1, 1).expand_as(image), atol=1e-5), image[:, 0, 0]

@@ -4,7 +4,6 @@ tiny local copy of its dataset in the dataset's own layout, cut from a real phot
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -14,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clsvit.config import load_config, save_config
+from clsvit.errors import InputError
+from clsvit.model import build_model
 
-from clsvit.config import load_config, save_config  # noqa: E402
-from clsvit.model import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
 eval_script = importlib.util.module_from_spec(spec)
@@ -31,17 +30,40 @@ TINY_SEG = ["eval.seg.iterations=2", "eval.seg.batch_size=2", "eval.seg.crop_siz
 TINY_DEPTH = ["eval.depth.iterations=2", "eval.depth.batch_size=2", "eval.depth.crop_size=[64, 96]", "eval.depth.n_bins=8"]
 
 
+def header_fields(recipe: Path) -> dict:
+    return {m.group(1): m.group(2) for line in recipe.read_text().splitlines() if line.startswith("#")
+            for m in [re.match(r"# (\w+): (.*)$", line)] if m}
+
+
 def test_eval_recipes_have_headers_and_load_over_a_run_config(tmp_path):
-    assert {p.stem for p in EVAL_RECIPES} == {"ade20k_linear", "voc_linear", "cityscapes_linear", "nyu_linear",
-                                             "kitti_linear"}
+    assert {p.stem for p in EVAL_RECIPES} == {"ade20k_linear", "ade20k_ms", "voc_linear", "cityscapes_linear",
+                                             "nyu_linear", "kitti_linear"}
     for recipe in EVAL_RECIPES:
-        header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
-        fields = {m.group(1) for line in header for m in [re.match(r"# (\w+): ", line)] if m}
-        assert {"reproduces", "source", "launch", "expected", "data"} <= fields, recipe.name
+        fields = header_fields(recipe)
+        assert {"reproduces", "source", "launch", "expected", "data"} <= set(fields), recipe.name
         assert f"--recipe recipes/eval/{recipe.name}" in recipe.read_text()
         cfg = load_config(ROOT / "recipes" / "default.yaml", overlays=[recipe])
         task = "seg" if "seg" in recipe.read_text().split("\neval:\n", 1)[1].split("\n")[0] else "depth"
         assert cfg["eval"][task]["source"] == "folder" and cfg["eval"][task]["iterations"] is None
+
+
+def test_eval_recipes_name_the_published_table_and_row_they_compare_to():
+    """Each header quotes its published numbers with their table and row, and the eval.json key to compare."""
+    for recipe in EVAL_RECIPES:
+        expected = header_fields(recipe)["expected"]
+        table = "Table 11" if recipe.stem in ("nyu_linear", "kitti_linear") else "Table 10"
+        assert re.search(rf"DINOv2 paper \(arXiv 2304\.07193v2\) {table}, [\w ]+ \"[^\"]+\" column", expected), recipe.name
+        assert re.search(r"ViT-S/14 \d+\.\d+, ViT-B/14 \d+\.\d+, ViT-L/14 \d+\.\d+, ViT-g/14 \d+\.\d+", expected), recipe.name
+        assert re.search(r"eval\.json (seg\.miou|depth\.rmse)", expected), recipe.name
+    dinov3 = [header_fields(ROOT / "recipes" / "eval" / f"{name}.yaml")["expected"] for name in ("ade20k_linear", "nyu_linear")]
+    assert all("DINOv3 MODEL_CARD.md" in text and "ViT-7B/16" in text for text in dinov3)
+    assert "seg.miou_best" in dinov3[0]  # DINOv3's segmentation reports the best of its evaluations
+
+
+def test_dinov3_linear_is_called_clsvits_extension_where_dinov3_has_no_such_evaluation():
+    extended = {recipe.stem for recipe in EVAL_RECIPES if "clsvit's extension" in header_fields(recipe)["reproduces"]
+                + header_fields(recipe)["source"]}
+    assert extended == {"voc_linear", "cityscapes_linear", "kitti_linear"}
 
 
 def tile(y, x, h, w):
@@ -176,14 +198,15 @@ def run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,make,task,tiny", [
-    ("ade20k", make_ade20k, "seg", TINY_SEG), ("voc", make_voc, "seg", TINY_SEG),
-    ("cityscapes", make_cityscapes, "seg", TINY_SEG), ("nyu", make_nyu, "depth", TINY_DEPTH),
-    ("kitti", make_kitti, "depth", TINY_DEPTH)])
+    ("ade20k_linear", make_ade20k, "seg", TINY_SEG), ("voc_linear", make_voc, "seg", TINY_SEG),
+    ("cityscapes_linear", make_cityscapes, "seg", TINY_SEG), ("nyu_linear", make_nyu, "depth", TINY_DEPTH),
+    ("kitti_linear", make_kitti, "depth", TINY_DEPTH),
+    ("ade20k_ms", make_ade20k, "seg", TINY_SEG + ["eval.seg.layers=2"])])  # the tiny run has 2 blocks, not 4
 def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
     root = tmp_path / name
     root.mkdir()
     expected_pixels = make(root)
-    recipe = ROOT / "recipes" / "eval" / f"{name}_linear.yaml"
+    recipe = ROOT / "recipes" / "eval" / f"{name}.yaml"
     results = eval_script.main(["--run", str(run), "--tasks", task, "--recipe", str(recipe),
                                 f"eval.{task}.path={root}", *tiny])
     saved = json.loads((run / "eval.json").read_text())
@@ -194,8 +217,19 @@ def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
     assert np.isfinite(saved[metric])
 
 
+@pytest.mark.slow
+def test_dinov3_segmentation_records_final_and_best_in_eval_json(run, tmp_path):
+    make_ade20k(tmp_path / "ade20k")
+    results = eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/ade20k_linear.yaml"),
+                                f"eval.seg.path={tmp_path / 'ade20k'}", *TINY_SEG, "eval.seg.protocol=dinov3_linear"])
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["seg.settings"]["eval_interval"] == 5000  # more than the 2 steps here: the final head is the one evaluated
+    assert saved["seg.evaluated_steps"] == [2] and saved["seg.evaluated_miou"] == [saved["seg.miou"]]
+    assert saved["seg.miou_best"] == saved["seg.miou"] == results["seg.miou_best"] and saved["seg.best_step"] == 2
+
+
 def test_a_label_outside_the_classes_names_its_file(run, tmp_path):
     make_voc(tmp_path / "voc", bad_label=True)
-    with pytest.raises(ValueError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
+    with pytest.raises(InputError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
         eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/voc_linear.yaml"),
                           f"eval.seg.path={tmp_path / 'voc'}", *TINY_SEG, "eval.seg.max_val_images=0"])

@@ -2,9 +2,11 @@
 
 Each recipe opens with a comment block (`# field: value` lines) saying what it reproduces, its
 source, how to launch it, the expected top-1 and its parameter count; specialized recipes also
-name their baseline and the keys they change. These tests hold those claims against the real
-config loader, the real model (built on the meta device: no memory, no init cost, exact counts),
-timm's own unspecialized model, and the closed-form parameter overhead of the specialization.
+name their baseline and the keys they change; a parameter-matched control names the recipe whose
+parameter count it matches (`# matches:`) and states its forward FLOPs beside that recipe's
+(`# flops:`). These tests hold those claims against the real config loader, the real model (built
+on the meta device: no memory, no init cost, exact counts), timm's own unspecialized model, the
+closed-form parameter overhead of the specialization and torch's FLOP counter.
 """
 
 import re
@@ -15,8 +17,9 @@ import pytest
 import timm
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
-from clsvit.config import diff, flatten, load_config
+from clsvit.config import FREE_MAPPINGS, diff, flatten, load_config, recipe_leaves
 from clsvit import PAPER_DEFAULT
 from clsvit.model import block_indices, build_model, count_parameters
 
@@ -25,8 +28,11 @@ RECIPE_DIR = REPO / "recipes"
 RECIPES = sorted(p.relative_to(REPO).as_posix() for p in RECIPE_DIR.rglob("*.yaml")
                  if p.name != "default.yaml" and p.parent.name != "eval")  # recipes/eval/: tests/test_dense_recipes.py
 REQUIRED_FIELDS = ("reproduces", "source", "launch", "expected", "params")
-OPTIONAL_FIELDS = ("baseline", "differs in")
+OPTIONAL_FIELDS = ("baseline", "differs in", "matches", "flops")
 PARAMS = re.compile(r"(?P<n>[\d,]+) \((?:baseline\b.*|\+(?P<pct>\d+\.\d\d)% over baseline (?P<base>[\d,]+))\)$")
+MATCHED_PARAMS = re.compile(r"[\d,]+ \(baseline architecture; (?P<gap>[\d,]+) (?P<side>fewer|more) than (?P<recipe>\S+), (?P<n>[\d,]+)\)$")
+FLOPS = re.compile(r"(?P<n>[\d,]+) per (?P<size>\d+)x(?P=size) image, forward \([^)]*\)(?P<others>(?:; recipes/\S+: [\d,]+)+)$")
+MATCH_TOLERANCE = 0.005  # a parameter-matched control is within 0.5 % of the count it matches
 
 # The recipe grid (each name once; the QKV sweep's 1/3 point and the ablations' paper
 # default are deit3/vit_s_800ep_specialized, the sweep's 0 point is norm + LayerScale alone).
@@ -36,7 +42,7 @@ EXPECTED_GRID = {
     *(f"recipes/ablations/vit_s_{name}.yaml" for name in (
         "norm_only", "layerscale_only", "qkv_third_only", "proj_third_only", "mlp_third_only",
         "paper_default_proj", "paper_default_mlp", "everything",
-        "norm_ls_qkv0", "norm_ls_qkv3", "norm_ls_qkv6", "norm_ls_qkv9", "norm_ls_qkv12")),
+        "norm_ls_qkv0", "norm_ls_qkv3", "norm_ls_qkv6", "norm_ls_qkv9", "norm_ls_qkv12", "param_matched")),
 }
 
 
@@ -117,11 +123,9 @@ def is_specialized(cfg):
     return spec["final_norm"] or any(spec[c] not in (0.0, []) for c in ("norm", "layerscale", "qkv", "proj", "mlp"))
 
 
-def leaf_keys(tree, prefix=""):
-    keys = set()
-    for name, value in tree.items():
-        keys |= leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name}
-    return keys
+def as_set_in_a_recipe(keys):
+    """Dotted keys as a recipe sets them: a free mapping (model.timm_kwargs) is one value, written whole."""
+    return {next((m for m in FREE_MAPPINGS if key.startswith(m + ".")), key) for key in keys}
 
 
 def test_the_grid_is_complete():
@@ -182,6 +186,71 @@ def test_parameter_count_matches_header(recipe):
         assert claimed_pct == f"{100 * (count - base) / base:.2f}"
 
 
+MATCHED = [r for r in RECIPES if "matches" in header(r)]
+
+
+def meta_model(recipe):
+    cfg = config(recipe)
+    with torch.device("meta"):
+        return build_model(cfg["model"], num_classes=num_classes(cfg))
+
+
+@lru_cache(maxsize=None)
+def forward_flops(recipe):
+    """FLOPs of one forward pass of one image at the recipe's resolution, as torch's counter counts
+    them (matrix products, convolutions, attention; a multiply-add counts 2)."""
+    size = config(recipe)["model"]["img_size"]
+    model = meta_model(recipe).eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops()
+
+
+def test_the_grid_has_its_parameter_matched_controls():
+    assert {"recipes/ablations/vit_s_param_matched.yaml", "recipes/shapes/param_matched.yaml"} <= set(MATCHED)
+
+
+@pytest.mark.parametrize("recipe", MATCHED)
+def test_parameter_matched_control(recipe):
+    """An unspecialized model of the matched recipe's baseline, within 0.5 % of its parameter count,
+    the gap stated right."""
+    fields, cfg = header(recipe), config(recipe)
+    matched = fields["matches"]
+    assert matched in RECIPES and is_specialized(config(matched)) and not is_specialized(cfg)
+    assert fields.get("baseline") == header(matched)["baseline"], "the control shares the specialized recipe's baseline"
+    count, other = count_parameters(meta_model(recipe)), count_parameters(meta_model(matched))
+    assert abs(count - other) <= MATCH_TOLERANCE * other, f"{recipe}: {count:,} vs {matched}: {other:,}"
+    claim = MATCHED_PARAMS.match(fields["params"])
+    assert claim and claim["recipe"] == matched, fields["params"]
+    assert int(claim["n"].replace(",", "")) == other
+    assert int(claim["gap"].replace(",", "")) == (other - count if claim["side"] == "fewer" else count - other)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if "flops" in header(r)])
+def test_flops_match_header(recipe):
+    claim = FLOPS.match(header(recipe)["flops"])
+    assert claim, f"{recipe}: bad flops line {header(recipe)['flops']!r}"
+    assert int(claim["size"]) == config(recipe)["model"]["img_size"]
+    assert forward_flops(recipe) == int(claim["n"].replace(",", ""))
+    others = re.findall(r"; (recipes/\S+): ([\d,]+)", claim["others"])
+    assert header(recipe).get("matches") in [other for other, _ in others], "the FLOPs stand beside the matched recipe's"
+    for other, flops in others:
+        assert forward_flops(other) == int(flops.replace(",", "")), other
+
+
+@pytest.mark.parametrize("recipe", sorted({header(r)["matches"] for r in MATCHED}))
+def test_specialization_adds_only_the_recomputed_global_rows(recipe):
+    """The paper's specialization adds no FLOPs. Here the copies' matrix products run on the global
+    tokens' rows, which the shared weights also compute: 2 x tokens x (fan-in x fan-out) per copy."""
+    cfg = config(recipe)
+    spec = cfg["model"]["specialize"]
+    _, depth, dim, hidden = timm_reference(cfg)
+    products = {"qkv": dim * 3 * dim, "proj": dim * dim, "mlp": 2 * dim * hidden}
+    copies = sum(size * len(block_indices(spec[name], depth, name)) for name, size in products.items())
+    extra = forward_flops(recipe) - forward_flops(header(recipe)["baseline"])
+    assert extra == 2 * meta_model(recipe).num_prefix_tokens * copies
+
+
 def test_meta_device_count_equals_a_real_model():
     """The meta-device build above counts what a materialised model holds."""
     recipe = "recipes/deit3/vit_s_800ep_specialized.yaml"
@@ -203,9 +272,9 @@ def test_recipe_sets_only_what_differs_from_its_base(recipe):
     raw = yaml.safe_load((REPO / recipe).read_text())
     assert "base" in raw, f"{recipe}: name its base explicitly"
     base = (REPO / recipe).parent / raw.pop("base")
-    changed = set(diff(config(recipe), load_config(base), list(config(recipe))))
-    assert leaf_keys(raw) == changed, (
-        f"{recipe}: keys set but equal to the base: {sorted(leaf_keys(raw) - changed)}")
+    changed = as_set_in_a_recipe(diff(config(recipe), load_config(base), list(config(recipe))))
+    set_here = {key for key, _ in recipe_leaves(raw)}
+    assert set_here == changed, f"{recipe}: keys set but equal to the base: {sorted(set_here - changed)}"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from clsvit.data import decode_image, load_raw_splits, sample_name, to_rgb
 from clsvit.dense.transforms import IGNORE_INDEX
+from clsvit.errors import InputError
 
 LAYOUTS = {
     "ade20k": "ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png (split: training | validation)",
@@ -45,24 +46,24 @@ def load_dense_splits(section: dict, data_cfg: dict, name: str, target_column: s
     for split, dataset in zip((section["train_split"], section["val_split"]), splits):
         for key in ("image_column", target_key):
             if section[key] not in dataset.column_names:
-                raise ValueError(f"{name}.{key} {section[key]!r} is not a column of {section['source']} dataset "
+                raise InputError(f"{name}.{key} {section[key]!r} is not a column of {section['source']} dataset "
                                  f"{section['path']!r} split {split!r} (columns: {', '.join(dataset.column_names)})")
     return splits
 
 
 def _read_list(path: Path, name: str) -> list[list[str]]:
     if not path.is_file():
-        raise ValueError(f"{name}: split file {path} does not exist")
+        raise InputError(f"{name}: split file {path} does not exist")
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
 def folder_split(root: str, layout: str, split: str, name: str, image_column: str, target_column: str):
     """One split of a dataset in its own layout, as an HF dataset of (image path, target path)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"{name}.layout must be one of {' | '.join(LAYOUTS)}, got {layout!r}")
+        raise InputError(f"{name}.layout must be one of {' | '.join(LAYOUTS)}, got {layout!r}")
     base = Path(root or "")
     if not root or not base.is_dir():
-        raise ValueError(f"{name}.path {root!r} does not exist (layout {layout}: {LAYOUTS[layout]})")
+        raise InputError(f"{name}.path {root!r} does not exist (layout {layout}: {LAYOUTS[layout]})")
     pairs = []
     if layout == "ade20k":
         for image in sorted((base / "images" / split).glob("*.jpg")):
@@ -82,11 +83,11 @@ def folder_split(root: str, layout: str, split: str, name: str, image_column: st
                 pairs.append((images / entry[0].lstrip("/"), depths / entry[1].lstrip("/")))
         pairs.sort(key=lambda pair: str(pair[0]))
     if not pairs:
-        raise ValueError(f"{name}: no samples for split {split!r} in {root} (layout {layout}: {LAYOUTS[layout]})")
+        raise InputError(f"{name}: no samples for split {split!r} in {root} (layout {layout}: {LAYOUTS[layout]})")
     for image, target in pairs:
         for path in (image, target):
             if not path.is_file():
-                raise ValueError(f"{name}: {path} does not exist (split {split!r}, layout {layout})")
+                raise InputError(f"{name}: {path} does not exist (split {split!r}, layout {layout})")
     dataset = datasets.Dataset.from_dict({image_column: [str(i) for i, _ in pairs],
                                           target_column: [str(t) for _, t in pairs]})
     for column in (image_column, target_column):
@@ -124,33 +125,33 @@ class DenseDataset(Dataset):
         target = decode_image(target_value)
         array = self._mask(target, where) if self.task == "seg" else self._depth(target, where)
         if array.shape != image.shape[:2]:
-            raise ValueError(f"{self.name}: {self.target_column} of {where} is {array.shape[1]}x{array.shape[0]} "
+            raise InputError(f"{self.name}: {self.target_column} of {where} is {array.shape[1]}x{array.shape[0]} "
                              f"but its image is {image.shape[1]}x{image.shape[0]} (width x height)")
         return {"image": image, "mask" if self.task == "seg" else "depth": array, "name": where}
 
     def _mask(self, mask, where: str) -> np.ndarray:
         array = np.asarray(mask)
         if array.ndim != 2:
-            raise ValueError(f"{self.name}: mask {where} must hold one class id per pixel (mode L, P or I), "
+            raise InputError(f"{self.name}: mask {where} must hold one class id per pixel (mode L, P or I), "
                              f"got mode {mask.mode}")
         labels = array.astype(np.int64)
         if self.reduce_zero_label:  # 0 = unlabelled -> 255, class k+1 -> k, 255 stays (mmseg/DINOv3 rule)
             labels = np.where((labels == 0) | (labels == IGNORE_INDEX), IGNORE_INDEX, labels - 1)
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))
         if bad.any():
-            raise ValueError(f"{self.name}: mask {where} has label {int(labels[bad][0])} outside "
+            raise InputError(f"{self.name}: mask {where} has label {int(labels[bad][0])} outside "
                              f"[0, {self.num_classes}) and not 255 (after reduce_zero_label={self.reduce_zero_label}); "
                              f"check num_classes / reduce_zero_label")
         return labels
 
     def _depth(self, depth, where: str) -> np.ndarray:
         if depth.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
-            raise ValueError(f"{self.name}: depth {where} must be a 16-bit or float single-channel image "
+            raise InputError(f"{self.name}: depth {where} must be a 16-bit or float single-channel image "
                              f"(NYUv2: uint16 millimetres, KITTI: uint16 x 256), got mode {depth.mode}")
         metres = np.asarray(depth, dtype=np.float32) * np.float32(self.depth_scale)
         deepest = float(metres.max()) if metres.size else 0.0
         if deepest > 4 * self.max_depth:
-            raise ValueError(f"{self.name}: depth {where} reaches {deepest:g} m with depth_scale={self.depth_scale:g}, "
+            raise InputError(f"{self.name}: depth {where} reaches {deepest:g} m with depth_scale={self.depth_scale:g}, "
                              f"far beyond max_depth={self.max_depth:g} m: wrong unit? (NYUv2 millimetres: 0.001, "
                              f"KITTI: 1/256 = 0.00390625)")
         return np.where(metres > 0, metres, 0).astype(np.float32)

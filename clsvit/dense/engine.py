@@ -12,7 +12,8 @@ image, averages it with its flipped prediction when ``flip_test``, and computes 
 per image over the evaluated region (Eigen / Garg crop) and depth range, then averages over images.
 Where nothing is trained (the feature cache, evaluation), consecutive images of one size share a
 backbone forward of up to ``eval_batch_size`` crops (windows x scales x flips); the numbers are those of one
-image at a time.
+image at a time. DINOv3's segmentation also evaluates the head every ``eval_interval`` steps while it
+trains and reports the best of these evaluations; :func:`run_probe` records them all.
 
 Several processes (``accelerate launch``): every process draws the same global plan of augmented
 views, extracts features for its share only, and the shares are gathered in plan order, so the head
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from clsvit.dense import transforms as T
 from clsvit.dense.heads import (LinearDepthHead, LinearSegHead, depth_bin_centres, lr_at, segmentation_loss,
                                 sig_loss)
 from clsvit.dense.protocols import DINOV2_FOUR_LAYERS, Settings
+from clsvit.errors import InputError
 
 DEPTH_METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 
@@ -53,7 +57,7 @@ def frozen_backbone(model: nn.Module) -> nn.Module:
     position embeddings are resampled to each input's grid, as DINOv2/DINOv3 interpolate theirs. The
     caller's model is left untouched."""
     if not hasattr(model, "patch_embed") or not hasattr(model, "forward_intermediates"):
-        raise ValueError(f"dense evaluation needs a timm VisionTransformer, got {type(model).__name__}")
+        raise InputError(f"dense evaluation needs a timm VisionTransformer, got {type(model).__name__}")
     backbone = copy.deepcopy(model)
     backbone.dynamic_img_size = True
     backbone.patch_embed.strict_img_size = False
@@ -65,16 +69,17 @@ def frozen_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def layer_indices(depth: int, s: Settings) -> list[int]:
+def layer_indices(depth: int, settings: Settings) -> list[int]:
     """Blocks whose tokens feed the head: the last `layers` (segmentation, DINOv2 "linear"/"+ms"), or
     for depth the last one / `layers` evenly spaced ones (DINOv2's {3,6,9,12}-style choice)."""
-    if s.layers > depth:
-        raise ValueError(f"eval.{s.task}.layers={s.layers} exceeds the model's {depth} blocks")
-    if s.task == "seg" or s.layers == 1:
-        return list(range(depth - s.layers, depth))
-    if s.layers == 4 and depth in DINOV2_FOUR_LAYERS:
+    layers = settings.layers
+    if layers > depth:
+        raise InputError(f"eval.{settings.task}.layers={layers} exceeds the model's {depth} blocks")
+    if not TASKS[settings.task].spread_layers or layers == 1:
+        return list(range(depth - layers, depth))
+    if layers == 4 and depth in DINOV2_FOUR_LAYERS:
         return DINOV2_FOUR_LAYERS[depth]
-    return [(k + 1) * depth // s.layers - 1 for k in range(s.layers)]
+    return [(k + 1) * depth // layers - 1 for k in range(layers)]
 
 
 def center_pad(images: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -86,118 +91,36 @@ def center_pad(images: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
-def feature_maps(backbone: nn.Module, images: torch.Tensor, s: Settings) -> torch.Tensor:
+def feature_maps(backbone: nn.Module, images: torch.Tensor, settings: Settings) -> torch.Tensor:
     """[B, C', h, w] patch features of the protocol: the chosen blocks' patch tokens (through the final
     norm or not), each optionally concatenated with its [CLS] token, stacked on channels."""
     images = center_pad(images, backbone.patch_embed.patch_size[0])
     with torch.no_grad():  # not inference_mode: the head's backward needs to save these tensors
-        maps = backbone.forward_intermediates(images, indices=layer_indices(len(backbone.blocks), s),
-                                              norm=s.final_norm, output_fmt="NCHW", intermediates_only=True,
-                                              return_prefix_tokens=s.cls_token)
-        if s.cls_token:
+        maps = backbone.forward_intermediates(images, indices=layer_indices(len(backbone.blocks), settings),
+                                              norm=settings.final_norm, output_fmt="NCHW", intermediates_only=True,
+                                              return_prefix_tokens=settings.cls_token)
+        if settings.cls_token:
             maps = [torch.cat([patches, prefix[:, 0, :, None, None].expand_as(patches)], dim=1)
                     for patches, prefix in maps]
     return torch.cat(maps, dim=1)
 
 
-def build_head(backbone: nn.Module, s: Settings, seed: int) -> nn.Module:
+def build_head(backbone: nn.Module, settings: Settings, seed: int) -> nn.Module:
     """The protocol's head, initialised identically on every process."""
-    probe = torch.zeros(1, 3, *s.crop_size, device=PartialState().device)
-    channels = feature_maps(backbone, probe, s).shape[1]
+    probe = torch.zeros(1, 3, *settings.crop_size, device=PartialState().device)
+    channels = feature_maps(backbone, probe, settings).shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if s.task == "seg":
-            return LinearSegHead(channels, s.num_classes, s)
-        centres = depth_bin_centres(s.n_bins, s.min_depth, s.max_depth, s.bin_spacing)
-        return LinearDepthHead(channels, centres, s)
+        return TASKS[settings.task].head(channels, settings)
 
 
-# ----------------------------------------------------------------------------- the protocols' views
+def _seg_head(channels: int, settings: Settings) -> nn.Module:
+    return LinearSegHead(channels, settings.num_classes, settings)
 
 
-def seg_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
-    """Resize (scale x U(ratio_range), kept aspect ratio) -> crop (cat_max_ratio) -> flip -> photometric
-    distortion -> normalise -> pad to the crop with 0 / 255 (mmseg and DINOv3 order)."""
-    image, mask = item["image"], item["mask"]
-    ratio = rng.random() * (s.ratio_range[1] - s.ratio_range[0]) + s.ratio_range[0]
-    height, width = mask.shape
-    if s.resize == "mmseg":
-        size = T.mmseg_rescale_size(height, width, (int(s.scale[0] * ratio), int(s.scale[1] * ratio)))
-    else:
-        size = T.short_side_size(height, width, int(min(s.scale) * ratio))
-    image = T.resize_image(image, size, "cv2" if s.resize == "mmseg" else "pil")
-    mask = T.resize_nearest(mask, size)
-    image, mask = T.crop_with_cat_max_ratio(image, mask, s.crop_size, s.cat_max_ratio, rng)
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    image = T.photometric_distortion(image, rng, s.distortion)
-    out = T.to_tensors(image, s.mean, s.std, mask=mask)
-    pad_h, pad_w = s.crop_size[0] - mask.shape[0], s.crop_size[1] - mask.shape[1]
-    return {"image": F.pad(out["image"], (0, pad_w, 0, pad_h), value=0.0),
-            "mask": F.pad(out["mask"], (0, pad_w, 0, pad_h), value=T.IGNORE_INDEX)}
-
-
-def seg_test_size(height: int, width: int, s: Settings, ratio: float = 1.0) -> tuple[int, int]:
-    """(h, w) an image is tested at, scale x `ratio`: mmseg ``MultiScaleFlipAug`` rescales to
-    (int(long x ratio), int(short x ratio)) keeping the aspect ratio; DINOv3 sets the short side to
-    int(short x ratio), rounded up to a multiple of 32 below ratio 1 (dinov3/eval/segmentation/
-    transforms.py:203-209)."""
-    if s.resize == "mmseg":
-        return T.mmseg_rescale_size(height, width, (int(s.scale[0] * ratio), int(s.scale[1] * ratio)))
-    short = int(min(s.scale) * ratio)
-    if ratio < 1:
-        short = math.ceil(short / 32) * 32
-    return T.short_side_size(height, width, short)
-
-
-def seg_eval_view(item: dict, s: Settings) -> dict:
-    """The image resized as the protocol tests, once per test ratio (``images``), the mask untouched
-    at its own size."""
-    height, width = item["mask"].shape
-    backend = "cv2" if s.resize == "mmseg" else "pil"
-    images = [T.to_tensors(T.resize_image(item["image"], seg_test_size(height, width, s, ratio), backend),
-                            s.mean, s.std)["image"]
-              for ratio in s.test_ratios]
-    return {"images": images, "mask": torch.from_numpy(np.ascontiguousarray(item["mask"], dtype=np.int64)),
-            "name": item["name"]}
-
-
-def _fixed_crop(s: Settings, height: int, width: int, train: bool):
-    if s.crops == "nyu" and train:
-        return T.scaled_box(T.NYU_TRAIN_BOX, height, width)
-    if s.crops == "kitti":
-        return T.kb_crop_box(height, width)
-    return 0, height, 0, width
-
-
-def depth_train_view(item: dict, s: Settings, rng: np.random.Generator) -> dict:
-    """NYU / KITTI benchmark crop -> rotation (p 0.5, +-2.5 deg) -> flip -> random crop -> colour
-    augmentation (p 0.5) -> normalise (toolbox nyu.py:7-16, kitti.py:7-16; DINOv3 transforms.py:306-355)."""
-    image, depth = item["image"], item["depth"]
-    y1, y2, x1, x2 = _fixed_crop(s, *depth.shape, train=True)
-    image, depth = image[y1:y2, x1:x2], depth[y1:y2, x1:x2]
-    image, depth = T.random_rotate(np.ascontiguousarray(image), np.ascontiguousarray(depth), 2.5, rng)
-    if rng.random() < 0.5:
-        image, depth = image[:, ::-1], depth[:, ::-1]
-    cy1, cy2, cx1, cx2 = T.random_crop_box(*depth.shape, s.crop_size, rng)
-    image, depth = image[cy1:cy2, cx1:cx2], depth[cy1:cy2, cx1:cx2]
-    image = T.color_augmentation(image, rng, s.brightness_range)
-    out = T.to_tensors(T.pad_to(image, s.crop_size, 0), s.mean, s.std, depth=T.pad_to(depth, s.crop_size, 0))
-    return out
-
-
-def depth_eval_view(item: dict, s: Settings) -> dict:
-    """The whole image (KITTI: its benchmark crop) and its depth, with the evaluated region."""
-    y1, y2, x1, x2 = _fixed_crop(s, *item["depth"].shape, train=False)
-    depth = item["depth"][y1:y2, x1:x2]
-    region = T.eval_region({"nyu": "eigen", "kitti": "garg"}.get(s.crops, "full"), *depth.shape)
-    return {**T.to_tensors(item["image"][y1:y2, x1:x2], s.mean, s.std, depth=depth), "region": torch.from_numpy(region),
-            "name": item["name"]}
-
-
-TRAIN_VIEWS = {"seg": seg_train_view, "depth": depth_train_view}
-EVAL_VIEWS = {"seg": seg_eval_view, "depth": depth_eval_view}
-TARGETS = {"seg": "mask", "depth": "depth"}
+def _depth_head(channels: int, settings: Settings) -> nn.Module:
+    centres = depth_bin_centres(settings.n_bins, settings.min_depth, settings.max_depth, settings.bin_spacing)
+    return LinearDepthHead(channels, centres, settings)
 
 
 # ----------------------------------------------------------------------------- training plan
@@ -206,16 +129,17 @@ TARGETS = {"seg": "mask", "depth": "depth"}
 class _PlannedViews(Dataset):
     """This process's share of a plan: entry i = (dataset index, view seed, global slot)."""
 
-    def __init__(self, dataset, plan: dict[str, torch.Tensor], s: Settings):
-        self.dataset, self.plan, self.s = dataset, plan, s
+    def __init__(self, dataset, plan: dict[str, torch.Tensor], settings: Settings):
+        self.dataset, self.plan, self.settings = dataset, plan, settings
 
     def __len__(self) -> int:
         return len(self.plan["index"])
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[int(self.plan["index"][i])]
-        view = TRAIN_VIEWS[self.s.task](item, self.s, np.random.default_rng(int(self.plan["seed"][i])))
-        return {"image": view["image"], "target": view[TARGETS[self.s.task]], "slot": self.plan["slot"][i]}
+        task = TASKS[self.settings.task]
+        view = task.train_view(item, self.settings, np.random.default_rng(int(self.plan["seed"][i])))
+        return {"image": view["image"], "target": view[task.target], "slot": self.plan["slot"][i]}
 
 
 def _epoch_order(num_items: int, total: int, generator: torch.Generator) -> torch.Tensor:
@@ -246,62 +170,73 @@ def _gather_in_plan_order(batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v[keep][order] for k, v in batch.items()}
 
 
-def _feature_batches(backbone, dataset, plan: dict, chunk: int, s: Settings):
+def _feature_batches(backbone, dataset, plan: dict, chunk: int, settings: Settings):
     """{"features", "target"} per `chunk` plan entries, gathered from all processes in plan order."""
     state = PartialState()
     share, per_rank = _shard_plan(plan, chunk, state.process_index, state.num_processes)
-    loader = DataLoader(_PlannedViews(dataset, share, s), batch_size=per_rank, shuffle=False,
-                        num_workers=s.num_workers)
+    loader = DataLoader(_PlannedViews(dataset, share, settings), batch_size=per_rank, shuffle=False,
+                        num_workers=settings.num_workers)
     for batch in loader:
-        features = feature_maps(backbone, batch["image"].to(state.device, non_blocking=True), s)
+        features = feature_maps(backbone, batch["image"].to(state.device, non_blocking=True), settings)
         yield _gather_in_plan_order({"features": features, "target": batch["target"].to(state.device),
                                      "slot": batch["slot"].to(state.device)})
 
 
-def _training_batches(backbone, dataset, s: Settings, generator: torch.Generator):
+def _training_batches(backbone, dataset, settings: Settings, generator: torch.Generator):
     seeds = lambda n: torch.randint(0, 2**62, (n,), generator=generator)  # noqa: E731
-    if not s.cache_features:
-        total = s.iterations * s.batch_size
+    batch_size = settings.batch_size
+    if not settings.cache_features:
+        total = settings.iterations * batch_size
         plan = {"index": _epoch_order(len(dataset), total, generator), "seed": seeds(total)}
-        for step in _feature_batches(backbone, dataset, plan, s.batch_size, s):
+        for step in _feature_batches(backbone, dataset, plan, batch_size, settings):
             yield step["features"], step["target"]
         return
-    count = len(dataset) if s.max_train_images <= 0 else min(s.max_train_images, len(dataset))
+    limit = settings.max_train_images
+    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
     plan = {"index": torch.randperm(len(dataset), generator=generator)[:count].sort().values, "seed": seeds(count)}
-    parts = list(_feature_batches(backbone, dataset, plan, s.eval_batch_size * PartialState().num_processes, s))
+    chunk = settings.eval_batch_size * PartialState().num_processes
+    parts = list(_feature_batches(backbone, dataset, plan, chunk, settings))
     features, targets = torch.cat([p["features"] for p in parts]), torch.cat([p["target"] for p in parts])
-    order = _epoch_order(count, s.iterations * s.batch_size, generator)
-    for step in range(s.iterations):
-        index = order[step * s.batch_size : (step + 1) * s.batch_size].to(features.device)
+    order = _epoch_order(count, settings.iterations * batch_size, generator)
+    for step in range(settings.iterations):
+        index = order[step * batch_size : (step + 1) * batch_size].to(features.device)
         yield features[index], targets[index]
 
 
-def train_head(backbone: nn.Module, head: nn.Module, dataset, s: Settings, seed: int = 0) -> nn.Module:
+def _rng_devices() -> list:
+    device = PartialState().device
+    return [device] if device.type == "cuda" else []
+
+
+def train_head(backbone: nn.Module, head: nn.Module, dataset, settings: Settings, seed: int = 0,
+               validate: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train `head` on frozen `backbone` features of `dataset` with the protocol's loss, AdamW and
-    schedule. Returns the head in eval mode, identical on every process."""
+    schedule; every ``eval_interval`` steps before the last, ``validate(steps done, head)``. Returns the
+    head in eval mode, identical on every process."""
     state = PartialState()
     head.to(state.device).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-    devices = [state.device] if state.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # dropout draws: the same on every process and run
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    loss_of = TASKS[settings.task].loss
+    every = settings.eval_interval
+    with torch.random.fork_rng(devices=_rng_devices()):  # dropout draws: the same on every process and run
         torch.manual_seed(seed)
-        batches = _training_batches(backbone, dataset, s, torch.Generator().manual_seed(seed))
+        batches = _training_batches(backbone, dataset, settings, torch.Generator().manual_seed(seed))
         for step, (features, target) in enumerate(batches):
-            lr, beta1 = lr_at(step, s)
+            lr, beta1 = lr_at(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 if beta1 is not None:
                     group["betas"] = (beta1, group["betas"][1])
-            out = head(features, target.shape[-2:])
-            if s.task == "seg":
-                loss = segmentation_loss(out, target)
-            else:
-                loss = sig_loss(out.squeeze(1), target, step, s.sigloss_warmup)
+            loss = loss_of(head(features, target.shape[-2:]), target, step, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if s.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), s.grad_clip)
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), settings.grad_clip)
             optimizer.step()
+            done = step + 1
+            if validate is not None and every and done % every == 0 and done < settings.iterations:
+                validate(done, head)
     head.eval()
     if state.num_processes > 1:  # guard against last-bit drift between devices
         for tensor in list(head.parameters()) + list(head.buffers()):
@@ -312,9 +247,15 @@ def train_head(backbone: nn.Module, head: nn.Module, dataset, s: Settings, seed:
 # ----------------------------------------------------------------------------- inference
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple]:
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int],
+                  square_small: bool = False) -> list[tuple]:
     """(y1, y2, x1, x2) of mmseg's slide inference: ceil((H - crop) / stride) + 1 rows of windows, the
-    last one flush with the border; an image smaller than the crop is one smaller window (no padding)."""
+    last one flush with the border; a side shorter than the crop is taken whole (no padding), so an
+    image smaller than the crop in both sides is one smaller window. With `square_small` such an image
+    is slid over with square windows of side min(H, W) instead (DINOv3, dinov3/eval/segmentation/
+    inference.py:118-119: its test ratios below 1 make images smaller than the crop)."""
+    if square_small and crop[0] > height and crop[1] > width:
+        crop = (min(height, width),) * 2
     rows = max(height - crop[0] + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - crop[1] + stride[1] - 1, 0) // stride[1] + 1
     windows = []
@@ -325,10 +266,10 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
     return windows
 
 
-def slide_logits(predict, images: torch.Tensor, crop, stride) -> torch.Tensor:
+def slide_logits(predict, images: torch.Tensor, crop, stride, square_small: bool = False) -> torch.Tensor:
     """[B, K, H, W] logits of [B, 3, H, W] images of one size: every window of every image predicted in
-    one batch, overlaps averaged."""
-    windows = slide_windows(*images.shape[-2:], crop, stride)
+    one batch, overlaps averaged (windows as :func:`slide_windows`)."""
+    windows = slide_windows(*images.shape[-2:], crop, stride, square_small)
     crops = torch.cat([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
     out = predict(crops).unflatten(0, (len(windows), images.shape[0]))
     total = images.new_zeros((images.shape[0], out.shape[2], *images.shape[-2:]))
@@ -339,41 +280,42 @@ def slide_logits(predict, images: torch.Tensor, crop, stride) -> torch.Tensor:
     return total / count
 
 
-def _with_flipped(images: torch.Tensor, s: Settings) -> torch.Tensor:
-    return torch.cat([images, images.flip(-1)]) if s.flip_test else images
+def _with_flipped(images: torch.Tensor, settings: Settings) -> torch.Tensor:
+    return torch.cat([images, images.flip(-1)]) if settings.flip_test else images
 
 
-def _mean_with_flipped(out: torch.Tensor, s: Settings) -> torch.Tensor:
+def _mean_with_flipped(out: torch.Tensor, settings: Settings) -> torch.Tensor:
     """The mean of the predictions of the images and of their mirrors, mirrored back."""
-    if not s.flip_test:
+    if not settings.flip_test:
         return out
     plain, flipped = out.chunk(2)
     return (plain + flipped.flip(-1)) / 2
 
 
-def seg_probabilities(backbone, head, images, size: tuple[int, int], s: Settings) -> torch.Tensor:
+def seg_probabilities(backbone, head, images, size: tuple[int, int], settings: Settings) -> torch.Tensor:
     """Class probabilities [B, K, *size] at the original label size of [B, 3, H, W] images, or of a
     list of them (the test scales): per scale and flip, slide logits, bilinear resize to the label
     size, softmax; then the mean over scales and flips (mmseg ``aug_test``, DINOv3 TTA)."""
     def predict(crops):
-        return head(feature_maps(backbone, crops, s), crops.shape[-2:])
+        return head(feature_maps(backbone, crops, settings), crops.shape[-2:])
 
     scales = [images] if torch.is_tensor(images) else images
     probs = 0
     with torch.no_grad():
         for scaled in scales:
-            logits = slide_logits(predict, _with_flipped(scaled, s), s.crop_size, s.slide_stride)
+            logits = slide_logits(predict, _with_flipped(scaled, settings), settings.crop_size, settings.slide_stride,
+                                  settings.square_small_windows)
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            probs = probs + _mean_with_flipped(logits.softmax(1), s)
+            probs = probs + _mean_with_flipped(logits.softmax(1), settings)
     return probs / len(scales)
 
 
-def depth_prediction(backbone, head, images: torch.Tensor, s: Settings) -> torch.Tensor:
+def depth_prediction(backbone, head, images: torch.Tensor, settings: Settings) -> torch.Tensor:
     """[B, H, W] depth of whole [B, 3, H, W] images, averaged with the flipped images' when ``flip_test``."""
     with torch.no_grad():
-        views = _with_flipped(images, s)
-        depth = head(feature_maps(backbone, views, s), views.shape[-2:])[:, 0]
-    return _mean_with_flipped(depth, s).clamp(s.min_depth, s.max_depth)
+        views = _with_flipped(images, settings)
+        depth = head(feature_maps(backbone, views, settings), views.shape[-2:])[:, 0]
+    return _mean_with_flipped(depth, settings).clamp(settings.min_depth, settings.max_depth)
 
 
 def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -394,23 +336,26 @@ def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
 
 
 class _EvalViews(Dataset):
-    def __init__(self, dataset, s: Settings):
-        self.dataset, self.s = dataset, s
+    def __init__(self, dataset, settings: Settings):
+        self.dataset, self.settings = dataset, settings
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        return EVAL_VIEWS[self.s.task](self.dataset[i], self.s)
+        return TASKS[self.settings.task].eval_view(self.dataset[i], self.settings)
 
 
-def _crops_per_image(view: dict, s: Settings) -> int:
-    """Backbone inputs one image needs: its windows at every test scale (seg) or 1 (depth), x flips."""
-    if s.task == "seg":
-        crops = sum(len(slide_windows(*image.shape[-2:], s.crop_size, s.slide_stride)) for image in view["images"])
-    else:
-        crops = 1
-    return crops * (2 if s.flip_test else 1)
+def _seg_inputs(view: dict, settings: Settings) -> int:
+    """Windows of one segmentation view, over its test scales."""
+    return sum(len(slide_windows(*image.shape[-2:], settings.crop_size, settings.slide_stride,
+                                 settings.square_small_windows))
+               for image in view["images"])
+
+
+def _crops_per_image(view: dict, settings: Settings) -> int:
+    """Backbone inputs one image needs: the task's inputs per view (windows x scales, or 1), x flips."""
+    return TASKS[settings.task].inputs_per_view(view, settings) * (2 if settings.flip_test else 1)
 
 
 def _shapes(view: dict) -> list[tuple]:
@@ -431,17 +376,18 @@ def _stack(group: list[dict]) -> dict:
     return out
 
 
-def _eval_batches(dataset, s: Settings):
+def _eval_batches(dataset, settings: Settings):
     """This process's validation images (every world-th) as the protocol's evaluation views, consecutive
     views of one image and target size stacked while their crops (windows x scales x flips) fit in
     ``eval_batch_size`` (an image with more crops alone)."""
     state = PartialState()
-    limit = len(dataset) if s.max_val_images <= 0 else min(s.max_val_images, len(dataset))
-    shard = torch.utils.data.Subset(_EvalViews(dataset, s), list(range(state.process_index, limit, state.num_processes)))
+    limit = len(dataset) if settings.max_val_images <= 0 else min(settings.max_val_images, len(dataset))
+    mine = list(range(state.process_index, limit, state.num_processes))
+    shard = torch.utils.data.Subset(_EvalViews(dataset, settings), mine)
     group, group_shapes = [], None
-    for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=s.num_workers):
+    for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=settings.num_workers):
         shapes = _shapes(view)
-        full = (len(group) + 1) * _crops_per_image(view, s) > s.eval_batch_size
+        full = (len(group) + 1) * _crops_per_image(view, settings) > settings.eval_batch_size
         if group and (shapes != group_shapes or full):
             yield _stack(group)
             group = []
@@ -451,33 +397,34 @@ def _eval_batches(dataset, s: Settings):
         yield _stack(group)
 
 
-def evaluate_segmentation(backbone, head, dataset, s: Settings) -> dict:
+def evaluate_segmentation(backbone, head, dataset, settings: Settings) -> dict:
     """mIoU over the split (confusion matrix summed over images and processes, nan-mean over the classes
     present in prediction or label, 255 ignored) at each label's own size; ``pixels`` = labelled pixels
     evaluated, ``images`` = images evaluated."""
     device = PartialState().device
-    miou = MulticlassJaccardIndex(num_classes=s.num_classes, ignore_index=T.IGNORE_INDEX, average="macro").to(device)
+    miou = MulticlassJaccardIndex(num_classes=settings.num_classes, ignore_index=T.IGNORE_INDEX,
+                                  average="macro").to(device)
     pixels, images = SumMetric().to(device), SumMetric().to(device)
-    for batch in _eval_batches(dataset, s):
+    for batch in _eval_batches(dataset, settings):
         masks = batch["mask"].to(device)
         scales = [images.to(device) for images in batch["images"]]
-        probs = seg_probabilities(backbone, head, scales, tuple(masks.shape[-2:]), s)
+        probs = seg_probabilities(backbone, head, scales, tuple(masks.shape[-2:]), settings)
         miou.update(probs.argmax(1), masks)
         pixels.update((masks != T.IGNORE_INDEX).sum())
         images.update(len(masks))
     return {"miou": float(miou.compute()), "pixels": int(pixels.compute()), "images": int(images.compute())}
 
 
-def evaluate_depth(backbone, head, dataset, s: Settings) -> dict:
+def evaluate_depth(backbone, head, dataset, settings: Settings) -> dict:
     """Per-image metrics over the evaluated region with ground truth in (min_depth, max_depth), averaged
     over the images that have such pixels; ``pixels`` counts them all, ``images`` the images."""
     device = PartialState().device
     means = {key: MeanMetric().to(device) for key in DEPTH_METRICS}
     pixels, images = SumMetric().to(device), SumMetric().to(device)
-    for batch in _eval_batches(dataset, s):
-        preds = depth_prediction(backbone, head, batch["image"].to(device), s)
+    for batch in _eval_batches(dataset, settings):
+        preds = depth_prediction(backbone, head, batch["image"].to(device), settings)
         for pred, gt, region in zip(preds, batch["depth"].to(device), batch["region"].to(device)):
-            valid = region & (gt > s.min_depth) & (gt < s.max_depth)
+            valid = region & (gt > settings.min_depth) & (gt < settings.max_depth)
             if valid.any():
                 for key, value in depth_errors(pred[valid], gt[valid]).items():
                     means[key].update(value)
@@ -488,15 +435,59 @@ def evaluate_depth(backbone, head, dataset, s: Settings) -> dict:
             "pixels": int(pixels.compute()), "images": counted}
 
 
-# ----------------------------------------------------------------------------- entry points
+# ----------------------------------------------------------------------------- the two tasks, entry point
 
 
-def run_probe(model: nn.Module, train_set, val_set, s: Settings, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class Task:
+    """What segmentation and depth do differently, in one place."""
+
+    target: str  # the view's key of the label the head learns: mask | depth
+    train_view: Callable  # (item, settings, rng) -> {"image", target}: the protocol's training crop
+    eval_view: Callable  # (item, settings) -> the protocol's evaluation view of one image
+    head: Callable  # (feature channels, settings) -> the untrained head
+    loss: Callable  # (head output, target, step, settings) -> the protocol's loss
+    inputs_per_view: Callable  # (evaluation view, settings) -> backbone inputs before flips
+    evaluate: Callable  # (backbone, head, dataset, settings) -> metrics over the split
+    spread_layers: bool  # layers > 1: evenly spaced blocks (depth) rather than the last ones (seg)
+
+
+TASKS = {
+    "seg": Task(target="mask", train_view=T.seg_train_view, eval_view=T.seg_eval_view, head=_seg_head,
+                loss=lambda out, target, step, settings: segmentation_loss(out, target),
+                inputs_per_view=_seg_inputs, evaluate=evaluate_segmentation, spread_layers=False),
+    "depth": Task(target="depth", train_view=T.depth_train_view, eval_view=T.depth_eval_view, head=_depth_head,
+                  loss=lambda out, target, step, settings: sig_loss(out.squeeze(1), target, step,
+                                                                      settings.sigloss_warmup),
+                  inputs_per_view=lambda view, settings: 1, evaluate=evaluate_depth, spread_layers=True),
+}
+
+
+def run_probe(model: nn.Module, train_set, val_set, settings: Settings, seed: int = 0) -> dict:
     """Train the protocol's head on `train_set` and measure it on `val_set` (DenseDataset-like items).
 
-    Returns ``{"miou", "pixels", "images", "head"}`` (seg) or the depth metrics, "pixels", "images",
-    "head" (depth)."""
+    Returns the final head's metrics (``"miou"``, or the depth metrics), ``"pixels"``, ``"images"``,
+    ``"head"`` and ``"evaluations"``: ``{"step", metrics}`` of each evaluation in step order, the final
+    head's last. With an ``eval_interval`` (DINOv3 segmentation) the head is also evaluated every
+    ``eval_interval`` steps, as DINOv3 validates it while it trains, and ``"best"`` is the first of the
+    evaluations with the highest mIoU: the number DINOv3 reports (dinov3/eval/segmentation/train.py:
+    256, 284-301, 331 keeps the best, run.py:61-62 writes it as the result)."""
     backbone = frozen_backbone(model)
-    head = train_head(backbone, build_head(backbone, s, seed), train_set, s, seed)
-    evaluate = evaluate_segmentation if s.task == "seg" else evaluate_depth
-    return {**evaluate(backbone, head, val_set, s), "head": head}
+    evaluate = TASKS[settings.task].evaluate
+    evaluations = []
+
+    def validate(step: int, head: nn.Module) -> None:
+        """Evaluate the head being trained, in eval mode and with random draws of its own, so that its
+        training goes on exactly as it would without this evaluation."""
+        with torch.random.fork_rng(devices=_rng_devices()):
+            head.eval()
+            evaluations.append({"step": step, **evaluate(backbone, head, val_set, settings)})
+            head.train()
+
+    head = train_head(backbone, build_head(backbone, settings, seed), train_set, settings, seed, validate)
+    final = evaluate(backbone, head, val_set, settings)
+    evaluations.append({"step": settings.iterations, **final})
+    result = {**final, "head": head, "evaluations": evaluations}
+    if settings.eval_interval:
+        result["best"] = max(evaluations, key=lambda evaluation: evaluation["miou"])  # the first of equals
+    return result

@@ -1,4 +1,5 @@
-"""Linear heads, losses and learning-rate schedules of the dense protocols (see protocols.py for sources)."""
+"""What the dense protocols train: their linear heads, losses and learning-rate schedules (sources in
+protocols.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from clsvit.dense.protocols import Settings
 from clsvit.dense.transforms import IGNORE_INDEX
+from clsvit.errors import InputError
 
 
 def _init_conv(conv: nn.Conv2d, normal: bool) -> None:
@@ -39,7 +41,7 @@ def depth_bin_centres(n_bins: int, min_depth: float, max_depth: float, spacing: 
         return torch.linspace(min_depth, max_depth, n_bins)
     if spacing == "log":
         return torch.exp(torch.linspace(math.log(min_depth), math.log(max_depth), n_bins))
-    raise ValueError(f"eval.depth.bin_spacing must be linear or log, got {spacing!r}")
+    raise InputError(f"eval.depth.bin_spacing must be linear or log, got {spacing!r}")
 
 
 class LinearDepthHead(nn.Module):
@@ -103,7 +105,7 @@ def _cos(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
-def lr_at(step: int, s: Settings) -> tuple[float, float | None]:
+def lr_at(step: int, settings: Settings) -> tuple[float, float | None]:
     """(learning rate, Adam beta1 or None = unchanged) for optimizer step `step` (0-based).
 
     ``poly``: mmcv's poly(1.0) to 0 with linear warmup from warmup_ratio x lr. ``one_cycle``: mmcv's
@@ -112,27 +114,27 @@ def lr_at(step: int, s: Settings) -> tuple[float, float | None]:
     (the segmentation loop skips its first scheduler step, ``schedule_offset``), including its beta1
     cycling for depth (0 during warmup, then 0.85 -> 0.95).
     """
-    T, W, lr = s.iterations, s.warmup_iters, s.lr
-    if s.schedule == "poly":
+    T, W, lr = settings.iterations, settings.warmup_iters, settings.lr
+    if settings.schedule == "poly":
         regular = lr * (1 - step / T)
         if step < W:
-            return regular * (1 - (1 - step / W) * (1 - s.warmup_ratio)), None
+            return regular * (1 - (1 - step / W) * (1 - settings.warmup_ratio)), None
         return regular, None
-    if s.schedule == "one_cycle":
-        initial = lr * s.warmup_ratio
+    if settings.schedule == "one_cycle":
+        initial = lr * settings.warmup_ratio
         peak = W - 1
         if step <= peak and peak > 0:
             return _cos(initial, lr, step / peak), None
-        return _cos(lr, initial / s.final_div, (step - peak) / max(T - 1 - peak, 1)), None
-    n = max(step - s.schedule_offset, 0)
+        return _cos(lr, initial / settings.final_div, (step - peak) / max(T - 1 - peak, 1)), None
+    n = max(step - settings.schedule_offset, 0)
     beta1 = 0.0
     if n < W:
-        if s.warmup_ratio:
-            k = (1 - n / W) * (1 - s.warmup_ratio)
+        if settings.warmup_ratio:
+            k = (1 - n / W) * (1 - settings.warmup_ratio)
             value = lr * (1 - k) * (1 - n / T)
         else:
-            value = lr / s.final_div + lr * (1 + math.cos(math.pi * n / T)) / 2 * n / W
+            value = lr / settings.final_div + lr * (1 + math.cos(math.pi * n / T)) / 2 * n / W
     else:
         beta1 = _cos(0.85, 0.95, (n - W) / (T - W))
-        value = _cos(lr, lr / 25 / s.final_div, (n + 1) / T)
-    return value, (beta1 if s.cycle_beta1 else None)
+        value = _cos(lr, lr / 25 / settings.final_div, (n + 1) / T)
+    return value, (beta1 if settings.cycle_beta1 else None)

@@ -1,4 +1,5 @@
-"""The image operations of the linear dense protocols, each as its reference defines it.
+"""The linear dense protocols' image pipelines: each operation as its reference defines it, and the
+four views built from them (training and evaluation, segmentation and depth) that the engine reads.
 
 Images are HxWx3 ``uint8`` RGB arrays (float32 once photometric operations ran), masks HxW ``int64``
 class ids (255 = ignore), depth maps HxW ``float32`` metres (0 = no measurement), until
@@ -16,11 +17,16 @@ the depth codebase of DINOv2).
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
+
+from clsvit.dense.protocols import Settings
 
 IGNORE_INDEX = 255
 
@@ -217,3 +223,89 @@ def to_tensors(image: np.ndarray, mean, std, **targets: np.ndarray) -> dict[str,
         value = np.ascontiguousarray(value)
         out[key] = torch.from_numpy(value.astype(np.int64) if key == "mask" else value.astype(np.float32))
     return out
+
+
+# ----------------------------------------------------------------------------- the protocols' views
+
+
+def seg_train_view(item: dict, settings: Settings, rng: np.random.Generator) -> dict:
+    """Resize (scale x U(ratio_range), kept aspect ratio) -> crop (cat_max_ratio) -> flip -> photometric
+    distortion -> normalise -> pad to the crop with 0 / 255 (mmseg and DINOv3 order)."""
+    image, mask = item["image"], item["mask"]
+    low, high = settings.ratio_range
+    ratio = rng.random() * (high - low) + low
+    height, width = mask.shape
+    if settings.resize == "mmseg":
+        size = mmseg_rescale_size(height, width, (int(settings.scale[0] * ratio), int(settings.scale[1] * ratio)))
+    else:
+        size = short_side_size(height, width, int(min(settings.scale) * ratio))
+    image = resize_image(image, size, "cv2" if settings.resize == "mmseg" else "pil")
+    mask = resize_nearest(mask, size)
+    image, mask = crop_with_cat_max_ratio(image, mask, settings.crop_size, settings.cat_max_ratio, rng)
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    image = photometric_distortion(image, rng, settings.distortion)
+    out = to_tensors(image, settings.mean, settings.std, mask=mask)
+    pad_h, pad_w = settings.crop_size[0] - mask.shape[0], settings.crop_size[1] - mask.shape[1]
+    return {"image": F.pad(out["image"], (0, pad_w, 0, pad_h), value=0.0),
+            "mask": F.pad(out["mask"], (0, pad_w, 0, pad_h), value=IGNORE_INDEX)}
+
+
+def seg_test_size(height: int, width: int, settings: Settings, ratio: float = 1.0) -> tuple[int, int]:
+    """(h, w) an image is tested at, scale x `ratio`: mmseg ``MultiScaleFlipAug`` rescales to
+    (int(long x ratio), int(short x ratio)) keeping the aspect ratio; DINOv3 sets the short side to
+    int(short x ratio), rounded up to a multiple of 32 below ratio 1 (dinov3/eval/segmentation/
+    transforms.py:199-202)."""
+    if settings.resize == "mmseg":
+        return mmseg_rescale_size(height, width, (int(settings.scale[0] * ratio), int(settings.scale[1] * ratio)))
+    short = int(min(settings.scale) * ratio)
+    if ratio < 1:
+        short = math.ceil(short / 32) * 32
+    return short_side_size(height, width, short)
+
+
+def seg_eval_view(item: dict, settings: Settings) -> dict:
+    """The image resized as the protocol tests, once per test ratio (``images``), the mask untouched
+    at its own size."""
+    height, width = item["mask"].shape
+    backend = "cv2" if settings.resize == "mmseg" else "pil"
+    first, *rest = [resize_image(item["image"], seg_test_size(height, width, settings, ratio), backend)
+                    for ratio in settings.test_ratios]
+    out = to_tensors(first, settings.mean, settings.std, mask=item["mask"])
+    images = [out["image"]] + [to_tensors(image, settings.mean, settings.std)["image"] for image in rest]
+    return {"images": images, "mask": out["mask"], "name": item["name"]}
+
+
+def benchmark_crop_box(settings: Settings, height: int, width: int, train: bool) -> tuple[int, int, int, int]:
+    """(y1, y2, x1, x2) every depth view starts from: NYU's training crop (training only), KITTI's
+    benchmark crop (always), else the whole image."""
+    if settings.crops == "nyu" and train:
+        return scaled_box(NYU_TRAIN_BOX, height, width)
+    if settings.crops == "kitti":
+        return kb_crop_box(height, width)
+    return 0, height, 0, width
+
+
+def depth_train_view(item: dict, settings: Settings, rng: np.random.Generator) -> dict:
+    """NYU / KITTI benchmark crop -> rotation (p 0.5, +-2.5 deg) -> flip -> random crop -> colour
+    augmentation (p 0.5) -> normalise (toolbox nyu.py:7-16, kitti.py:7-16; DINOv3 transforms.py:306-355)."""
+    image, depth = item["image"], item["depth"]
+    y1, y2, x1, x2 = benchmark_crop_box(settings, *depth.shape, train=True)
+    image, depth = image[y1:y2, x1:x2], depth[y1:y2, x1:x2]
+    image, depth = random_rotate(np.ascontiguousarray(image), np.ascontiguousarray(depth), 2.5, rng)
+    if rng.random() < 0.5:
+        image, depth = image[:, ::-1], depth[:, ::-1]
+    cy1, cy2, cx1, cx2 = random_crop_box(*depth.shape, settings.crop_size, rng)
+    image, depth = image[cy1:cy2, cx1:cx2], depth[cy1:cy2, cx1:cx2]
+    image = color_augmentation(image, rng, settings.brightness_range)
+    return to_tensors(pad_to(image, settings.crop_size, 0), settings.mean, settings.std,
+                      depth=pad_to(depth, settings.crop_size, 0))
+
+
+def depth_eval_view(item: dict, settings: Settings) -> dict:
+    """The whole image (KITTI: its benchmark crop) and its depth, with the evaluated region."""
+    y1, y2, x1, x2 = benchmark_crop_box(settings, *item["depth"].shape, train=False)
+    depth = item["depth"][y1:y2, x1:x2]
+    region = eval_region({"nyu": "eigen", "kitti": "garg"}.get(settings.crops, "full"), *depth.shape)
+    return {**to_tensors(item["image"][y1:y2, x1:x2], settings.mean, settings.std, depth=depth),
+            "region": torch.from_numpy(region), "name": item["name"]}
