@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,16 +23,17 @@ from accelerate.utils import gather_object, set_seed
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
+from clsvit import cli
+from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
-from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
-from clsvit.data import (TrainSampler, UndecodableImages, build_eval_loader, build_image_dataset, build_train_loader,
-                         load_splits)
+from clsvit.config import ConfigError, diff, flatten, load_config, save_config
+from clsvit.data import TrainSampler, build_eval_loader, build_image_dataset, build_train_loader, load_splits
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
+from clsvit.images import UndecodableImages
 from clsvit.model import (baseline_model_config, build_model, check_pretrained, count_parameters,
                           normalisation_note)
-from clsvit.runlock import RunDirectoryInUse, hold_run_directory
+from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
                              nonfinite_on_any_process, split_global_batch)
@@ -284,10 +283,4 @@ def report(step: int, metrics: dict, log: RunLog, say) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, CheckpointError, RunDirectoryInUse, OSError, ValueError) as error:
-        if os.environ.get("CLSVIT_TRACEBACK"):
-            raise
-        print(error_line("train.py", error), file=sys.stderr)
-        sys.exit(2)
+    cli.run("train.py", main)

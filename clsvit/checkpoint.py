@@ -27,6 +27,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import save_file
 
 from clsvit.config import save_config
+from clsvit.errors import InputError
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -49,8 +50,9 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written on some process; the earlier checkpoints are intact."""
+class CheckpointError(InputError):
+    """A checkpoint could not be written on some process for a reason of the environment (an OSError:
+    a full disk, a quota, permissions); the earlier checkpoints are intact."""
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -78,12 +80,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
 
     def write(action) -> None:
         """Run `action` (on the processes that have one), then agree with the others on the outcome."""
-        error = None
+        error, failure = None, None
         try:
             if action is not None:
                 action()
-        except Exception as caught:  # noqa: BLE001 — any failure of a write is reported the same way
-            error = f"process {accelerator.process_index}: {type(caught).__name__}: {caught}"
+        except Exception as caught:  # noqa: BLE001 — the others must learn of any failure, then it is raised
+            failure = caught
+            error = (f"process {accelerator.process_index}: {type(caught).__name__}: {caught}",
+                     isinstance(caught, OSError))
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
         if failed.item() == 0:
             return
@@ -91,9 +95,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(checkpoint_dir)
-        raise CheckpointError(f"the checkpoint for step {step} could not be written ({errors[0]}); "
-                              f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}: "
-                              f"fix the cause and relaunch to resume")
+        message = (f"the checkpoint for step {step} could not be written ({errors[0][0]}); "
+                   f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}: "
+                   f"fix the cause and relaunch to resume")
+        if all(environment for _, environment in errors):
+            raise CheckpointError(message)
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure  # a bug: its own traceback
+        raise RuntimeError(message)
 
     def prepare() -> None:
         shutil.rmtree(partial, ignore_errors=True)

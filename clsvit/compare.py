@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from clsvit.config import flatten, load_config
+from clsvit.errors import InputError
 from clsvit.model import build_model, count_parameters, describe_specialization, is_specialized
 from clsvit.tracking import read_metrics
 
@@ -53,9 +54,9 @@ def expand_runs(patterns: list[str]) -> list[Path]:
             if (path / "config.yaml").is_file() and path not in runs:
                 runs.append(path)
             elif not glob.has_magic(pattern):
-                raise ValueError(f"--compare: {path} is not a run directory (no config.yaml)")
+                raise InputError(f"--compare: {path} is not a run directory (no config.yaml)")
     if not runs:
-        raise ValueError(f"--compare: no run directories match {' '.join(patterns)}")
+        raise InputError(f"--compare: no run directories match {' '.join(patterns)}")
     return runs
 
 

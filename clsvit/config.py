@@ -162,18 +162,6 @@ def _yaml_value(value):
     return repr(value)
 
 
-def error_line(program: str, error: BaseException) -> str:
-    """The one line train.py / eval.py print for an expected failure. An error raised in a
-    DataLoader worker arrives wrapped with the worker's traceback: its last line is the message.
-    Under several processes the line names the process that raised."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
-    return f"{program}: error{where}: {text}"
-
-
 # YAML 1.2 core schema instead of PyYAML's YAML 1.1: in 1.1 `mixed_precision: no` is the bool
 # False and `lr: 3e-3` is the *string* "3e-3" (a float needs a dot), both silent traps here.
 _CORE_SCHEMA = [  # (tag, regexp, possible first characters)

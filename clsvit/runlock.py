@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clsvit.errors import InputError
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 15.0  # the owner touches the lock file this often
 STALE_S = 60.0  # an owner on another machine whose heartbeat stopped this long is gone
@@ -58,7 +60,7 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # the 
 _HELD_HERE: dict[Path, "RunLock"] = {}  # run directories this process holds: it must not open their lock files again
 
 
-class RunDirectoryInUse(RuntimeError):
+class RunDirectoryInUse(InputError):
     """Another launch owns the run directory; the message is one line naming it and the owner."""
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from clsvit.config import ConfigError
+from clsvit.errors import InputError
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss); reported in one line."""
+class TrainingError(InputError):
+    """A run that cannot go on as its recipe and data make it (non-finite loss); reported in one line."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(vars(self)):
-            raise ValueError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
+            raise InputError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
         vars(self).update(state)
 
 

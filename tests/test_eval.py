@@ -170,7 +170,6 @@ def test_compare_rows_deltas_csv_and_chart(tmp_path, capsys):
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("CLSVIT_TRACEBACK", None)
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
