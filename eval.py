@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from clsvit import analysis, cli, dense
+from clsvit.checkpoint import eval_snapshot, same_snapshot_on_every_process
 from clsvit.compare import compare
 from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, load_config, save_config
 from clsvit.data import build_eval_loader, build_eval_transform, load_splits
@@ -54,7 +55,6 @@ from clsvit.errors import InputError
 from clsvit.evaluation import topk_accuracy
 from clsvit.images import ImageClassDataset
 from clsvit.model import build_model, describe_specialization, normalisation_note, weights_path
-from clsvit.runlock import eval_snapshot, same_snapshot_on_every_process
 from clsvit.tracking import write_eval_events
 
 TASKS = CHOICE_LISTS["eval.tasks"]  # cls, seg, depth, analysis

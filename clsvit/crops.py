@@ -29,6 +29,7 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from clsvit.augment import BOX, JPEG, ROW
 from clsvit.errors import InputError
@@ -199,7 +200,6 @@ def decode_jpegs(files: list[torch.Tensor], rows: list[int], device) -> list[tor
     the device does not decode is decoded on the host (simplejpeg, else PIL). A file neither decodes
     is an error naming its row: it passed the worker's checks, so only the CPU decode path
     (``data.decode_on: cpu``) can count and replace it."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:

@@ -30,11 +30,14 @@ from pathlib import Path
 import timm
 import torch
 import yaml
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from clsvit import cli
+from clsvit.checkpoint import load_run
 from clsvit.errors import InputError
 from clsvit.model import (baseline_model_config, build_model, count_parameters, describe_specialization,
-                          is_specialized, load_run, specialized_name)
+                          is_specialized, specialized_name)
 
 PAPER_CITATION = """\
 @inproceedings{marouani2026revisiting,
@@ -177,9 +180,6 @@ def model_card(repo_id: str, architecture: str, cfg: dict, summary: dict, result
 
 def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload an export directory as it is to the hub repository `repo_id` (created if missing)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from clsvit import cli
 from clsvit.config import ConfigError, load_config, recipe_leaves
 from clsvit.errors import InputError
@@ -207,8 +209,6 @@ def train_command(cell: Cell, launch: list[str] | None = None) -> list[str]:
 
 def _gpu_slots(parallel: int) -> list[list[str]]:
     """The visible GPUs split into `parallel` contiguous shares ([] each on a machine without GPUs)."""
-    import torch
-
     count = torch.cuda.device_count()
     if count == 0:
         return [[] for _ in range(parallel)]

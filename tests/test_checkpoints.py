@@ -25,7 +25,8 @@ import clsvit
 from clsvit import PAPER_DEFAULT
 from clsvit.config import DEFAULT_RECIPE, load_config
 from clsvit.errors import InputError
-from clsvit.model import (block_indices, build_model, is_specialized, load_run, normalisation_note, paper_default_for,
+from clsvit.checkpoint import load_run
+from clsvit.model import (block_indices, build_model, is_specialized, normalisation_note, paper_default_for,
                           read_pretrained, specialized_name)
 from model_utils import TINY, images, make_run, randomize_
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from clsvit.config import load_config, save_config  # noqa: E402
 from clsvit.data import ImageClassDataset, build_eval_transform, load_splits  # noqa: E402
-from clsvit.model import build_model, count_parameters, load_run  # noqa: E402
+from clsvit.checkpoint import load_run  # noqa: E402
+from clsvit.model import build_model, count_parameters  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
 eval_script = importlib.util.module_from_spec(spec)

@@ -1,5 +1,5 @@
 """Building models: `create_model` (any timm ViT, DeiT-III settings, specialization, pretrained
-weights of any public layout), `build_model` (a recipe's `model:` section) and `load_run`.
+weights of any public layout) and `build_model` (a recipe's `model:` section).
 
 Pretrained weights (`pretrained=SOURCE`, recipe key `model.pretrained`) come from:
 - a run directory or export directory (its `model.safetensors`), or any `.safetensors`, `.pth`,
@@ -30,8 +30,12 @@ from typing import Any, Callable, Mapping
 
 import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from timm.layers import DropPath
 from timm.models import VisionTransformer
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
@@ -106,9 +110,6 @@ def feature_extractor(model: VisionTransformer, out_indices: int | tuple[int, ..
                       feature_cls: str = "getter") -> nn.Module:
     """timm's `features_only` wrapper of a ViT (`FeatureGetterNet` over `forward_intermediates`,
     feature maps of the last `out_indices` blocks, or the blocks listed), as timm builds it."""
-    from timm.models._builder import pretrained_cfg_for_features
-    from timm.models._features import FeatureGetterNet
-
     if feature_cls != "getter":
         raise InputError(f"feature_cls: {feature_cls!r}; a ViT's features_only wrapper is 'getter' (FeatureGetterNet)")
     wrapper = FeatureGetterNet(model, out_indices=out_indices)
@@ -197,9 +198,6 @@ def _file_state(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _hub_state(hub_id: str, filename: str | None, label: str) -> dict[str, torch.Tensor]:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         if filename:
             state = timm.models.load_state_dict_from_hf(hub_id, filename)
@@ -408,18 +406,3 @@ def _naming_the_recipe_key(error: Exception) -> Exception:
     if key in ("arch", "drop_path", "pretrained"):
         return type(error)(f"model.{key}: {rest}")
     return error
-
-
-def load_run(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = (), device: str | torch.device = "cpu",
-             report: Callable[[str], Any] | None = None, overlays: tuple = ()) -> tuple[nn.Module, dict]:
-    """Rebuild a trained model from its run directory (config.yaml + model.safetensors), with
-    `overlays` (partial recipes) and command-line `overrides` applied to its config
-    (`model.img_size=384` resizes the position embeddings; a `model.specialize` the run did not use
-    clones the copies it lacks)."""
-    from clsvit.config import load_config
-
-    run_dir = Path(run_dir)
-    weights = weights_path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides, overlays=overlays)
-    model = build_model(cfg["model"], pretrained=weights, report=report)
-    return model.to(device).eval(), cfg
