@@ -32,11 +32,11 @@ from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_schedul
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.images import UndecodableImages
 from clsvit.model import (baseline_model_config, build_model, check_pretrained, count_parameters,
-                          normalisation_note)
+                          normalisation_note, param_overhead_pct)
 from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
-                             nonfinite_on_any_process, split_global_batch)
+                             is_due, nonfinite_on_any_process, split_global_batch)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
@@ -113,13 +113,14 @@ def main() -> None:
 
     # ---- model --------------------------------------------------------------------------------
     model = build_model(cfg["model"], num_classes, pretrained=cfg["model"]["pretrained"], report=say)
-    if say and (note := normalisation_note(cfg)):
+    if note := normalisation_note(cfg):
         say(note)  # weights trained on inputs normalised otherwise than data.mean / data.std
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)
     with torch.device("meta"):
         baseline_params = count_parameters(build_model(baseline_model_config(cfg["model"]), num_classes))
+    overhead_pct = param_overhead_pct(num_params, baseline_params)
 
     # ---- optimizer, schedule, loss ------------------------------------------------------------
     optimizer = build_optimizer(model, cfg["optim"])
@@ -155,7 +156,7 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     run_info = provenance(accelerator, params=num_params, params_baseline=baseline_params,
-                          param_overhead_pct=100.0 * (num_params - baseline_params) / baseline_params,
+                          param_overhead_pct=overhead_pct,
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
@@ -163,10 +164,10 @@ def main() -> None:
                  resume_step=progress.step if resume_from is not None else None,
                  accelerator=accelerator, config=flatten(cfg))
     log.start_session(cfg, depth=len(accelerator.unwrap_model(model).blocks), params=num_params,
-                      params_baseline=baseline_params)
+                      param_overhead_pct=overhead_pct)
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "
+        say(f"run {run_dir}: {num_params:,} params ({overhead_pct:+.2f}% vs baseline), "
             f"{batch.describe()}, {total_steps} steps, "
             f"precision {accelerator.mixed_precision}, compile {run_info['dynamo_backend']}")
 
@@ -208,7 +209,7 @@ def main() -> None:
             continue
         window.add_step(step_loss)
 
-        log_now = (progress.step + 1) % cfg["log"]["every"] == 0 or progress.step + 1 == total_steps
+        log_now = is_due(progress.step + 1, cfg["log"]["every"], total_steps, at_last=True)
         grad_norm = None
         if cfg["optim"]["grad_clip"] is not None or log_now:
             grad_norm = gradient_norm(accelerator, model, cfg["optim"]["grad_clip"])
@@ -252,11 +253,11 @@ def main() -> None:
                 accelerator.end_training()
                 return
 
-        if progress.step % cfg["eval"]["every"] == 0 and progress.step < total_steps:
+        if is_due(progress.step, cfg["eval"]["every"], total_steps, at_last=False):
             report(progress.step, validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"],
                                                      to_input=to_val_input), log, say)
             model.train()
-        if progress.step % train_cfg["checkpoint_every"] == 0 and progress.step < total_steps:
+        if is_due(progress.step, train_cfg["checkpoint_every"], total_steps, at_last=False):
             checkpoint()
     bar.close()
 

@@ -124,6 +124,9 @@ CROSS_KEY_RULES = [
     (("aug.rand_augment",),
      lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
      "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+    (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
+     "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
+     "[0.229,0.224,0.225])"),
 ]
 
 

@@ -37,7 +37,7 @@ from clsvit import cli
 from clsvit.checkpoint import load_run
 from clsvit.errors import InputError
 from clsvit.model import (baseline_model_config, build_model, count_parameters, describe_specialization,
-                          is_specialized, specialized_name)
+                          is_specialized, param_overhead_pct, specialized_name)
 
 PAPER_CITATION = """\
 @inproceedings{marouani2026revisiting,
@@ -83,7 +83,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
         "recipe": cfg["run"]["name"],
         "params": params,
         "params_unspecialized": baseline_params,
-        "param_overhead_pct": round(100.0 * (params - baseline_params) / baseline_params, 2),
+        "param_overhead_pct": round(param_overhead_pct(params, baseline_params), 2),
     }
     size = model_cfg["img_size"]
     data_config = {"input_size": (3, size, size), "interpolation": cfg["aug"]["interpolation"],

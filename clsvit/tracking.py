@@ -323,14 +323,13 @@ class RunLog:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
-    def start_session(self, cfg: Mapping[str, Any], *, depth: int, params: int, params_baseline: int) -> None:
+    def start_session(self, cfg: Mapping[str, Any], *, depth: int, params: int, param_overhead_pct: float) -> None:
         """The run's HParams session (its columns: `hparams_columns`), the custom-scalars layout, and,
         on a fresh start, the scalars `model/params` and `model/param_overhead_pct` at step 0."""
         if not self.enabled or self.writer is None:
             return
         if self.resume_step is None:
-            self._add_scalars(0, {"model/params": params,
-                                  "model/param_overhead_pct": 100.0 * (params - params_baseline) / params_baseline})
+            self._add_scalars(0, {"model/params": params, "model/param_overhead_pct": param_overhead_pct})
         for summary in _hparams_summaries(hparams_columns(cfg, depth), group=cfg["run"]["name"]):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_custom_scalars(CUSTOM_SCALARS)

@@ -3,6 +3,7 @@
 - :func:`split_global_batch`: the recipe's global batch on this many processes -> micro-batch and
   gradient accumulation, with ``train.batch_per_device`` as the memory cap.
 - :class:`Progress`: the loop position saved in every checkpoint.
+- :func:`is_due`: whether a step is one to log, evaluate or checkpoint at.
 - :class:`MicroBatchStream`: the training batches, epoch after epoch, resuming mid-epoch.
 - :class:`LogWindow`: what is measured between two log steps (loss, throughput, data wait, broken
   files), reduced over the processes with one all-reduce.
@@ -78,6 +79,15 @@ class Progress:
         if set(state) != set(vars(self)):
             raise InputError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
         vars(self).update(state)
+
+
+def is_due(step: int, every: int, total: int, *, at_last: bool) -> bool:
+    """Whether optimizer step `step` (counted from 1) of `total` is one of every `every` steps; the
+    last step counts when `at_last` (logging) and never otherwise (the final evaluation and
+    checkpoint come after the loop)."""
+    if step == total:
+        return at_last
+    return step % every == 0
 
 
 class MicroBatchStream:

@@ -11,8 +11,8 @@ import torch
 from accelerate import Accelerator
 
 from clsvit.config import ConfigError
-from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, gradient_norm, nonfinite_on_any_process,
-                             split_global_batch)
+from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, gradient_norm, is_due,
+                             nonfinite_on_any_process, split_global_batch)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -133,3 +133,10 @@ def test_copies_of_one_signal_are_one_request():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_is_due_every_n_steps_and_at_the_last_only_for_logging():
+    due = lambda at_last: [step for step in range(1, 11) if is_due(step, 4, 10, at_last=at_last)]  # noqa: E731
+    assert due(at_last=True) == [4, 8, 10]  # log steps: the last one too
+    assert due(at_last=False) == [4, 8]  # eval / checkpoint steps: the last one is the loop's end
+    assert [s for s in range(1, 9) if is_due(s, 4, 8, at_last=False)] == [4]

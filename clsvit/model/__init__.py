@@ -26,6 +26,7 @@ from clsvit.model.loading import (  # noqa: I001 — after specialization, which
     feature_extractor,
     locate_pretrained,
     normalisation_note,
+    param_overhead_pct,
     pretrained_normalisation,
     read_pretrained,
     set_uniform_drop_path,
@@ -39,7 +40,7 @@ __all__ = [
     "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained",
     "count_parameters", "create_model",
     "describe_specialization", "feature_extractor", "is_specialized", "locate_pretrained",
-    "normalisation_note", "paper_default_for", "pretrained_normalisation",
+    "normalisation_note", "paper_default_for", "param_overhead_pct", "pretrained_normalisation",
     "read_pretrained", "set_uniform_drop_path", "specialize", "specialized_modules", "specialized_name",
     "split_class", "timm_vit", "weights_path",
 ]

@@ -59,6 +59,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def param_overhead_pct(params: int, baseline_params: int) -> float:
+    """The parameters specialization adds, in % of the unspecialized model's."""
+    return 100.0 * (params - baseline_params) / baseline_params
+
+
 def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, pretrained: str | Path | None = None,
                  drop_path: float = 0.0, layerscale_init: float | None = None,
                  report: Callable[[str], Any] | None = print, **timm_kwargs: Any) -> nn.Module:
