@@ -35,8 +35,8 @@ from clsvit.model import (baseline_model_config, build_model, check_pretrained, 
                           normalisation_note, param_overhead_pct)
 from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
-from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
-                             is_due, nonfinite_on_any_process, split_global_batch)
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, TrainingError,
+                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
@@ -178,8 +178,7 @@ def main() -> None:
     preemption = PreemptionSignals()  # SIGTERM / SIGUSR1: checkpoint at the next log step, exit cleanly
     batches = MicroBatchStream(train_loader, sampler, progress, batch.micro_batch, epoch_samples)
     window = LogWindow(accelerator)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not (main_proc and cfg["log"]["progress_bar"]),
-               dynamic_ncols=True, desc="train")
+    display = ProgressDisplay(total_steps, progress.step, enabled=main_proc and cfg["log"]["progress_bar"])
     model.train()
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
@@ -219,7 +218,7 @@ def main() -> None:
         scheduler.step_update(num_updates=progress.step)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=progress.step)
-        bar.update(1)
+        display.step()
 
         if log_now:  # the only host-device sync of a normal step: one all-reduce
             summary = window.reduce(preemption.requested)
@@ -235,16 +234,17 @@ def main() -> None:
                         f"{progress.step}, replaced by the next sample ({len(undecodable.names)} so far): "
                         + "; ".join(map(str, new[:3])) + (" ..." if len(new) > 3 else ""))
                 undecodable.check()
+            images_per_s = window.steps * train_cfg["global_batch"] / summary["elapsed"]
             log.log(progress.step, {
                 "train/loss": summary["mean_loss"],
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/grad_norm": float(grad_norm),
-                "train/images_per_s": window.steps * train_cfg["global_batch"] / summary["elapsed"],
+                "train/images_per_s": images_per_s,
                 "train/data_wait": summary["data_wait"],
                 "train/epoch": progress.epoch + progress.samples_in_epoch / epoch_samples,
                 "data/undecodable": len(undecodable.names),
             })
-            bar.set_postfix(loss=f"{summary['mean_loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            display.log_step(progress.step, summary["mean_loss"], optimizer.param_groups[0]["lr"], images_per_s)
             window.reset()
             if summary["stop"]:
                 checkpoint()
@@ -259,7 +259,7 @@ def main() -> None:
             model.train()
         if is_due(progress.step, train_cfg["checkpoint_every"], total_steps, at_last=False):
             checkpoint()
-    bar.close()
+    display.close()
 
     # ---- final checkpoint, eval and export ----------------------------------------------------
     if resume_from is None or checkpoint_step(resume_from) != progress.step:
