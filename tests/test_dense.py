@@ -6,7 +6,6 @@ Several processes are covered end to end by tests/test_eval.py::test_two_process
 
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,6 @@ from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from clsvit.config import ConfigError, load_config  # noqa: E402
 from clsvit.dense import DenseDataset, engine, resolve  # noqa: E402

@@ -1,10 +1,8 @@
 """The evaluation recipes (recipes/eval/*.yaml): headers, and each one end to end through eval.py on a
 tiny local copy of its dataset in the dataset's own layout, cut from a real photo at non-square sizes."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -14,15 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from clsvit.config import load_config, save_config
+from clsvit.model import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clsvit.config import load_config, save_config  # noqa: E402
-from clsvit.model import build_model  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_script)
 
 EVAL_RECIPES = sorted((ROOT / "recipes" / "eval").glob("*.yaml"))
 PHOTO = np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB"))
@@ -179,7 +172,7 @@ def run(tmp_path_factory):
     ("ade20k", make_ade20k, "seg", TINY_SEG), ("voc", make_voc, "seg", TINY_SEG),
     ("cityscapes", make_cityscapes, "seg", TINY_SEG), ("nyu", make_nyu, "depth", TINY_DEPTH),
     ("kitti", make_kitti, "depth", TINY_DEPTH)])
-def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
+def test_eval_recipe_end_to_end(eval_script, run, tmp_path, name, make, task, tiny):
     root = tmp_path / name
     root.mkdir()
     expected_pixels = make(root)
@@ -194,7 +187,7 @@ def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
     assert np.isfinite(saved[metric])
 
 
-def test_a_label_outside_the_classes_names_its_file(run, tmp_path):
+def test_a_label_outside_the_classes_names_its_file(eval_script, run, tmp_path):
     make_voc(tmp_path / "voc", bad_label=True)
     with pytest.raises(ValueError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
         eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/voc_linear.yaml"),
