@@ -45,14 +45,16 @@ from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import Subset
 
-from clsvit import analysis, dense
+from clsvit import analysis, cli, dense
+from clsvit.checkpoint import eval_snapshot, same_snapshot_on_every_process
 from clsvit.compare import compare
-from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, ConfigError, error_line, load_config, save_config
-from clsvit.data import ImageClassDataset, build_eval_loader, build_eval_transform, load_splits
+from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, load_config, save_config
+from clsvit.data import build_eval_loader, build_eval_transform, load_splits
 from clsvit.dense.engine import DEPTH_METRICS
+from clsvit.errors import InputError
 from clsvit.evaluation import topk_accuracy
+from clsvit.images import ImageClassDataset
 from clsvit.model import build_model, describe_specialization, normalisation_note, weights_path
-from clsvit.runlock import RunDirectoryInUse, eval_snapshot, same_snapshot_on_every_process
 from clsvit.tracking import write_eval_events
 
 TASKS = CHOICE_LISTS["eval.tasks"]  # cls, seg, depth, analysis
@@ -114,7 +116,7 @@ def evaluate(cfg: dict, weights, out_dir: Path, tasks_arg: str | None, snapshot=
     if cfg["model"]["num_classes"] is None:  # --weights: the checkpoint's class count
         cfg["model"]["num_classes"] = model.num_classes
     if "cls" in tasks and not model.num_classes:
-        raise ValueError(f"cls: {weights} has no classifier (model.num_classes is 0); "
+        raise InputError(f"cls: {weights} has no classifier (model.num_classes is 0); "
                          f"choose other --tasks or set model.num_classes")
     if write_config and accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
@@ -148,7 +150,7 @@ def parse_tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown task {', '.join(map(repr, unknown)) or '(none given)'}; "
+        raise InputError(f"unknown task {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"choose from {', '.join(TASKS)}")
     return tasks
 
@@ -271,12 +273,5 @@ def print_summary(run_dir: Path, cfg: dict, results: dict, tasks: list[str]) -> 
     print(f"  written   {run_dir / 'eval.json'}")
 
 
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, RunDirectoryInUse, FileNotFoundError, ValueError) as error:
-        if os.environ.get("CLSVIT_TRACEBACK"):
-            raise
-        print(error_line("eval.py", error), file=sys.stderr)
-        sys.exit(2)
+    cli.run("eval.py", main)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,19 +23,20 @@ from accelerate.utils import gather_object, set_seed
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from clsvit.checkpoint import (CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint,
+from clsvit import cli
+from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
-from clsvit.config import ConfigError, diff, error_line, flatten, load_config, save_config
-from clsvit.data import (TrainSampler, UndecodableImages, build_eval_loader, build_image_dataset, build_train_loader,
-                         load_splits)
+from clsvit.config import ConfigError, diff, flatten, load_config, save_config
+from clsvit.data import TrainSampler, build_eval_loader, build_image_dataset, build_train_loader, load_splits
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
+from clsvit.images import UndecodableImages
 from clsvit.model import (baseline_model_config, build_model, check_pretrained, count_parameters,
-                          normalisation_note)
-from clsvit.runlock import RunDirectoryInUse, hold_run_directory
+                          normalisation_note, param_overhead_pct)
+from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
-from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, TrainingError, gradient_norm,
-                             nonfinite_on_any_process, split_global_batch)
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, TrainingError,
+                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
@@ -114,13 +113,14 @@ def main() -> None:
 
     # ---- model --------------------------------------------------------------------------------
     model = build_model(cfg["model"], num_classes, pretrained=cfg["model"]["pretrained"], report=say)
-    if say and (note := normalisation_note(cfg)):
+    if note := normalisation_note(cfg):
         say(note)  # weights trained on inputs normalised otherwise than data.mean / data.std
     if cfg["model"]["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     num_params = count_parameters(model)
     with torch.device("meta"):
         baseline_params = count_parameters(build_model(baseline_model_config(cfg["model"]), num_classes))
+    overhead_pct = param_overhead_pct(num_params, baseline_params)
 
     # ---- optimizer, schedule, loss ------------------------------------------------------------
     optimizer = build_optimizer(model, cfg["optim"])
@@ -156,7 +156,7 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     run_info = provenance(accelerator, params=num_params, params_baseline=baseline_params,
-                          param_overhead_pct=100.0 * (num_params - baseline_params) / baseline_params,
+                          param_overhead_pct=overhead_pct,
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                           dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
@@ -164,10 +164,10 @@ def main() -> None:
                  resume_step=progress.step if resume_from is not None else None,
                  accelerator=accelerator, config=flatten(cfg))
     log.start_session(cfg, depth=len(accelerator.unwrap_model(model).blocks), params=num_params,
-                      params_baseline=baseline_params)
+                      param_overhead_pct=overhead_pct)
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        say(f"run {run_dir}: {num_params:,} params ({run_info['param_overhead_pct']:+.2f}% vs baseline), "
+        say(f"run {run_dir}: {num_params:,} params ({overhead_pct:+.2f}% vs baseline), "
             f"{batch.describe()}, {total_steps} steps, "
             f"precision {accelerator.mixed_precision}, compile {run_info['dynamo_backend']}")
 
@@ -178,8 +178,7 @@ def main() -> None:
     preemption = PreemptionSignals()  # SIGTERM / SIGUSR1: checkpoint at the next log step, exit cleanly
     batches = MicroBatchStream(train_loader, sampler, progress, batch.micro_batch, epoch_samples)
     window = LogWindow(accelerator)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not (main_proc and cfg["log"]["progress_bar"]),
-               dynamic_ncols=True, desc="train")
+    display = ProgressDisplay(total_steps, progress.step, enabled=main_proc and cfg["log"]["progress_bar"])
     model.train()
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
@@ -209,7 +208,7 @@ def main() -> None:
             continue
         window.add_step(step_loss)
 
-        log_now = (progress.step + 1) % cfg["log"]["every"] == 0 or progress.step + 1 == total_steps
+        log_now = is_due(progress.step + 1, cfg["log"]["every"], total_steps, at_last=True)
         grad_norm = None
         if cfg["optim"]["grad_clip"] is not None or log_now:
             grad_norm = gradient_norm(accelerator, model, cfg["optim"]["grad_clip"])
@@ -219,7 +218,7 @@ def main() -> None:
         scheduler.step_update(num_updates=progress.step)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=progress.step)
-        bar.update(1)
+        display.step()
 
         if log_now:  # the only host-device sync of a normal step: one all-reduce
             summary = window.reduce(preemption.requested)
@@ -235,16 +234,17 @@ def main() -> None:
                         f"{progress.step}, replaced by the next sample ({len(undecodable.names)} so far): "
                         + "; ".join(map(str, new[:3])) + (" ..." if len(new) > 3 else ""))
                 undecodable.check()
+            images_per_s = window.steps * train_cfg["global_batch"] / summary["elapsed"]
             log.log(progress.step, {
                 "train/loss": summary["mean_loss"],
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "train/grad_norm": float(grad_norm),
-                "train/images_per_s": window.steps * train_cfg["global_batch"] / summary["elapsed"],
+                "train/images_per_s": images_per_s,
                 "train/data_wait": summary["data_wait"],
                 "train/epoch": progress.epoch + progress.samples_in_epoch / epoch_samples,
                 "data/undecodable": len(undecodable.names),
             })
-            bar.set_postfix(loss=f"{summary['mean_loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            display.log_step(progress.step, summary["mean_loss"], optimizer.param_groups[0]["lr"], images_per_s)
             window.reset()
             if summary["stop"]:
                 checkpoint()
@@ -253,13 +253,13 @@ def main() -> None:
                 accelerator.end_training()
                 return
 
-        if progress.step % cfg["eval"]["every"] == 0 and progress.step < total_steps:
+        if is_due(progress.step, cfg["eval"]["every"], total_steps, at_last=False):
             report(progress.step, validation_metrics(model, val_loader, accelerator, cfg["eval"]["max_batches"],
                                                      to_input=to_val_input), log, say)
             model.train()
-        if progress.step % train_cfg["checkpoint_every"] == 0 and progress.step < total_steps:
+        if is_due(progress.step, train_cfg["checkpoint_every"], total_steps, at_last=False):
             checkpoint()
-    bar.close()
+    display.close()
 
     # ---- final checkpoint, eval and export ----------------------------------------------------
     if resume_from is None or checkpoint_step(resume_from) != progress.step:
@@ -284,10 +284,4 @@ def report(step: int, metrics: dict, log: RunLog, say) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, CheckpointError, RunDirectoryInUse, OSError, ValueError) as error:
-        if os.environ.get("CLSVIT_TRACEBACK"):
-            raise
-        print(error_line("train.py", error), file=sys.stderr)
-        sys.exit(2)
+    cli.run("train.py", main)

@@ -7,7 +7,7 @@ each output size (``--sizes``, default 224 and 192: DeiT-III's ViT-S and ViT-B/L
 times, with one torch thread and the CPU time of this process, one DataLoader worker's work per
 image — fetch the HF row, decode, transform — for:
 
-- ``cpu``            clsvit.data.ImageClassDataset + timm's PIL transform (decode, RandomResizedCrop,
+- ``cpu``            clsvit.images.ImageClassDataset + timm's PIL transform (decode, RandomResizedCrop,
                      flip, 3-Augment, colour jitter 0.3, to-tensor, normalise): ``augment_on: cpu``.
 - ``device``         clsvit.crops.CropDataset: read, header, the sample's draws, the crop decoded by
                      simplejpeg at the smallest DCT scale 1/2^k keeping it >= the output size: the
@@ -114,7 +114,7 @@ def write_imagefolder(root: Path, num_images: int, size: tuple[int, int], seed: 
 def decode_crop_pil(data: bytes, image, box, min_side):
     """clsvit.crops.decode_crop with PIL's draft() (1/2, 1/4, 1/8) instead of simplejpeg."""
     import clsvit.crops as crops
-    from clsvit.data import to_rgb
+    from clsvit.images import to_rgb
     header = Image.open(io.BytesIO(data)) if image is None else image
     top, left, height, width = (int(v) for v in box)
     scale = crops.dct_scale(height, width, min_side)
@@ -285,7 +285,7 @@ def _decode_scale(device, index: int, seed: int) -> int:
     """The DCT scale the device path decodes sample (index, seed) at."""
     import clsvit.augment as augment
     import clsvit.crops as crops
-    from clsvit.data import seeded_rngs
+    from clsvit.images import seeded_rngs
     width, height, _ = crops.open_image(crops.read_bytes(device.dataset[index][device.image_column]))
     with seeded_rngs(seed, numpy=False):
         top, left, height, width = device.transform.draw(width, height)[augment.BOX]

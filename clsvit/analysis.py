@@ -34,6 +34,8 @@ from accelerate import PartialState  # noqa: E402
 from accelerate.utils import reduce  # noqa: E402
 from torch import nn  # noqa: E402
 
+from clsvit.errors import InputError  # noqa: E402
+
 SITES = ("input", "norm1", "pre_norm2", "norm2")
 SEPARATION_FACTOR = 10.0  # "beyond 10x in each direction"
 
@@ -118,7 +120,7 @@ def analyze_tokens(model: nn.Module, batches) -> dict[str, dict[str, list[float]
     device = PartialState().device
     npt = model.num_prefix_tokens
     if npt < 1 or getattr(model, "cls_token", None) is None:
-        raise ValueError("analysis needs a model with a [CLS] token (model.cls_token is None)")
+        raise InputError("analysis needs a model with a [CLS] token (model.cls_token is None)")
     stats = TokenStatistics(len(model.blocks), model.embed_dim, npt, device)
 
     def record(block: int, site: str, tokens: torch.Tensor) -> None:

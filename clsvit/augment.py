@@ -36,6 +36,8 @@ from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolatio
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
+from clsvit.errors import InputError
+
 # One row of draws per sample (float64 in the worker, so integer boxes stay exact).
 BOX = slice(0, 4)          # top, left, height, width of the crop, in the pixels handed over
 FLIP = 4                   # 1: horizontal flip
@@ -61,7 +63,7 @@ def size_only(width: int, height: int) -> torch.Tensor:
 def _unsupported(steps, supported, what: str):
     extra = [type(step).__name__ for step in steps if not isinstance(step, supported)]
     if extra:
-        raise ValueError(f"data.augment_on=device runs {what} on the accelerator; this recipe's transform also has "
+        raise InputError(f"data.augment_on=device runs {what} on the accelerator; this recipe's transform also has "
                          f"{', '.join(extra)}: set data.augment_on=cpu")
 
 
@@ -79,9 +81,9 @@ class TrainAugment:
         self.crop, self.flip = find(RandomResizedCropAndInterpolation), find(T.RandomHorizontalFlip)
         self.three_augment, self.jitter, normalize = find(AutoAugment), find(T.ColorJitter), find(T.Normalize)
         if isinstance(self.crop.interpolation, (tuple, list)):
-            raise ValueError("data.augment_on=device needs one aug.interpolation, not a random choice")
+            raise InputError("data.augment_on=device needs one aug.interpolation, not a random choice")
         if self.jitter is not None and self.jitter.hue is not None:
-            raise ValueError("data.augment_on=device has no hue jitter (DeiT-III uses none): set data.augment_on=cpu")
+            raise InputError("data.augment_on=device has no hue jitter (DeiT-III uses none): set data.augment_on=cpu")
         self.size = list(self.crop.size)
         self.mean, self.std = normalize.mean.tolist(), normalize.std.tolist()
         self.solarize_threshold, self.desaturate_keep, self.blur_factor = 256, 1.0, 1.0
@@ -89,7 +91,7 @@ class TrainAugment:
             for sub_policy in self.three_augment.policy:
                 if len(sub_policy) != 1 or sub_policy[0].name not in OPS or sub_policy[0].prob < 1 \
                         or sub_policy[0].magnitude_std > 0:
-                    raise ValueError(f"data.augment_on=device implements timm's 3-Augment policy only, got "
+                    raise InputError(f"data.augment_on=device implements timm's 3-Augment policy only, got "
                                      f"{sub_policy}: set data.augment_on=cpu")
                 op = sub_policy[0]
                 level = op.level_fn(max(0.0, min(op.magnitude, op.magnitude_max or 10)), op.hparams)[0]
@@ -180,7 +182,7 @@ class EvalTransform:
         resize, centre_crop, normalize = steps[0], steps[1], steps[-1]
         if not (isinstance(resize, T.Resize) and isinstance(centre_crop, T.CenterCrop)
                 and isinstance(resize.size, int)):
-            raise ValueError(f"data.augment_on=device expects timm's centre-crop eval transform, got {transform}")
+            raise InputError(f"data.augment_on=device expects timm's centre-crop eval transform, got {transform}")
         self.resize_to, self.interpolation, self.crop_size = resize.size, resize.interpolation, list(centre_crop.size)
         self.mean, self.std = normalize.mean.tolist(), normalize.std.tolist()
 

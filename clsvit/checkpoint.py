@@ -1,4 +1,5 @@
-"""Checkpoints that are never half-written, and finding the one to resume from.
+"""A run's weights on disk: checkpoints that are never half-written, finding the one to resume from,
+the exported weights file, and reading a run back (`load_run`; `eval_snapshot`, also while it trains).
 
 A checkpoint is `accelerator.save_state` (model, optimizer, grad scaler, every process's RNG
 states, plus the objects registered with `register_for_checkpointing`: LR schedule, EMA, the
@@ -12,21 +13,35 @@ A write that fails (a full disk, a lost mount) on any process fails on every pro
 processes agree on the outcome with one collective, the partial directory is removed, and
 :class:`CheckpointError` names the process and the error. The run then stops — it never goes on
 believing it saved — and the previous checkpoints are untouched.
+
+eval.py on a run that is training reads a consistent snapshot (`eval_snapshot`): the newest complete
+checkpoint (its weights and the config it was trained with, copied out at once, before the training
+rotates it away), never the run's `model.safetensors` (left by an earlier, finished launch), and
+writes its results into `<run>/eval_step_<N>/`, not into the training's `eval.json` and TensorBoard
+events. Whether the run trains right now, the run's lock says (`clsvit.runlock.live_owner`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
+from torch import nn
 
-from clsvit.config import save_config
+from clsvit.config import load_config, save_config
+from clsvit.errors import InputError
+from clsvit.model import build_model, weights_path
+from clsvit.runlock import Owner, RunDirectoryInUse, live_owner
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -49,8 +64,9 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written on some process; the earlier checkpoints are intact."""
+class CheckpointError(InputError):
+    """A checkpoint could not be written on some process for a reason of the environment (an OSError:
+    a full disk, a quota, permissions); the earlier checkpoints are intact."""
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -78,12 +94,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
 
     def write(action) -> None:
         """Run `action` (on the processes that have one), then agree with the others on the outcome."""
-        error = None
+        error, failure = None, None
         try:
             if action is not None:
                 action()
-        except Exception as caught:  # noqa: BLE001 — any failure of a write is reported the same way
-            error = f"process {accelerator.process_index}: {type(caught).__name__}: {caught}"
+        except Exception as caught:  # noqa: BLE001 — the others must learn of any failure, then it is raised
+            failure = caught
+            error = (f"process {accelerator.process_index}: {type(caught).__name__}: {caught}",
+                     isinstance(caught, OSError))
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
         if failed.item() == 0:
             return
@@ -91,9 +109,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(checkpoint_dir)
-        raise CheckpointError(f"the checkpoint for step {step} could not be written ({errors[0]}); "
-                              f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}: "
-                              f"fix the cause and relaunch to resume")
+        message = (f"the checkpoint for step {step} could not be written ({errors[0][0]}); "
+                   f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}: "
+                   f"fix the cause and relaunch to resume")
+        if all(environment for _, environment in errors):
+            raise CheckpointError(message)
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure  # a bug: its own traceback
+        raise RuntimeError(message)
 
     def prepare() -> None:
         shutil.rmtree(partial, ignore_errors=True)
@@ -155,3 +178,94 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- reading a run back
+
+
+def load_run(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = (), device: str | torch.device = "cpu",
+             report: Callable[[str], Any] | None = None, overlays: tuple = ()) -> tuple[nn.Module, dict]:
+    """Rebuild a trained model from its run directory (config.yaml + model.safetensors), with
+    `overlays` (partial recipes) and command-line `overrides` applied to its config
+    (`model.img_size=384` resizes the position embeddings; a `model.specialize` the run did not use
+    clones the copies it lacks)."""
+    run_dir = Path(run_dir)
+    weights = weights_path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides, overlays=overlays)
+    model = build_model(cfg["model"], pretrained=weights, report=report)
+    return model.to(device).eval(), cfg
+
+
+@dataclass(frozen=True)
+class EvalSnapshot:
+    """What eval.py evaluates: `directory` holds config.yaml and model.safetensors."""
+
+    directory: Path
+    description: str  # one line for the user: which weights, from where
+    owner: Owner | None = None  # the launch training the run, when it is live
+    step: int | None = None  # the checkpoint's step (live runs)
+
+    @property
+    def live(self) -> bool:
+        return self.owner is not None
+
+    def output_dir(self, run_dir: Path) -> Path:
+        """Where eval.py writes: the run directory, or for a live run `<run>/eval_step_<N>/` (its own
+        eval.json, figures and TensorBoard events; the run's belong to the training until it ends)."""
+        if not self.live:
+            return Path(run_dir)
+        directory = Path(run_dir) / f"eval_step_{self.step}"
+        directory.mkdir(exist_ok=True)
+        return directory
+
+
+def eval_snapshot(run_dir: Path) -> EvalSnapshot:
+    """The final weights of a run that is not training; for one that is, a private copy of its
+    newest complete checkpoint's weights and config (the training keeps `train.keep_checkpoints`
+    and deletes older ones, so the copy is taken at once, again if the chosen one has just gone)."""
+    run_dir = Path(run_dir)
+    owner = live_owner(run_dir)
+    if owner is None:
+        return EvalSnapshot(run_dir, f"the final weights {run_dir / 'model.safetensors'}")
+    for _ in range(5):
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise RunDirectoryInUse(f"run directory {run_dir} is training ({owner.describe()}) and has no complete "
+                                    f"checkpoint yet; evaluate it after its first checkpoint (train.checkpoint_every)")
+        try:
+            copy = _copy_checkpoint_weights(checkpoint)
+        except FileNotFoundError:  # rotated away meanwhile: take the newest again
+            continue
+        step = checkpoint_step(checkpoint)
+        return EvalSnapshot(copy, f"{run_dir} is training ({owner.describe()}): its newest complete checkpoint "
+                                  f"{checkpoint} (step {step})", owner=owner, step=step)
+    raise RunDirectoryInUse(f"run directory {run_dir}: its checkpoints were replaced faster than they could be read")
+
+
+def _copy_checkpoint_weights(checkpoint: Path) -> Path:
+    """config.yaml and the model's weights of an accelerate checkpoint, in a private temporary
+    directory (removed at exit), with the wrappers' key prefixes (DDP `module.`, torch.compile
+    `_orig_mod.`) removed so that load_run reads it like a finished run."""
+    config = (checkpoint / "config.yaml").read_bytes()
+    state = load((checkpoint / "model.safetensors").read_bytes())
+    clean = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        clean[key] = value
+    directory = Path(tempfile.mkdtemp(prefix=f"clsvit-eval-{checkpoint.name}-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    (directory / "config.yaml").write_bytes(config)
+    save_file(clean, str(directory / "model.safetensors"))
+    return directory
+
+
+def same_snapshot_on_every_process(snapshot: EvalSnapshot, accelerator) -> None:
+    """Under several eval processes, each chose its snapshot on its own: a checkpoint published
+    in between would make them evaluate different weights. One gather checks they agree."""
+    if accelerator.num_processes == 1:
+        return
+    steps = gather_object([snapshot.step])
+    if len(set(steps)) > 1:
+        raise RunDirectoryInUse(f"the eval processes read different checkpoints of the training run (steps {steps}); "
+                                f"a checkpoint was published while they started: run eval.py again")

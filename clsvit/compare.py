@@ -26,10 +26,15 @@ import re
 import statistics
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
 from clsvit.config import flatten, load_config
+from clsvit.errors import InputError
 from clsvit.model import build_model, count_parameters, describe_specialization, is_specialized
 from clsvit.tracking import read_metrics
 
@@ -53,9 +58,9 @@ def expand_runs(patterns: list[str]) -> list[Path]:
             if (path / "config.yaml").is_file() and path not in runs:
                 runs.append(path)
             elif not glob.has_magic(pattern):
-                raise ValueError(f"--compare: {path} is not a run directory (no config.yaml)")
+                raise InputError(f"--compare: {path} is not a run directory (no config.yaml)")
     if not runs:
-        raise ValueError(f"--compare: no run directories match {' '.join(patterns)}")
+        raise InputError(f"--compare: no run directories match {' '.join(patterns)}")
     return runs
 
 
@@ -233,11 +238,6 @@ def write_csv(groups: list[dict], path: Path) -> None:
 def error_bar_chart(groups: list[dict], path: Path) -> None:
     """One panel per metric: a bar per group at its mean with the bootstrap interval as error bar,
     and each run as a dot; the baseline's bar is grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = [("top1", "top-1 % (higher is better)"), ("miou", "mIoU % (higher is better)"),
                ("rmse", "RMSE m (lower is better)")]
     fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(groups) * 3, 3.6), constrained_layout=True)

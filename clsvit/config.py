@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from timm.data import create_transform
 
 from clsvit.errors import InputError
 from clsvit.model.specialization import COMPONENTS
@@ -93,8 +94,6 @@ def _patch_misfit(c, from_kwargs):
 
 def _timm_rejects(policy):
     """Whether timm cannot build an augmentation from the `auto_augment` string `policy`."""
-    from timm.data import create_transform
-
     try:
         create_transform(32, is_training=True, auto_augment=policy)
     except (AssertionError, ValueError, KeyError, IndexError):
@@ -125,26 +124,16 @@ CROSS_KEY_RULES = [
     (("aug.rand_augment",),
      lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
      "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+    (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
+     "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
+     "[0.229,0.224,0.225])"),
 ]
-
-
-class _Dotted:
-    """config["model.img_size"] for the rules above (sections are walked; mappings stay whole)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def __getitem__(self, key):
-        node = self.config
-        for part in key.split("."):
-            node = node[part]
-        return node
 
 
 def check_rules(config):
     """Raises a one-line ConfigError for the first CROSS_KEY_RULES entry `config` breaks, and for
     comma-separated lists with an item outside CHOICE_LISTS."""
-    view = _Dotted(config)
+    view = dict(recipe_leaves(config))  # view["model.img_size"]
     for key, allowed in CHOICE_LISTS.items():
         unknown = [item.strip() for item in view[key].split(",") if item.strip() not in allowed]
         if unknown:
@@ -160,18 +149,6 @@ def _yaml_value(value):
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
     return repr(value)
-
-
-def error_line(program: str, error: BaseException) -> str:
-    """The one line train.py / eval.py print for an expected failure. An error raised in a
-    DataLoader worker arrives wrapped with the worker's traceback: its last line is the message.
-    Under several processes the line names the process that raised."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
-    return f"{program}: error{where}: {text}"
 
 
 # YAML 1.2 core schema instead of PyYAML's YAML 1.1: in 1.1 `mixed_precision: no` is the bool
@@ -277,20 +254,12 @@ def _check_value(key, value, default, where):
     return value
 
 
-def _paths(tree, prefix=""):
-    """Every dotted path of a nested dict, sections included."""
-    for name, value in tree.items():
-        yield prefix + name
-        if isinstance(value, dict):
-            yield from _paths(value, f"{prefix}{name}.")
-
-
 def _suggest(name, prefix, level, root):
     """The nearest valid key: a sibling first, else any key anywhere with a similar last part."""
     close = difflib.get_close_matches(name, list(level), n=1)
     if close:
         return prefix + close[0]
-    paths = list(_paths(root))
+    paths = [key for key, _ in dotted_items(root, sections=True)]
     close = difflib.get_close_matches(name, [p.rsplit(".", 1)[-1] for p in paths], n=1)
     return next((p for p in paths if p.rsplit(".", 1)[-1] == close[0]), None) if close else None
 
@@ -424,29 +393,34 @@ def save_config(config, path):
         raise
 
 
-def recipe_leaves(config, prefix=""):
+def dotted_items(tree, *, sections=False, whole=(), prefix=""):
+    """(dotted key, value) of every entry of a nested dict, in its order: the leaves, with `sections`
+    also each section (before its entries); a mapping under a key of `whole` is one value. The one
+    walk over a config's keys."""
+    for name, value in tree.items():
+        key = prefix + name
+        nested = isinstance(value, dict) and key not in whole
+        if sections or not nested:
+            yield key, value
+        if nested:
+            yield from dotted_items(value, sections=sections, whole=whole, prefix=key + ".")
+
+
+def recipe_leaves(config):
     """(dotted key, value) of every recipe key, in default.yaml's order; a free mapping
     (model.timm_kwargs) is one value."""
-    for name, value in config.items():
-        key = prefix + name
-        if isinstance(value, dict) and key not in FREE_MAPPINGS:
-            yield from recipe_leaves(value, key + ".")
-        else:
-            yield key, value
+    return dotted_items(config, whole=FREE_MAPPINGS)
 
 
-def flatten(config, stringify=True, prefix=""):
-    """{'optim.lr': 0.004, ...}. With `stringify`, lists become '[0, 1, 2]' and null 'null', as
-    TensorBoard HParams takes only numbers, strings and bools (and silently drops None)."""
-    flat = {}
-    for name, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, stringify, f"{prefix}{name}."))
-        elif stringify and (isinstance(value, list) or value is None):
-            flat[prefix + name] = "null" if value is None else str(value)
-        else:
-            flat[prefix + name] = value
-    return flat
+def flatten(config, stringify=True):
+    """{'optim.lr': 0.004, ...}, down to the leaves of every mapping. With `stringify`, lists become
+    '[0, 1, 2]' and null 'null', as TensorBoard HParams takes only numbers, strings and bools (and
+    silently drops None)."""
+    def shown(value):
+        if stringify and (isinstance(value, list) or value is None):
+            return "null" if value is None else str(value)
+        return value
+    return {key: shown(value) for key, value in dotted_items(config)}
 
 
 def diff(config_a, config_b, keys):

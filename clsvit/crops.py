@@ -13,7 +13,7 @@ Per file a worker does only what has to happen per file:
    buffer, which travels to the accelerator in one copy.
 
 Whatever simplejpeg does not decode (PNG, CMYK JPEG, a broken file) goes through the CPU path's own
-decoding (:func:`clsvit.data.decode_image` + :func:`~clsvit.data.to_rgb`) at full size, so odd and
+decoding (:func:`clsvit.images.decode_image` + :func:`~clsvit.images.to_rgb`) at full size, so odd and
 broken files behave exactly as there: converted to RGB, or counted and replaced by the next sample
 with the same error.
 """
@@ -29,9 +29,11 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from clsvit.augment import BOX, JPEG, ROW
-from clsvit.data import ImageClassDataset, seeded_rngs, to_rgb
+from clsvit.errors import InputError
+from clsvit.images import ImageClassDataset, seeded_rngs, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
 
@@ -98,7 +100,7 @@ def _scaled_span(start: int, length: int, scale: int, limit: int) -> tuple[int, 
 
 
 class CropDataset(ImageClassDataset):
-    """:class:`~clsvit.data.ImageClassDataset` whose samples are ``((crop, draws), label, problems)``:
+    """:class:`~clsvit.images.ImageClassDataset` whose samples are ``((crop, draws), label, problems)``:
     the uint8 H x W x 3 crop and the row of draws of ``augment`` (a :class:`clsvit.augment.TrainAugment`
     or :class:`~clsvit.augment.EvalTransform`), which :meth:`batch_transform` applies to a batch on
     the accelerator. Seeds, replacement of broken files and labels work as in the parent class.
@@ -198,7 +200,6 @@ def decode_jpegs(files: list[torch.Tensor], rows: list[int], device) -> list[tor
     the device does not decode is decoded on the host (simplejpeg, else PIL). A file neither decodes
     is an error naming its row: it passed the worker's checks, so only the CPU decode path
     (``data.decode_on: cpu``) can count and replace it."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -216,7 +217,7 @@ def _decode_on_host(data: bytes, row: int, device_error: Exception) -> torch.Ten
         width, height, image = open_image(data)
         crop, _ = decode_crop(data, image, (0, 0, height, width), None)
     except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"row {row}: a JPEG that passed the worker's checks decodes neither on the device "
+        raise InputError(f"row {row}: a JPEG that passed the worker's checks decodes neither on the device "
                          f"({type(device_error).__name__}) nor on the host ({type(error).__name__}: {error}); "
                          f"set data.decode_on=cpu to have such files counted and replaced") from error
     return torch.from_numpy(crop).permute(2, 0, 1)

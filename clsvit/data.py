@@ -1,17 +1,17 @@
-"""Data: one way in for every dataset (through HF ``datasets``), transforms, samplers, loaders.
+"""Data: one way in for every dataset (through HF ``datasets``), the transforms, the sampler, the loaders.
 
 - :func:`load_splits` turns the recipe's ``data`` section into (train, val, num_classes), whatever
   the source: a hub id, an imagefolder, parquet shards, or the embedded shapes dataset.
 - :func:`build_train_transform` / :func:`build_eval_transform` are timm's ``create_transform`` with
   the DeiT-III settings from the recipe (3-Augment or RandAugment, bicubic, crop ratio 1.0).
-- :class:`ImageClassDataset` decodes lazily and applies the transform with per-sample seeds, and
-  :class:`TrainSampler` yields ``(index, sample_seed)``. Together they make every augmented sample
+- :class:`clsvit.images.ImageClassDataset` decodes lazily and applies the transform with per-sample
+  seeds, and :class:`TrainSampler` yields ``(index, sample_seed)``. Together they make every augmented sample
   a pure function of (run seed, epoch, rank, position): a mid-epoch resume is bit-identical and the
   result does not depend on the number of DataLoader workers.
 - :func:`build_image_dataset` picks the path of ``data.augment_on``: ``cpu``, the timm PIL transform
   in the workers; ``device``, workers that hand over uint8 crops (:mod:`clsvit.crops`) and batched
   augmentation on the accelerator (:mod:`clsvit.augment`). Either dataset's
-  :meth:`~ImageClassDataset.batch_transform` turns a loader batch into the model's input.
+  :meth:`~clsvit.images.ImageClassDataset.batch_transform` turns a loader batch into the model's input.
 
 The train loader must NOT go through ``accelerator.prepare``: :class:`TrainSampler` already shards
 by rank, and accelerate would shard again (accelerate #4075). The eval loader does go through it.
@@ -19,12 +19,8 @@ by rank, and accelerate would shard again (accelerate #4075). The eval loader do
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import math
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -32,12 +28,15 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel
-from datasets import Image as ImageFeature
-from PIL import Image
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 
+from clsvit.augment import EvalTransform, TrainAugment
+from clsvit.crops import CropDataset
+from clsvit.errors import InputError
+from clsvit.images import ImageClassDataset
+from clsvit.images import decode_image, sample_name, to_rgb  # noqa: F401 — read from here by clsvit.dense.datasets
 from clsvit.shapes import ensure_shapes_dataset
 
 SOURCES = ("hub", "imagefolder", "parquet", "shapes")
@@ -72,7 +71,7 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     elif source == "shapes":
         by_split = _load_parquet(str(ensure_shapes_dataset(**data_cfg["shapes"])), list(splits.values()))
     else:
-        raise ValueError(f"{section}.source must be one of {', '.join(SOURCES)}, got {source!r}")
+        raise InputError(f"{section}.source must be one of {', '.join(SOURCES)}, got {source!r}")
     return tuple(_pick_split(by_split, key, name, path) for key, name in splits.items())
 
 
@@ -81,12 +80,12 @@ def _load_hub(path: str):
         return datasets.load_dataset(path)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
+        raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
 
 
 def _load_imagefolder(path: str):
     if not path or not Path(path).is_dir():
-        raise ValueError(f"data.path {path!r} does not exist (imagefolder needs a directory with train/ and val/)")
+        raise InputError(f"data.path {path!r} does not exist (imagefolder needs a directory with train/ and val/)")
     return datasets.load_dataset("imagefolder", data_dir=path)
 
 
@@ -101,7 +100,7 @@ def _load_parquet(path: str, wanted: list[str]):
         if not matching:
             available = sorted({f.name.split("-")[0] for f in files if "-" in f.name}
                                | {f.parent.name for f in files if f.parent != root})
-            raise ValueError(f"split {split!r} not found in parquet data.path {path!r}; "
+            raise InputError(f"split {split!r} not found in parquet data.path {path!r}; "
                              f"available splits: {', '.join(available) or 'none'}")
         by_split[split] = [str(f) for f in matching]
     return datasets.load_dataset("parquet", data_files=by_split)
@@ -110,7 +109,7 @@ def _load_parquet(path: str, wanted: list[str]):
 def _parquet_files(path: str):
     """(root, files): ``root`` is the directory given, or the deepest glob-free parent of a glob."""
     if not path:
-        raise ValueError("data.path is empty (parquet needs a directory or a glob)")
+        raise InputError("data.path is empty (parquet needs a directory or a glob)")
     if _is_glob(path):
         root = Path(path)
         while _is_glob(str(root)):
@@ -119,9 +118,9 @@ def _parquet_files(path: str):
     elif Path(path).is_dir():
         root, files = Path(path), sorted(Path(path).rglob("*.parquet"))
     else:
-        raise ValueError(f"data.path {path!r} does not exist")
+        raise InputError(f"data.path {path!r} does not exist")
     if not files:
-        raise ValueError(f"data.path {path!r} matches no .parquet files")
+        raise InputError(f"data.path {path!r} matches no .parquet files")
     return root, files
 
 
@@ -131,13 +130,13 @@ def _is_glob(path: str) -> bool:
 
 def _pick_split(by_split, key: str, name: str, path):
     if name not in by_split:
-        raise ValueError(f"{key} {name!r} not found in {path!r}; available splits: {', '.join(by_split)}")
+        raise InputError(f"{key} {name!r} not found in {path!r}; available splits: {', '.join(by_split)}")
     return by_split[name]
 
 
 def _check_column(dataset, column: str, what: str, where: str):
     if column not in dataset.column_names:
-        raise ValueError(f"{what} {column!r} not in {where}; available columns: {', '.join(dataset.column_names)}")
+        raise InputError(f"{what} {column!r} not in {where}; available columns: {', '.join(dataset.column_names)}")
 
 
 def _num_classes(train, val, label_column: str) -> int:
@@ -179,204 +178,13 @@ def build_image_dataset(dataset, cfg: dict, *, train: bool, num_classes: int, im
     columns = dict(num_classes=num_classes, image_column=image_column, label_column=label_column)
     if cfg["data"]["augment_on"] == "cpu":
         if cfg["data"]["decode_on"] != "cpu":
-            raise ValueError("data.decode_on=device needs data.augment_on=device (the CPU path decodes with PIL)")
+            raise InputError("data.decode_on=device needs data.augment_on=device (the CPU path decodes with PIL)")
         return ImageClassDataset(dataset, transform, **columns)
     if cfg["aug"]["rand_augment"]:
-        raise ValueError(f"aug.rand_augment={cfg['aug']['rand_augment']!r} runs on the CPU only: set "
+        raise InputError(f"aug.rand_augment={cfg['aug']['rand_augment']!r} runs on the CPU only: set "
                          f"data.augment_on=cpu (data.augment_on=device implements 3-Augment)")
-    from clsvit.augment import EvalTransform, TrainAugment  # these modules build on this one
-    from clsvit.crops import CropDataset
     return CropDataset(dataset, TrainAugment(transform) if train else EvalTransform(transform),
                        jpeg_on_device=cfg["data"]["decode_on"] == "device", **columns)
-
-
-# ---------------------------------------------------------------- decoding
-
-def decode_image(value) -> Image.Image:
-    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL image."""
-    if isinstance(value, Image.Image):
-        return value
-    if value.get("bytes") is not None:
-        return Image.open(io.BytesIO(value["bytes"]))
-    return Image.open(value["path"])
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. PIL's own ``convert`` clips 16-bit values at 255 (a white image), so
-    16/32-bit greyscale is scaled to 8 bits first; palette images with transparency go via RGBA."""
-    if image.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit greyscale PNGs open as these
-        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        image = Image.fromarray(array.astype(np.uint8))
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-def _without_decoding(dataset, columns: list[str]):
-    """Keep ``columns`` and stop HF from decoding images: we decode ourselves, only what we use."""
-    dataset = dataset.select_columns(columns)
-    for column in columns:
-        if isinstance(dataset.features[column], ImageFeature):
-            dataset = dataset.cast_column(column, ImageFeature(decode=False))
-    return dataset
-
-
-@contextlib.contextmanager
-def seeded_rngs(seed: int, numpy: bool = True):
-    """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator for the block, then
-    restore all three: transforms draw from these global RNGs (timm uses ``random``, torchvision
-    uses torch), so seeding them makes one sample's augmentation reproducible without disturbing
-    the caller's random streams. Only the CPU generator is touched (never CUDA state).
-    ``numpy=False`` leaves NumPy alone, for code known not to draw from it (its state is the
-    costliest to save: ~0.1 ms)."""
-    python_state, numpy_state = random.getstate(), np.random.get_state() if numpy else None
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        if numpy:
-            np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            if numpy:
-                np.random.set_state(numpy_state)
-
-
-# ---------------------------------------------------------------- classification
-
-@dataclass(frozen=True)
-class UndecodableImage:
-    """One file that could not be decoded: where it is and why. Travels as it is from the
-    DataLoader workers to the training loop and across processes (``gather_object`` pickles it)."""
-
-    path: str | None  # the file, when the dataset knows it
-    row: int          # the row of the dataset
-    error: str        # exception type and the first line of its message
-
-    @property
-    def name(self) -> str:
-        return sample_name({"path": self.path}, self.row)
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.error}"
-
-
-class ImageClassDataset(Dataset):
-    """An HF dataset + a transform -> ``(image tensor, label, problems)``, decoded lazily per sample.
-
-    ``dataset[i]`` uses the global RNGs; ``dataset[(i, sample_seed)]`` (what :class:`TrainSampler`
-    yields) runs the transform under :func:`seeded_rngs`, so the augmentation is a pure function
-    of (index, seed) whichever worker process runs it.
-
-    ``problems`` is a tuple of :class:`UndecodableImage`, empty for a clean sample. An image that
-    cannot be decoded (truncated, empty, not an image, a decompression bomb) is replaced by the next
-    decodable sample and recorded, so the training loop can count and report broken files across
-    DataLoader workers and processes (:class:`UndecodableImages` holds the policy). A label
-    outside ``[0, num_classes)`` is an error naming the sample: a wrong label is not noise to skip.
-    Loaders batch samples with :meth:`collate` (the problems of a batch become one flat list).
-    """
-
-    def __init__(self, dataset, transform, *, num_classes: int, image_column: str = "image",
-                 label_column: str = "label"):
-        for column in (image_column, label_column):
-            _check_column(dataset, column, "column", "the dataset")
-        self.dataset = _without_decoding(dataset, [image_column, label_column])
-        self.transform = transform
-        self.num_classes = num_classes
-        self.image_column, self.label_column = image_column, label_column
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, sample_seed = key if isinstance(key, tuple) else (key, None)
-        decoded, label, problems = self._load(index, sample_seed)
-        return self._transform(decoded, sample_seed), label, problems
-
-    def _decode(self, value, sample_seed, position: int):
-        """The stored image value of row ``position`` -> what :meth:`_transform` takes; raises for a
-        broken file."""
-        return to_rgb(decode_image(value))
-
-    def _transform(self, image, sample_seed):
-        if sample_seed is None:
-            return self.transform(image)
-        with seeded_rngs(sample_seed):
-            return self.transform(image)
-
-    def _load(self, index: int, sample_seed):
-        problems = []
-        for attempt in range(len(self)):
-            position = (index + attempt) % len(self)
-            row = self.dataset[position]
-            value = row[self.image_column]
-            label = int(row[self.label_column])
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {sample_name(value, position)}: label {label} is outside "
-                                 f"[0, {self.num_classes}) (column {self.label_column!r}; set model.num_classes "
-                                 f"or fix the label)")
-            try:
-                return self._decode(value, sample_seed, position), label, tuple(problems)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                path = value.get("path") if isinstance(value, dict) else None
-                problems.append(UndecodableImage(path, position, f"{type(error).__name__}: {_first_line(error)}"))
-        raise ValueError(f"no image of the dataset can be decoded (first: {problems[0]})")
-
-    @staticmethod
-    def collate(samples):
-        """``(images, labels, problems)``: stacked images and labels, the problems of all samples."""
-        images, labels, problems = zip(*samples)
-        return default_collate(images), torch.tensor(labels), [p for sample in problems for p in sample]
-
-    def batch_transform(self, device):
-        """Loader images -> model input on ``device`` (here: the copy; the transform ran in the workers)."""
-        return lambda images: images.to(device, non_blocking=True)
-
-
-def sample_name(value, position: int) -> str:
-    """The file a sample came from when the dataset knows it, else its row number."""
-    path = value.get("path") if isinstance(value, dict) else None
-    return f"{path} (row {position})" if path else f"row {position}"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
-
-
-class UndecodableImages:
-    """The one place of the broken-file policy: undecodable images reported by every process are
-    collected (distinct by file and row), and more than ``max_fraction`` of the dataset stops the run.
-
-    The training loop feeds it the :class:`UndecodableImage` records of :class:`ImageClassDataset`
-    gathered from all processes at each log step; its state is saved in checkpoints."""
-
-    def __init__(self, dataset_size: int, max_fraction: float):
-        self.limit = int(max_fraction * dataset_size)
-        self.dataset_size, self.max_fraction = dataset_size, max_fraction
-        self.names: list[str] = []
-
-    def add(self, records) -> list[UndecodableImage]:
-        """Record problems; returns the records of files not seen before."""
-        known, new = set(self.names), []
-        for record in records:
-            if record.name not in known:
-                known.add(record.name)
-                self.names.append(record.name)
-                new.append(record)
-        return new
-
-    def check(self) -> None:
-        if len(self.names) > self.limit:
-            raise ValueError(f"{len(self.names)} of {self.dataset_size} images cannot be decoded, more than "
-                             f"data.max_bad_fraction={self.max_fraction} allows; first: {', '.join(self.names[:3])}")
-
-    def state_dict(self) -> dict:
-        return {"names": list(self.names)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.names = list(state["names"])
 
 
 class TrainSampler(Sampler):
@@ -401,9 +209,11 @@ class TrainSampler(Sampler):
 
     def __init__(self, num_samples: int, *, num_replicas: int, rank: int, seed: int,
                  repeats: int = 3, shuffle: bool = True):
-        if num_samples < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"TrainSampler needs num_samples >= 1 and 0 <= rank < num_replicas, got "
-                             f"num_samples={num_samples}, rank={rank}, num_replicas={num_replicas}")
+        if num_samples < 1:
+            raise InputError("the training split is empty")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"TrainSampler needs 0 <= rank < num_replicas, got rank={rank}, "
+                             f"num_replicas={num_replicas}")
         if seed < 0 or repeats < 1:
             raise ValueError(f"TrainSampler needs seed >= 0 and repeats >= 1, got seed={seed}, repeats={repeats}")
         self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
@@ -429,12 +239,12 @@ class TrainSampler(Sampler):
             per_process = batch_size * accum_steps
             needed = f"train.global_batch={per_process * self.num_replicas} needs {per_process} per process"
             if self.repeated_aug:
-                raise ValueError(
+                raise InputError(
                     f"repeated augmentation (aug.repeated_aug={self.repeats}, timm's RepeatAugSampler) draws "
                     f"{len(self)} images per process per epoch from the {self.num_samples}-image training split "
                     f"over {self.num_replicas} processes; {needed}: set aug.repeated_aug=1 or lower "
                     f"train.global_batch")
-            raise ValueError(f"the {self.num_samples}-image training split gives {len(self)} images per process per "
+            raise InputError(f"the {self.num_samples}-image training split gives {len(self)} images per process per "
                              f"epoch over {self.num_replicas} process(es); {needed}: lower train.global_batch")
         return steps
 

@@ -1,9 +1,14 @@
 """The one error type for bad input: a recipe, an override, a data path or layout, a checkpoint, a run
-directory in use. Entry points catch only this type and print its message as one line; every other
+directory in use, and what the environment refuses (a full disk under a checkpoint, a hub upload).
+Entry points catch only this type (clsvit.cli) and print its message as one line; every other
 exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 
 class InputError(ValueError):
-    """Bad input from the user; the message is one line naming the key, file or value."""
+    """Bad input from the user; the message is one line naming the key, file or value.
+
+    A subclass takes the message as its one argument: torch re-raises an error of a DataLoader
+    worker in the main process by calling its type with one string (``ExceptionWrapper.reraise`` in
+    torch/_utils.py), and a type that cannot be built so arrives as a RuntimeError, a bug's type."""

@@ -24,17 +24,20 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import timm
 import torch
 import yaml
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from clsvit.config import ConfigError, error_line
+from clsvit import cli
+from clsvit.checkpoint import load_run
+from clsvit.errors import InputError
 from clsvit.model import (baseline_model_config, build_model, count_parameters, describe_specialization,
-                          is_specialized, load_run, specialized_name)
+                          is_specialized, param_overhead_pct, specialized_name)
 
 PAPER_CITATION = """\
 @inproceedings{marouani2026revisiting,
@@ -64,7 +67,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
     model card loads it from `repo_id` (default: USER/<out_dir's name>)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty; export into a new directory")
+        raise InputError(f"{out_dir} exists and is not empty; export into a new directory")
     model, cfg = load_run(run_dir)
     results = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     model_cfg, spec = cfg["model"], cfg["model"]["specialize"]
@@ -80,7 +83,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
         "recipe": cfg["run"]["name"],
         "params": params,
         "params_unspecialized": baseline_params,
-        "param_overhead_pct": round(100.0 * (params - baseline_params) / baseline_params, 2),
+        "param_overhead_pct": round(param_overhead_pct(params, baseline_params), 2),
     }
     size = model_cfg["img_size"]
     data_config = {"input_size": (3, size, size), "interpolation": cfg["aug"]["interpolation"],
@@ -177,16 +180,13 @@ def model_card(repo_id: str, architecture: str, cfg: dict, summary: dict, result
 
 def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload an export directory as it is to the hub repository `repo_id` (created if missing)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo.repo_id, folder_path=str(out_dir), commit_message="clsvit export")
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
         first = " ".join(str(error).split()).split(". ")[0][:200]
-        raise ConnectionError(f"--push-to-hub {repo_id}: {type(error).__name__}: {first}; the export in {out_dir} "
+        raise InputError(f"--push-to-hub {repo_id}: {type(error).__name__}: {first}; the export in {out_dir} "
                               f"is complete, push it later with --push-to-hub on a new directory or "
                               f"`hf upload {repo_id} {out_dir}`") from None
     return repo.repo_id
@@ -207,10 +207,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ConnectionError) as error:
-        if os.environ.get("CLSVIT_TRACEBACK"):
-            raise
-        print(error_line("clsvit.export", error), file=sys.stderr)
-        sys.exit(2)
+    cli.run("clsvit.export", main)

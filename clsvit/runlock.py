@@ -1,4 +1,4 @@
-"""One launch per run directory, and what eval.py reads from a run that is training.
+"""One launch per run directory: the lock a launch holds on its run directory, and who holds it.
 
 A run directory is owned by one launch at a time. The launch's main process holds an exclusive
 POSIX lock (``fcntl.lockf``) on ``<run>/run.lock`` from before anything in the directory is touched
@@ -29,10 +29,8 @@ So a relaunch after the owner died resumes as any relaunch does. Only the main p
 takes the lock; the others wait for its outcome (one broadcast), so no process of a refused launch
 touches the directory.
 
-eval.py on a run that is training reads a consistent snapshot: the newest complete checkpoint (its
-weights and the config it was trained with, copied out at once, before the training rotates it
-away), never the run's ``model.safetensors`` (left by an earlier, finished launch), and writes its
-results into ``<run>/eval_step_<N>/``, not into the training's ``eval.json`` and TensorBoard events.
+:func:`live_owner` tells a reader (eval.py, through :func:`clsvit.checkpoint.eval_snapshot`) whether a
+launch trains the run right now, without disturbing it.
 """
 
 from __future__ import annotations
@@ -42,13 +40,15 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from clsvit.errors import InputError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 15.0  # the owner touches the lock file this often
@@ -58,7 +58,7 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # the 
 _HELD_HERE: dict[Path, "RunLock"] = {}  # run directories this process holds: it must not open their lock files again
 
 
-class RunDirectoryInUse(RuntimeError):
+class RunDirectoryInUse(InputError):
     """Another launch owns the run directory; the message is one line naming it and the owner."""
 
 
@@ -288,8 +288,6 @@ def hold_run_directory(run_dir: Path, accelerator) -> RunLock | None:
         except Exception as caught:  # noqa: BLE001 — the others must learn of any failure, then it is re-raised
             error = caught
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         outcome = broadcast_object_list([error is not None])
         if outcome[0] and not accelerator.is_main_process:
             raise SystemExit(2)
@@ -298,7 +296,7 @@ def hold_run_directory(run_dir: Path, accelerator) -> RunLock | None:
     return lock
 
 
-# ---------------------------------------------------------------- the reader's side (eval.py)
+# ---------------------------------------------------------------- the reader's side
 
 
 def live_owner(run_dir: Path) -> Owner | None:
@@ -328,84 +326,3 @@ def live_owner(run_dir: Path) -> Owner | None:
         return owner if (owner.heartbeat_age or 0.0) < STALE_S else None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class EvalSnapshot:
-    """What eval.py evaluates: `directory` holds config.yaml and model.safetensors."""
-
-    directory: Path
-    description: str  # one line for the user: which weights, from where
-    owner: Owner | None = None  # the launch training the run, when it is live
-    step: int | None = None  # the checkpoint's step (live runs)
-
-    @property
-    def live(self) -> bool:
-        return self.owner is not None
-
-    def output_dir(self, run_dir: Path) -> Path:
-        """Where eval.py writes: the run directory, or for a live run `<run>/eval_step_<N>/` (its own
-        eval.json, figures and TensorBoard events; the run's belong to the training until it ends)."""
-        if not self.live:
-            return Path(run_dir)
-        directory = Path(run_dir) / f"eval_step_{self.step}"
-        directory.mkdir(exist_ok=True)
-        return directory
-
-
-def eval_snapshot(run_dir: Path) -> EvalSnapshot:
-    """The final weights of a run that is not training; for one that is, a private copy of its
-    newest complete checkpoint's weights and config (the training keeps `train.keep_checkpoints`
-    and deletes older ones, so the copy is taken at once, again if the chosen one has just gone)."""
-    from clsvit.checkpoint import checkpoint_step, latest_checkpoint
-
-    run_dir = Path(run_dir)
-    owner = live_owner(run_dir)
-    if owner is None:
-        return EvalSnapshot(run_dir, f"the final weights {run_dir / 'model.safetensors'}")
-    for _ in range(5):
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        if checkpoint is None:
-            raise RunDirectoryInUse(f"run directory {run_dir} is training ({owner.describe()}) and has no complete "
-                                    f"checkpoint yet; evaluate it after its first checkpoint (train.checkpoint_every)")
-        try:
-            copy = _copy_checkpoint_weights(checkpoint)
-        except FileNotFoundError:  # rotated away meanwhile: take the newest again
-            continue
-        step = checkpoint_step(checkpoint)
-        return EvalSnapshot(copy, f"{run_dir} is training ({owner.describe()}): its newest complete checkpoint "
-                                  f"{checkpoint} (step {step})", owner=owner, step=step)
-    raise RunDirectoryInUse(f"run directory {run_dir}: its checkpoints were replaced faster than they could be read")
-
-
-def _copy_checkpoint_weights(checkpoint: Path) -> Path:
-    """config.yaml and the model's weights of an accelerate checkpoint, in a private temporary
-    directory (removed at exit), with the wrappers' key prefixes (DDP `module.`, torch.compile
-    `_orig_mod.`) removed so that clsvit.model.load_run reads it like a finished run."""
-    from safetensors.torch import load, save_file
-
-    config = (checkpoint / "config.yaml").read_bytes()
-    state = load((checkpoint / "model.safetensors").read_bytes())
-    clean = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        clean[key] = value
-    directory = Path(tempfile.mkdtemp(prefix=f"clsvit-eval-{checkpoint.name}-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    (directory / "config.yaml").write_bytes(config)
-    save_file(clean, str(directory / "model.safetensors"))
-    return directory
-
-
-def same_snapshot_on_every_process(snapshot: EvalSnapshot, accelerator) -> None:
-    """Under several eval processes, each chose its snapshot on its own: a checkpoint published
-    in between would make them evaluate different weights. One gather checks they agree."""
-    if accelerator.num_processes == 1:
-        return
-    from accelerate.utils import gather_object
-
-    steps = gather_object([snapshot.step])
-    if len(set(steps)) > 1:
-        raise RunDirectoryInUse(f"the eval processes read different checkpoints of the training run (steps {steps}); "
-                                f"a checkpoint was published while they started: run eval.py again")

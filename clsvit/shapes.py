@@ -36,6 +36,8 @@ from datasets import Image as ImageFeature
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
+from clsvit.errors import InputError
+
 FORMAT_VERSION = 2  # bump when the rendering changes, so stale caches are not reused
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross",
                "ring", "ellipse", "hexagon", "diamond", "crescent")
@@ -247,9 +249,9 @@ def ensure_shapes_dataset(num_train: int, num_val: int, image_size: int, num_cla
     directory is removed by the next caller).
     """
     if not 1 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"data.shapes.num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
+        raise InputError(f"data.shapes.num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
     if image_size < 8 or num_train < 1 or num_val < 1:
-        raise ValueError(f"data.shapes needs image_size >= 8 and num_train, num_val >= 1, got "
+        raise InputError(f"data.shapes needs image_size >= 8 and num_train, num_val >= 1, got "
                          f"image_size={image_size}, num_train={num_train}, num_val={num_val}")
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     root = root / "clsvit_shapes"

@@ -34,7 +34,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clsvit.config import ConfigError, error_line, load_config, recipe_leaves
+import torch
+
+from clsvit import cli
+from clsvit.config import ConfigError, load_config, recipe_leaves
+from clsvit.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"
@@ -205,8 +209,6 @@ def train_command(cell: Cell, launch: list[str] | None = None) -> list[str]:
 
 def _gpu_slots(parallel: int) -> list[list[str]]:
     """The visible GPUs split into `parallel` contiguous shares ([] each on a machine without GPUs)."""
-    import torch
-
     count = torch.cuda.device_count()
     if count == 0:
         return [[] for _ in range(parallel)]
@@ -300,9 +302,12 @@ def submit_slurm(sweep_dir: Path, cells: list[Cell], all_cells: list[Cell], para
     for cell in cells:
         Path(cell.run_dir).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CLSVIT_REPO": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise InputError(f"--launcher slurm: {command[0]} is not on PATH (no SLURM here?)") from None
     if result.returncode != 0:
-        raise RuntimeError(f"sbatch failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+        raise InputError(f"sbatch failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout.strip().split(";")[0]
 
 
@@ -368,10 +373,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, RuntimeError, OSError) as error:
-        if os.environ.get("CLSVIT_TRACEBACK"):
-            raise
-        print(error_line("clsvit.sweep", error), file=sys.stderr)
-        sys.exit(2)
+    cli.run("clsvit.sweep", main)

@@ -51,7 +51,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import accelerate
+import datasets
+import timm
 import torch
+from accelerate.tracking import get_available_trackers
+
+from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, load_config, recipe_leaves
+from clsvit.model import COMPONENTS, block_indices
+
+# TensorBoard's modules are imported inside the functions that write events, for start-up time: they
+# add 0.1-0.2 s to every program that imports this one (eval.py --compare, a run without TensorBoard).
 
 METRICS_FILE = "metrics.jsonl"
 REPLACED_PREFIX = "logs.replaced-"
@@ -140,9 +150,6 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
       12-16  model.arch, run.name, run.seed, train.global_batch, schedule.epochs
       then   every other recipe key, by name (its type from recipes/default.yaml; null numbers empty)
     """
-    from clsvit.config import recipe_leaves
-    from clsvit.model import COMPONENTS, block_indices
-
     specialize = cfg["model"]["specialize"]
     compare: list[tuple[str, str, Any, str]] = []  # (recipe key, display, value, description)
     blocks = {c: block_indices(specialize[c], depth, f"model.specialize.{c}") for c in COMPONENTS}
@@ -156,8 +163,9 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
     for c in COMPONENTS:
         compare.append((f"model.specialize.{c} blocks", f"specialized {c} blocks", _ranges(blocks[c]),
                         f"the blocks model.specialize.{c} selects"))
+    leaves = dict(recipe_leaves(cfg))
     for key in IDENTITY_KEYS:
-        compare.append((key, key, _hparam_value(key, _get(cfg, key)), ""))
+        compare.append((key, key, _hparam_value(key, leaves[key]), ""))
 
     first_keys = hparams_first_keys(cfg)
     columns = []
@@ -175,8 +183,6 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
 
 def hparams_first_keys(cfg: Mapping[str, Any]) -> list[str]:
     """The recipe keys of `log.hparams_first` (comma-separated); an unknown key is a ConfigError."""
-    from clsvit.config import ConfigError, recipe_leaves
-
     keys = [key.strip() for key in cfg["log"]["hparams_first"].split(",") if key.strip()]
     known = {key for key, _ in recipe_leaves(cfg)}
     for key in keys:
@@ -197,18 +203,10 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(parts) or "none"
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 @lru_cache(maxsize=1)
 def _column_kinds() -> dict[str, str]:
     """"number", "bool" or "text" for every recipe key, from the type recipes/default.yaml gives it
     (config.NULLABLE_TYPES for keys that may be null)."""
-    from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, load_config, recipe_leaves
-
     kinds = {}
     for key, default in recipe_leaves(load_config(DEFAULT_RECIPE)):
         kind = NULLABLE_TYPES.get(key, type(default))
@@ -236,7 +234,7 @@ def _hparam_value(key: str, value: Any) -> bool | float | str:
 
 def _hparams_summaries(columns: list[HParamColumn], group: str):
     """The experiment definition and the session start, as TensorBoard summaries."""
-    from tensorboard.plugins.hparams import api_pb2, summary_v2
+    from tensorboard.plugins.hparams import api_pb2, summary_v2  # start-up time (see the imports)
 
     infos = []
     for column in columns:
@@ -256,8 +254,8 @@ def _hparams_summaries(columns: list[HParamColumn], group: str):
 
 def _plugin_summary(field: str, message):
     """A summary holding one field of the HParams plugin data (experiment / session_end_info)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary  # start-up time (see the imports)
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2  # start-up time (see the imports)
 
     tag = {"experiment": metadata.EXPERIMENT_TAG, "session_end_info": metadata.SESSION_END_INFO_TAG}[field]
     data = plugin_data_pb2.HParamsPluginData(**{field: message})
@@ -279,10 +277,6 @@ def parse_trackers(text: str) -> list[str]:
 def accelerate_trackers(text: str) -> list[str]:
     """The trackers of `log.trackers` that accelerate starts (all but tensorboard), each checked:
     an unknown name or a package that is not installed is a one-line ConfigError."""
-    from accelerate.tracking import get_available_trackers
-
-    from clsvit.config import ConfigError
-
     names = [name for name in parse_trackers(text) if name != "tensorboard"]
     available = {str(tracker) for tracker in get_available_trackers()}
     for name in names:
@@ -317,7 +311,7 @@ class RunLog:
             _move_earlier_attempt_aside(self.run_dir)
         self.file = open(self.path, "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # start-up time (see the imports)
             self.writer = SummaryWriter(str(self.run_dir),
                                         purge_step=None if resume_step is None else resume_step + 1)
 
@@ -329,14 +323,13 @@ class RunLog:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
-    def start_session(self, cfg: Mapping[str, Any], *, depth: int, params: int, params_baseline: int) -> None:
+    def start_session(self, cfg: Mapping[str, Any], *, depth: int, params: int, param_overhead_pct: float) -> None:
         """The run's HParams session (its columns: `hparams_columns`), the custom-scalars layout, and,
         on a fresh start, the scalars `model/params` and `model/param_overhead_pct` at step 0."""
         if not self.enabled or self.writer is None:
             return
         if self.resume_step is None:
-            self._add_scalars(0, {"model/params": params,
-                                  "model/param_overhead_pct": 100.0 * (params - params_baseline) / params_baseline})
+            self._add_scalars(0, {"model/params": params, "model/param_overhead_pct": param_overhead_pct})
         for summary in _hparams_summaries(hparams_columns(cfg, depth), group=cfg["run"]["name"]):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_custom_scalars(CUSTOM_SCALARS)
@@ -347,7 +340,7 @@ class RunLog:
         launches) as `train/median_images_per_s` at the final step, and the HParams session marked finished."""
         if not self.enabled or self.writer is None:
             return
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # start-up time (see the imports)
 
         speeds = [line["train/images_per_s"] for line in read_metrics(self.run_dir) if "train/images_per_s" in line]
         if speeds:
@@ -420,7 +413,7 @@ def write_eval_events(run_dir: Path, results: Mapping[str, Any], figures: Mappin
     first "." as "/" (cls.top1 -> cls/top1, counters such as cls/images too); the token analysis as
     `analysis/<statistic>/<site>` with the block index as the step, so runs overlay block by block;
     figures and images (HWC uint8) at the last step."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # start-up time (see the imports)
 
     if step is None:
         step = max((line["step"] for line in read_metrics(run_dir)), default=0)
@@ -442,10 +435,6 @@ def write_eval_events(run_dir: Path, results: Mapping[str, Any], figures: Mappin
 
 def provenance(accelerator, **extra: Any) -> dict:
     """Where a result came from: code version, libraries, hardware, parallelism."""
-    import accelerate
-    import datasets
-    import timm
-
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:

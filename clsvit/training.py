@@ -3,10 +3,12 @@
 - :func:`split_global_batch`: the recipe's global batch on this many processes -> micro-batch and
   gradient accumulation, with ``train.batch_per_device`` as the memory cap.
 - :class:`Progress`: the loop position saved in every checkpoint.
+- :func:`is_due`: whether a step is one to log, evaluate or checkpoint at.
 - :class:`MicroBatchStream`: the training batches, epoch after epoch, resuming mid-epoch.
 - :class:`LogWindow`: what is measured between two log steps (loss, throughput, data wait, broken
   files), reduced over the processes with one all-reduce.
 - :class:`PreemptionSignals`: SIGTERM / SIGUSR1 -> "checkpoint at the next log step and exit".
+- :class:`ProgressDisplay`: the progress on the console, a bar on a terminal, else a line per log step.
 - :func:`gradient_norm`: the logged (and clipped) gradient norm, unscaled under fp16.
 - :func:`nonfinite_on_any_process`: the collective decision to skip an update.
 """
@@ -16,16 +18,19 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from clsvit.config import ConfigError
+from clsvit.errors import InputError
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss); reported in one line."""
+class TrainingError(InputError):
+    """A run that cannot go on as its recipe and data make it (non-finite loss); reported in one line."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,17 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(vars(self)):
-            raise ValueError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
+            raise InputError(f"checkpoint: the loop position holds {sorted(state)}, expected {sorted(vars(self))}")
         vars(self).update(state)
+
+
+def is_due(step: int, every: int, total: int, *, at_last: bool) -> bool:
+    """Whether optimizer step `step` (counted from 1) of `total` is one of every `every` steps; the
+    last step counts when `at_last` (logging) and never otherwise (the final evaluation and
+    checkpoint come after the loop)."""
+    if step == total:
+        return at_last
+    return step % every == 0
 
 
 class MicroBatchStream:
@@ -150,6 +164,30 @@ class LogWindow:
         return {"mean_loss": loss_total / self.accelerator.num_processes / max(self.steps, 1),
                 "stop": stop_votes > 0, "problems": int(problems), "elapsed": elapsed,
                 "data_wait": self.data_wait / elapsed}
+
+
+class ProgressDisplay:
+    """The training's progress on the main process (`log.progress_bar`): tqdm's bar when `stream` is a
+    terminal; otherwise (a SLURM job's slurm-<id>.out, a sweep cell's train.log) one line per log
+    step, since a bar writes thousands of carriage-return updates onto one line of a file."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
+        stream = sys.stderr if stream is None else stream
+        terminal = stream.isatty()
+        self.total, self.lines = total, enabled and not terminal
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and terminal), file=stream,
+                        dynamic_ncols=True, desc="train")
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def log_step(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        if self.lines:
+            tqdm.write(f"train step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {images_per_s:.0f} images/s")
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def gradient_norm(accelerator, model, max_norm: float | None) -> torch.Tensor:

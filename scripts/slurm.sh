@@ -17,7 +17,7 @@
 # recipe's global batch is kept whatever the node count (gradient accumulation is derived), so a
 # requeued job may land on a different number of nodes.
 #
-# Environment: PROCESSES_PER_NODE (default: the GPUs SLURM gives the node, else 8), MIXED_PRECISION
+# Environment: PROCESSES_PER_NODE (default: the GPUs SLURM gives the node; 1 without GPUs), MIXED_PRECISION
 # (default bf16), MAIN_PORT (rendezvous port), ACCELERATE_USE_CPU=1 for CPU processes (gloo) with
 # `--gpus-per-node=0` (what the tests do on a one-node CPU cluster).
 #SBATCH --job-name=clsvit
@@ -47,7 +47,8 @@ if [ -z "${CLSVIT_REPO:-}" ]; then  # the path this script was submitted from (r
 fi
 [ -f "$CLSVIT_REPO/train.py" ] || { echo "slurm.sh: no train.py in $CLSVIT_REPO; set CLSVIT_REPO" >&2; exit 2; }
 
-PROCESSES_PER_NODE=${PROCESSES_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+gpus=${SLURM_GPUS_ON_NODE:-0}  # unset in a job without GPUs (--gpus-per-node=0)
+PROCESSES_PER_NODE=${PROCESSES_PER_NODE:-$((gpus > 0 ? gpus : 1))}
 NUM_PROCESSES=$((SLURM_NNODES * PROCESSES_PER_NODE))
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # array tasks sharing a node need distinct ports

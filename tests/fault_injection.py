@@ -7,6 +7,8 @@ train.py` would run it), so the training code carries no test hooks. FAULT is on
                           first file of the checkpoint is on disk, before the rest)
     disk-full:N[@RANK]    the N-th checkpoint write fails with ENOSPC (on process RANK only)
     raise:STEP[@RANK]     the optimizer step STEP raises a RuntimeError (on process RANK only)
+    bug:STEP[@RANK]       the optimizer step STEP raises a ValueError, as a bug inside torch, numpy or
+                          clsvit would (on process RANK only)
     nan-loss:N[@RANK]     the N-th loss computed is NaN (on process RANK only)
     pause:N[@RANK]        before the optimizer step N, the process writes its pid to
                           $CLSVIT_TEST_PAUSE_DIR/rank<R> and stops itself (SIGSTOP; SIGCONT resumes it)
@@ -59,11 +61,13 @@ def inject(kind: str, count: int, rank: int | None) -> None:
     if kind in ("kill-in-save", "disk-full"):
         accelerate.Accelerator.save_state = save_state
         torch.save = torch_save
-    elif kind == "raise":
+    elif kind in ("raise", "bug"):
+        error = RuntimeError if kind == "raise" else ValueError
+
         def count_steps(optimizer, args, kwargs):
             steps[0] += 1
             if steps[0] == count:
-                raise RuntimeError(f"injected failure at optimizer step {count} on process {this_rank()}")
+                raise error(f"injected failure at optimizer step {count} on process {this_rank()}")
 
         register_optimizer_step_pre_hook(count_steps)
     elif kind == "pause":

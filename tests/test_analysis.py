@@ -1,16 +1,11 @@
 """Tests of clsvit.analysis: [CLS]/patch statistics, hook positions, PCA maps, plots."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clsvit import analysis  # noqa: E402
+from clsvit import analysis
 
 
 def tiny_vit(**kwargs):

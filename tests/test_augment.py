@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from clsvit import augment as A
 from clsvit import data as D
+from clsvit.images import seeded_rngs
 from clsvit.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
 from test_data import broken_images, class_dataset, png_bytes, random_image
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
@@ -108,11 +109,11 @@ def test_draws_are_timms_on_the_same_seeds(monkeypatch):
     seen_ops = set()
     for seed in range(120):
         image = random_image(seed, size=(90 + seed % 40, 70 + seed % 53))
-        with D.seeded_rngs(seed):
+        with seeded_rngs(seed):
             transform(image)
             timm_states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
         timm = spy.take()
-        with D.seeded_rngs(seed):
+        with seeded_rngs(seed):
             row = augment.draw(*image.size)
             our_states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
         assert our_states[0] == timm_states[0] and torch.equal(our_states[1], timm_states[1]), seed
@@ -137,9 +138,9 @@ def test_crop_boxes_keep_timms_scale_and_ratio_distribution():
     header = Image.new("RGB", (1000, 750))
     ours, timm, scaled = [], [], 0
     for seed in range(1500):
-        with D.seeded_rngs(seed):
+        with seeded_rngs(seed):
             top, left, height, width = augment.draw(1000, 750)[A.BOX]
-        with D.seeded_rngs(seed):
+        with seeded_rngs(seed):
             timm_box = augment.crop.get_params(header, augment.crop.scale, augment.crop.ratio)
         scale = dct_scale(height, width, 224)
         scaled += scale > 1

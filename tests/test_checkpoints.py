@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 import clsvit
 from clsvit import PAPER_DEFAULT
 from clsvit.config import DEFAULT_RECIPE, load_config
-from clsvit.model import (block_indices, build_model, is_specialized, load_run, normalisation_note, paper_default_for,
+from clsvit.errors import InputError
+from clsvit.checkpoint import load_run
+from clsvit.model import (block_indices, build_model, is_specialized, normalisation_note, paper_default_for,
                           read_pretrained, specialized_name)
 from model_utils import TINY, images, make_run, randomize_
 
@@ -158,7 +160,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         with pytest.raises(ValueError) as excinfo:
             clsvit.create_model("deit3_small_patch16_224", pretrained=bad, **TINY, **make)
         assert one_line_error(excinfo).startswith(f"pretrained: {bad} cannot be read as a checkpoint (")
-    with pytest.raises(FileNotFoundError, match=r"^model.pretrained: runs/nothing is not a file, a run directory, "):
+    with pytest.raises(InputError, match=r"^model.pretrained: runs/nothing is not a file, a run directory, "):
         build_model({**load_config("recipes/default.yaml")["model"], "pretrained": "runs/nothing"}, 10,
                     pretrained="runs/nothing")
 
@@ -225,7 +227,7 @@ def test_hub_references_read_the_cache_offline(hub_cache):
             clsvit.create_model("vit_small_patch16_224", pretrained=source, report=None, **kwargs)
         assert re.match(r"pretrained: .* is not in the Hugging Face cache \(.*\) and the hub is offline "
                         r"\(HF_HUB_OFFLINE=1\); fetch it once online$", one_line_error(excinfo))
-    with pytest.raises(FileNotFoundError, match="not_a_tag is not a file, a run directory, an hf-hub: reference"):
+    with pytest.raises(InputError, match="not_a_tag is not a file, a run directory, an hf-hub: reference"):
         read_pretrained("not_a_tag", "deit3_small_patch16_224")
 
 

@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from clsvit.config import (CHOICES, DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, diff, flatten,
-                           load_config, save_config)
+from clsvit.config import (CHOICES, DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, diff, dotted_items, flatten,
+                           load_config, recipe_leaves, save_config)
 
 # The independent reference: default.yaml read by plain PyYAML (its floats all have a dot, so
 # YAML 1.1 reads them as floats too).
@@ -42,21 +42,6 @@ def with_changes(**changes):
     return expected
 
 
-def all_paths(tree, prefix=""):
-    for name, value in tree.items():
-        yield prefix + name
-        if isinstance(value, dict):
-            yield from all_paths(value, f"{prefix}{name}.")
-
-
-def leaf_keys(tree, prefix=""):
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            yield from leaf_keys(value, f"{prefix}{name}.")
-        else:
-            yield prefix + name
-
-
 # --- default.yaml ------------------------------------------------------------------------------
 
 def test_default_recipe_loads_unchanged():
@@ -81,12 +66,12 @@ def test_every_default_key_has_a_trailing_comment():
             assert re.search(r"\s#\s*\S", match[3]), f"default.yaml line {number} has no comment: {line!r}"
     # The key lines are exactly the keys (sections included) in document order: none is hidden in
     # a flow mapping or shares a line.
-    assert names == [path.rsplit(".", 1)[-1] for path in all_paths(DEFAULT)]
+    assert names == [path.rsplit(".", 1)[-1] for path, _ in dotted_items(DEFAULT, sections=True)]
 
 
 def test_tables_cover_every_null_default_and_name_real_keys():
     flat = flatten(DEFAULT, stringify=False)
-    assert list(flat) == list(leaf_keys(DEFAULT))
+    assert flat and not any(isinstance(value, dict) for value in flat.values())
     assert {k for k, v in flat.items() if v is None} <= set(NULLABLE_TYPES)
     assert set(NULLABLE_TYPES) <= set(flat) and set(CHOICES) <= set(flat)
 
@@ -255,6 +240,8 @@ def test_enumerations_of_the_eval_sections():
      "model.img_size=224 with model.timm_kwargs={'patch_size': 15}: the patch size does not divide"),
     (["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1x"],
      "aug.rand_augment='rand-m9-mstd0.5-inc1x': timm cannot parse this augmentation policy"),
+    (["data.std=[0.229,0,0.225]"],
+     "data.std=[0.229, 0.0, 0.225]: the inputs are divided by these standard deviations: each must be positive"),
 ])
 def test_cross_key_rules(tmp_path, overrides, message):
     expect_error(message, DEFAULT_RECIPE, overrides)
@@ -271,7 +258,7 @@ def test_cross_key_rules_accept_the_valid_combinations():
           ["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1"],
           ["train.finetune=true", "model.pretrained=runs/vit_s"],
           ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
-          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"]]
+          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"]]
     for overrides in ok:
         load_config(DEFAULT_RECIPE, overrides)
     # a fine-tune recipe inherits train.finetune; dropping its model.pretrained is refused
@@ -345,6 +332,15 @@ def test_flatten():
     assert flat["optim.betas"] == "[0.9, 0.999]" and flat["data.shapes.num_classes"] == 10
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
     assert flatten({"a": {"b": [1]}}, stringify=False) == {"a.b": [1]}
+
+
+def test_dotted_items_walks_leaves_sections_and_whole_mappings():
+    tree = {"a": {"b": 1, "c": {"d": 2}}, "e": {"f": 3}}
+    assert list(dotted_items(tree)) == [("a.b", 1), ("a.c.d", 2), ("e.f", 3)]
+    assert [key for key, _ in dotted_items(tree, sections=True)] == ["a", "a.b", "a.c", "a.c.d", "e", "e.f"]
+    assert list(dotted_items(tree, whole={"a.c"})) == [("a.b", 1), ("a.c", {"d": 2}), ("e.f", 3)]
+    leaves = dict(recipe_leaves(load_config(DEFAULT_RECIPE, ["model.timm_kwargs={patch_size: 8}"])))
+    assert leaves["model.timm_kwargs"] == {"patch_size": 8} and leaves["optim.lr"] == 0.004
 
 
 def test_diff():

@@ -26,6 +26,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torchvision import transforms as T
 
 from clsvit import data as D
+from clsvit.images import ImageClassDataset, UndecodableImage, UndecodableImages
 from clsvit.shapes import CLASS_NAMES, FLOOR_FAR_M, FLOOR_NEAR_M, dataset_name, ensure_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +301,7 @@ def test_transforms_normalise_with_the_recipes_mean_and_std():
 @pytest.fixture
 def train_dataset():
     images = [png_bytes(random_image(i)) for i in range(6)]
-    return D.ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1, 2]), D.build_train_transform(recipe()),
+    return ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1, 2]), D.build_train_transform(recipe()),
                                num_classes=3)
 
 
@@ -330,7 +331,7 @@ def test_seeded_sample_leaves_caller_rng_alone(train_dataset):
 
 def test_label_out_of_range_names_index():
     images = [png_bytes(random_image(i)) for i in range(3)]
-    dataset = D.ImageClassDataset(class_dataset(images, [0, 5, 1], num_classes=6), T.ToTensor(), num_classes=3)
+    dataset = ImageClassDataset(class_dataset(images, [0, 5, 1], num_classes=6), T.ToTensor(), num_classes=3)
     assert dataset[0][1] == 0
     with pytest.raises(ValueError, match=r"sample row 1: label 5 is outside \[0, 3\)"):
         dataset[1]
@@ -341,7 +342,7 @@ def test_image_modes_decode_to_rgb():
     ramp16 = Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16))
     images = [png_bytes(base.convert("CMYK"), "JPEG"), png_bytes(base.convert("P")), png_bytes(base.convert("L")),
               png_bytes(ramp16), png_bytes(base.convert("RGBA")), png_bytes(base.convert("LA"))]
-    dataset = D.ImageClassDataset(class_dataset(images, [0] * len(images)), T.ToTensor(), num_classes=3)
+    dataset = ImageClassDataset(class_dataset(images, [0] * len(images)), T.ToTensor(), num_classes=3)
     for i in range(len(images)):
         tensor, _, problems = dataset[i]
         assert problems == ()
@@ -370,11 +371,11 @@ def test_undecodable_images_are_replaced_and_recorded():
     good = [png_bytes(random_image(i)) for i in range(3)]
     bad = [{"bytes": data, "path": f"images: a/{name}"} for name, data in broken_images().items()]  # ": " in a path
     images = [good[0], *bad, good[1], good[2]]
-    dataset = D.ImageClassDataset(class_dataset(images, [0, 1, 1, 1, 1, 2, 0]), T.ToTensor(), num_classes=3)
+    dataset = ImageClassDataset(class_dataset(images, [0, 1, 1, 1, 1, 2, 0]), T.ToTensor(), num_classes=3)
     assert dataset[0][2] == ()
     tensor, label, problems = dataset[1]  # four broken files in a row: replaced by the next good one
     assert label == 2 and torch.equal(tensor, T.ToTensor()(random_image(1)))
-    assert all(isinstance(p, D.UndecodableImage) for p in problems)
+    assert all(isinstance(p, UndecodableImage) for p in problems)
     assert [(p.path, p.row, p.error.split(":")[0]) for p in problems] == [
         ("images: a/truncated.jpg", 1, "OSError"), ("images: a/empty.jpg", 2, "UnidentifiedImageError"),
         ("images: a/notes.txt", 3, "UnidentifiedImageError"), ("images: a/bomb.png", 4, "DecompressionBombError")]
@@ -382,7 +383,7 @@ def test_undecodable_images_are_replaced_and_recorded():
     assert problems[0].name == "images: a/truncated.jpg (row 1)"
     assert str(problems[0]) == f"images: a/truncated.jpg (row 1): {problems[0].error}"
     assert [p.row for p in dataset[4][2]] == [4]  # the bomb alone
-    only_bad = D.ImageClassDataset(class_dataset(bad, [0] * len(bad)), T.ToTensor(), num_classes=3)
+    only_bad = ImageClassDataset(class_dataset(bad, [0] * len(bad)), T.ToTensor(), num_classes=3)
     with pytest.raises(ValueError, match=r"no image of the dataset can be decoded \(first: images: a/truncated.jpg"):
         only_bad[0]
 
@@ -392,7 +393,7 @@ def test_undecodable_records_travel_through_loader_workers():
     images = [png_bytes(random_image(i)) for i in range(6)]
     images[2] = {"bytes": b"", "path": "C: drive/x: y.jpg"}
     images[5] = {"bytes": b"nope", "path": "d: e.png"}
-    dataset = D.ImageClassDataset(class_dataset(images, [0] * 6), D.build_eval_transform(recipe()), num_classes=3)
+    dataset = ImageClassDataset(class_dataset(images, [0] * 6), D.build_eval_transform(recipe()), num_classes=3)
     loader = D.build_eval_loader(dataset, 3, data_cfg(num_workers=2))
     problems = [p for _, _, batch_problems in loader for p in batch_problems]
     assert [(p.path, p.row) for p in problems] == [("C: drive/x: y.jpg", 2), ("d: e.png", 5)]
@@ -423,15 +424,15 @@ def test_evaluation_counts_undecodable_records():
 
 
 def test_undecodable_policy_counts_distinct_files_and_stops_beyond_the_fraction():
-    policy = D.UndecodableImages(dataset_size=1000, max_fraction=0.002)  # 2 files tolerated
-    a = D.UndecodableImage("x: a.jpg", 3, "OSError: truncated")
-    b = D.UndecodableImage("x: a.jpg", 4, "OSError: empty")  # the same path at another row is another file
+    policy = UndecodableImages(dataset_size=1000, max_fraction=0.002)  # 2 files tolerated
+    a = UndecodableImage("x: a.jpg", 3, "OSError: truncated")
+    b = UndecodableImage("x: a.jpg", 4, "OSError: empty")  # the same path at another row is another file
     assert policy.add([a]) == [a]
     assert policy.add([a, b]) == [b]  # a file seen again (another epoch, another process) counts once
     policy.check()
-    restored = D.UndecodableImages(dataset_size=1000, max_fraction=0.002)
+    restored = UndecodableImages(dataset_size=1000, max_fraction=0.002)
     restored.load_state_dict(policy.state_dict())
-    assert restored.add([D.UndecodableImage(None, 9, "OSError: x")]) != []
+    assert restored.add([UndecodableImage(None, 9, "OSError: x")]) != []
     with pytest.raises(ValueError, match=r"3 of 1000 images cannot be decoded, more than "
                                          r"data.max_bad_fraction=0.002 allows; first: x: a.jpg \(row 3\), "
                                          r"x: a.jpg \(row 4\), row 9"):
@@ -528,7 +529,7 @@ def test_sampler_epochs_determinism_and_resume():
 
 def test_loader_is_worker_independent_and_resumable():
     images = [png_bytes(random_image(i, size=(24, 24))) for i in range(24)]
-    dataset = D.ImageClassDataset(class_dataset(images, [i % 3 for i in range(24)]),
+    dataset = ImageClassDataset(class_dataset(images, [i % 3 for i in range(24)]),
                                   D.build_train_transform(recipe()), num_classes=3)
 
     def batches(num_workers, start=0):
@@ -550,7 +551,7 @@ def test_loader_is_worker_independent_and_resumable():
 
 def test_eval_loader_is_sequential_and_keeps_last_batch():
     images = [png_bytes(random_image(i, size=(32, 32))) for i in range(5)]
-    dataset = D.ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1]), D.build_eval_transform(recipe()),
+    dataset = ImageClassDataset(class_dataset(images, [0, 1, 2, 0, 1]), D.build_eval_transform(recipe()),
                                   num_classes=3)
     loader = D.build_eval_loader(dataset, 2, data_cfg())
     labels = torch.cat([y for _, y, _ in loader])

@@ -1,7 +1,6 @@
 """The evaluation recipes (recipes/eval/*.yaml): headers, and each one end to end through eval.py on a
 tiny local copy of its dataset in the dataset's own layout, cut from a real photo at non-square sizes."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,9 +18,6 @@ from clsvit.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_script)
 
 EVAL_RECIPES = sorted((ROOT / "recipes" / "eval").glob("*.yaml"))
 PHOTO = np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB"))
@@ -202,7 +198,7 @@ def run(tmp_path_factory):
     ("cityscapes_linear", make_cityscapes, "seg", TINY_SEG), ("nyu_linear", make_nyu, "depth", TINY_DEPTH),
     ("kitti_linear", make_kitti, "depth", TINY_DEPTH),
     ("ade20k_ms", make_ade20k, "seg", TINY_SEG + ["eval.seg.layers=2"])])  # the tiny run has 2 blocks, not 4
-def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
+def test_eval_recipe_end_to_end(eval_script, run, tmp_path, name, make, task, tiny):
     root = tmp_path / name
     root.mkdir()
     expected_pixels = make(root)
@@ -218,7 +214,7 @@ def test_eval_recipe_end_to_end(run, tmp_path, name, make, task, tiny):
 
 
 @pytest.mark.slow
-def test_dinov3_segmentation_records_final_and_best_in_eval_json(run, tmp_path):
+def test_dinov3_segmentation_records_final_and_best_in_eval_json(eval_script, run, tmp_path):
     make_ade20k(tmp_path / "ade20k")
     results = eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/ade20k_linear.yaml"),
                                 f"eval.seg.path={tmp_path / 'ade20k'}", *TINY_SEG, "eval.seg.protocol=dinov3_linear"])
@@ -228,7 +224,7 @@ def test_dinov3_segmentation_records_final_and_best_in_eval_json(run, tmp_path):
     assert saved["seg.miou_best"] == saved["seg.miou"] == results["seg.miou_best"] and saved["seg.best_step"] == 2
 
 
-def test_a_label_outside_the_classes_names_its_file(run, tmp_path):
+def test_a_label_outside_the_classes_names_its_file(eval_script, run, tmp_path):
     make_voc(tmp_path / "voc", bad_label=True)
     with pytest.raises(InputError, match=r"mask .*SegmentationClass/2007_val01.png \(row 1\) has label 30 outside \[0, 21\)"):
         eval_script.main(["--run", str(run), "--tasks", "seg", "--recipe", str(ROOT / "recipes/eval/voc_linear.yaml"),

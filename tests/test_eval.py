@@ -1,7 +1,6 @@
 """Tests of eval.py: evaluating a run dir, eval.json / TensorBoard outputs, --compare, bad input."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -16,16 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from clsvit.checkpoint import load_run
+from clsvit.config import load_config, save_config
+from clsvit.data import build_eval_transform, load_splits
+from clsvit.images import ImageClassDataset
+from clsvit.model import build_model, count_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from clsvit.config import load_config, save_config  # noqa: E402
-from clsvit.data import ImageClassDataset, build_eval_transform, load_splits  # noqa: E402
-from clsvit.model import build_model, count_parameters, load_run  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_script)
 
 TINY = [
     "model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.num_classes=4",
@@ -88,7 +84,7 @@ def scalar_tags(run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- one run
 
 
-def test_eval_all_tasks_writes_json_tensorboard_and_pngs(tmp_path, capsys):
+def test_eval_all_tasks_writes_json_tensorboard_and_pngs(eval_script, tmp_path, capsys):
     run = make_run(tmp_path / "base")
     results = eval_script.main(["--run", str(run)])  # default tasks: eval.tasks = all four
     saved = json.loads((run / "eval.json").read_text())
@@ -110,14 +106,14 @@ def test_eval_all_tasks_writes_json_tensorboard_and_pngs(tmp_path, capsys):
     assert "top-1" in out and "mIoU" in out and "RMSE" in out and len(out.splitlines()) < 25
 
 
-def test_later_tasks_merge_into_eval_json_and_overrides_apply(tmp_path):
+def test_later_tasks_merge_into_eval_json_and_overrides_apply(eval_script, tmp_path):
     run = make_run(tmp_path / "base", eval_results={"cls.top1": 12.5})
     eval_script.main(["--run", str(run), "--tasks", "seg", "eval.seg.layers=2", "eval.seg.iterations=2"])
     saved = json.loads((run / "eval.json").read_text())
     assert saved["cls.top1"] == 12.5 and "seg.miou" in saved and "depth.rmse" not in saved
 
 
-def test_specialized_run_evaluates(tmp_path):
+def test_specialized_run_evaluates(eval_script, tmp_path):
     run = make_run(tmp_path / "spec", SPECIALIZED)
     results = eval_script.main(["--run", str(run), "--tasks", "cls,analysis"])
     assert results["cls.top1"] == pytest.approx(reference_top1(run))
@@ -127,7 +123,7 @@ def test_specialized_run_evaluates(tmp_path):
 # ----------------------------------------------------------------------------- comparison
 
 
-def test_compare_rows_deltas_csv_and_chart(tmp_path, capsys):
+def test_compare_rows_deltas_csv_and_chart(eval_script, tmp_path, capsys):
     runs = tmp_path / "runs"
     base = make_run(runs / "a_base", eval_results={"cls.top1": 80.0, "seg.miou": 40.0, "depth.rmse": 0.50},
                     speeds=(100.0, 300.0, 200.0))
@@ -170,7 +166,6 @@ def test_compare_rows_deltas_csv_and_chart(tmp_path, capsys):
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("CLSVIT_TRACEBACK", None)
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
@@ -183,7 +178,7 @@ def test_run_without_weights_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"eval.py: error: no model weights at {run / 'model.safetensors'}"]
 
 
-def test_unknown_task_and_bad_compare_are_errors(tmp_path):
+def test_unknown_task_and_bad_compare_are_errors(eval_script, tmp_path):
     run = make_run(tmp_path / "base")
     with pytest.raises(ValueError, match=r"^unknown task 'segm'; choose from cls, seg, depth, analysis$"):
         eval_script.main(["--run", str(run), "--tasks", "cls,segm"])
@@ -195,7 +190,7 @@ def test_unknown_task_and_bad_compare_are_errors(tmp_path):
         eval_script.main(["--run", str(run), "--tasks", "depth", "eval.depth.source=nowhere"])
 
 
-def test_seg_on_dataset_without_masks_is_an_error(tmp_path):
+def test_seg_on_dataset_without_masks_is_an_error(eval_script, tmp_path):
     folder = tmp_path / "no_masks"
     folder.mkdir()
     rgb = np.zeros((8, 8, 3), np.uint8)
@@ -212,7 +207,7 @@ def test_seg_on_dataset_without_masks_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- two processes
 
 
-def test_two_processes_give_the_single_process_numbers(tmp_path, shapes_cache):
+def test_two_processes_give_the_single_process_numbers(eval_script, tmp_path, shapes_cache):
     """Uneven shards (10 validation images, batches of 4, 2 processes) must not change any number; the
     segmentation probe draws fresh views every step and has dropout (DINOv3's protocol)."""
     online = ["eval.seg.protocol=dinov3_linear", "eval.seg.cache_features=false"]

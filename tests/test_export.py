@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import clsvit  # noqa: F401 — registers the specialized twins in timm
+from clsvit.errors import InputError
 from clsvit.export import main as export_main
 from clsvit.model import count_parameters
 from model_utils import images, make_run
@@ -118,7 +119,7 @@ def test_an_occupied_directory_is_refused_before_anything_is_written(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=f"^{taken} exists and is not empty; export into a new directory$"):
+    with pytest.raises(InputError, match=f"^{taken} exists and is not empty; export into a new directory$"):
         export_main([str(tmp_path / "run"), str(taken)])
     assert [p.name for p in tmp_path.iterdir()] == ["run", "taken"] and (taken / "notes.txt").read_text() == "mine"
 

@@ -53,12 +53,17 @@ def test_a_second_sigterm_stops_at_once(tmp_path, env):
     waits: the first signal asks for a checkpoint at the next log step, a second one ends the process."""
     recipe = write_tiny_recipe(tmp_path, tmp_path)
     metrics = tmp_path / "tiny" / "metrics.jsonl"
-    process = launch(recipe, "train.max_steps=100000", "log.every=50000", "eval.every=100000", env=env)
+    pause_dir = tmp_path / "paused"
+    pause_dir.mkdir()
+    # the run stops itself before its 3rd optimizer step: in the step loop, its signal handlers installed
+    process = launch(recipe, "train.max_steps=100000", "log.every=50000", "eval.every=100000",
+                     env={**env, "CLSVIT_TEST_PAUSE_DIR": str(pause_dir)}, fault="pause:3")
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "tiny").glob("provenance.json")):
-        time.sleep(0.1)
-    time.sleep(1.0)  # in the step loop now
-    process.send_signal(signal.SIGTERM)
+    while time.time() < deadline and process.poll() is None and not (pause_dir / "rank0").exists():
+        time.sleep(0.05)
+    assert (pause_dir / "rank0").exists(), process.communicate()[0][-3000:]
+    process.send_signal(signal.SIGTERM)  # pending while the process is stopped
+    process.send_signal(signal.SIGCONT)
     time.sleep(1.0)
     assert process.poll() is None  # the first signal waits for the next log step
     process.send_signal(signal.SIGTERM)
@@ -159,20 +164,24 @@ def test_sigkill_at_random_points_loses_nothing(tmp_path, env):
             while process.poll() is None and logged_step(run_dir / "metrics.jsonl", started) < target:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.05))
-            process.kill()
+            process.kill()  # nothing to kill when the run has finished meanwhile
         output = process.communicate(timeout=300)[0]
         history.append((target, before, process.returncode))
         if before:  # a complete checkpoint existed: the relaunch must have resumed from the newest one
             assert f"resumed from {run_dir / 'checkpoints' / f'step_{before[-1]}'} " in output, output[-3000:]
         assert "train.py: error" not in output and "Traceback" not in output, output[-3000:]
-        if target is None:
-            assert process.returncode == 0, output[-3000:]
+        finished = process.returncode == 0
+        if target is None or (isinstance(target, int) and finished):  # a run faster than the kill: it is done
+            assert finished, output[-3000:]
         else:
             assert process.returncode == -signal.SIGKILL, (history, output[-3000:])
         # whatever was killed, every visible checkpoint is complete, its recipe included
         assert all((p / "COMPLETE").is_file() and (p / "config.yaml").is_file()
                    for p in (run_dir / "checkpoints").glob("step_*")), history
-    assert history[3][1], "the kill inside a checkpoint write must come after a complete checkpoint"
+        if finished:
+            break
+    in_save = [before for target, before, _ in history if target == "in-save"]
+    assert all(in_save), "the kill inside a checkpoint write must come after a complete checkpoint"
     final = weights(run_dir / "model.safetensors")
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in reference), history

@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from clsvit import COMPONENTS, PAPER_DEFAULT, create_model, specialize
+from clsvit.checkpoint import load_run
 from clsvit.config import load_config, save_config
 from clsvit.model import (
     NO_SPECIALIZATION,
@@ -26,7 +27,6 @@ from clsvit.model import (
     describe_specialization,
     feature_extractor,
     is_specialized,
-    load_run,
     set_uniform_drop_path,
     specialized_modules,
     split_class,

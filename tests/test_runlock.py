@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clsvit import runlock
-from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, eval_snapshot, live_owner
+from clsvit.checkpoint import eval_snapshot
+from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, live_owner
 from trainer_utils import REPO
 
 HOLDER = """

@@ -61,7 +61,7 @@ def test_run_directory_has_every_output(finished_run):
 
 
 def test_final_weights_rebuild_the_model(finished_run):
-    from clsvit.model import load_run
+    from clsvit.checkpoint import load_run
 
     run_dir, _ = finished_run
     model, cfg = load_run(run_dir)

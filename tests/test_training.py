@@ -1,8 +1,10 @@
 """The training loop's parts (clsvit.training): the batch split, the loop position, the micro-batch
-stream, the collective skip decision and the gradient norm under a loss scale."""
+stream, the collective skip decision, the gradient norm under a loss scale, the step helper and the
+progress display."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 
@@ -11,8 +13,8 @@ import torch
 from accelerate import Accelerator
 
 from clsvit.config import ConfigError
-from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, gradient_norm, nonfinite_on_any_process,
-                             split_global_batch)
+from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm, is_due,
+                             nonfinite_on_any_process, split_global_batch)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -133,3 +135,41 @@ def test_copies_of_one_signal_are_one_request():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_is_due_every_n_steps_and_at_the_last_only_for_logging():
+    due = lambda at_last: [step for step in range(1, 11) if is_due(step, 4, 10, at_last=at_last)]  # noqa: E731
+    assert due(at_last=True) == [4, 8, 10]  # log steps: the last one too
+    assert due(at_last=False) == [4, 8]  # eval / checkpoint steps: the last one is the loop's end
+    assert [s for s in range(1, 9) if is_due(s, 4, 8, at_last=False)] == [4]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), Terminal()], ids=["file", "terminal"])
+def test_progress_is_a_bar_on_a_terminal_and_a_line_per_log_step_elsewhere(stream, capsys):
+    display = ProgressDisplay(total=6, initial=0, enabled=True, stream=stream)
+    for step in range(1, 7):
+        display.step()
+        if step % 3 == 0:
+            display.log_step(step, 1.5 / step, 4e-3, 120.0)
+    display.close()
+    lines = capsys.readouterr().out.splitlines()
+    if isinstance(stream, Terminal):
+        assert lines == [] and "\r" in stream.getvalue() and "6/6" in stream.getvalue()
+    else:
+        assert stream.getvalue() == ""  # no bar in a file
+        assert lines == ["train step 3/6: loss 0.5000, lr 4.00e-03, 120 images/s",
+                         "train step 6/6: loss 0.2500, lr 4.00e-03, 120 images/s"]
+
+
+def test_no_progress_output_when_disabled(capsys):
+    stream = io.StringIO()
+    display = ProgressDisplay(total=2, initial=0, enabled=False, stream=stream)
+    display.step()
+    display.log_step(1, 1.0, 1e-3, 10.0)
+    display.close()
+    assert stream.getvalue() == "" and capsys.readouterr().out == ""

@@ -1,5 +1,5 @@
 """Specialized timm Vision Transformers: the specialization itself (`specialization`), building
-and loading models from recipes, runs and public checkpoints (`loading`), and their twins in timm's
+and loading models from recipes and from the weights of runs and public checkpoints (`loading`), and their twins in timm's
 model registry (`registry`)."""
 
 from clsvit.model.specialization import (
@@ -24,9 +24,9 @@ from clsvit.model.loading import (  # noqa: I001 — after specialization, which
     count_parameters,
     create_model,
     feature_extractor,
-    load_run,
     locate_pretrained,
     normalisation_note,
+    param_overhead_pct,
     pretrained_normalisation,
     read_pretrained,
     set_uniform_drop_path,
@@ -39,8 +39,8 @@ __all__ = [
     "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "GlobalTokenLayerScale",
     "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained",
     "count_parameters", "create_model",
-    "describe_specialization", "feature_extractor", "is_specialized", "load_run", "locate_pretrained",
-    "normalisation_note", "paper_default_for", "pretrained_normalisation",
+    "describe_specialization", "feature_extractor", "is_specialized", "locate_pretrained",
+    "normalisation_note", "paper_default_for", "param_overhead_pct", "pretrained_normalisation",
     "read_pretrained", "set_uniform_drop_path", "specialize", "specialized_modules", "specialized_name",
     "split_class", "timm_vit", "weights_path",
 ]

@@ -1,5 +1,5 @@
 """Building models: `create_model` (any timm ViT, DeiT-III settings, specialization, pretrained
-weights of any public layout), `build_model` (a recipe's `model:` section) and `load_run`.
+weights of any public layout) and `build_model` (a recipe's `model:` section).
 
 Pretrained weights (`pretrained=SOURCE`, recipe key `model.pretrained`) come from:
 - a run directory or export directory (its `model.safetensors`), or any `.safetensors`, `.pth`,
@@ -30,12 +30,17 @@ from typing import Any, Callable, Mapping
 
 import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from timm.layers import DropPath
 from timm.models import VisionTransformer
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
 
+from clsvit.errors import InputError
 from clsvit.model.specialization import NO_SPECIALIZATION, OPTIONS, specialize as _specialize, specialized_modules
 
 COPY_MARK = ".global_copy."  # in every state-dict key of a global-token copy
@@ -44,7 +49,7 @@ COPY_MARK = ".global_copy."  # in every state-dict key of a global-token copy
 def set_uniform_drop_path(model: VisionTransformer, rate: float) -> None:
     """DeiT-III uses the same stochastic-depth rate in every block; timm's rises linearly with depth."""
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path: rate {rate!r} is outside [0, 1)")
+        raise InputError(f"drop_path: rate {rate!r} is outside [0, 1)")
     for block in model.blocks:
         block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
@@ -52,6 +57,11 @@ def set_uniform_drop_path(model: VisionTransformer, rate: float) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def param_overhead_pct(params: int, baseline_params: int) -> float:
+    """The parameters specialization adds, in % of the unspecialized model's."""
+    return 100.0 * (params - baseline_params) / baseline_params
 
 
 def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, pretrained: str | Path | None = None,
@@ -70,7 +80,7 @@ def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, pret
     features = {key: timm_kwargs.pop(key) for key in ("features_only", "out_indices", "feature_cls")
                 if key in timm_kwargs}
     if "drop_path_rate" in timm_kwargs:
-        raise ValueError("drop_path_rate: timm's rate rises linearly with depth; pass drop_path (uniform)")
+        raise InputError("drop_path_rate: timm's rate rises linearly with depth; pass drop_path (uniform)")
     if layerscale_init is not None:
         timm_kwargs["init_values"] = layerscale_init
     if pretrained is None or pretrained == "":
@@ -95,9 +105,9 @@ def timm_vit(arch: str, **timm_kwargs: Any) -> VisionTransformer:
     try:
         model = timm.create_model(arch, **timm_kwargs)
     except (RuntimeError, TypeError) as error:  # unknown name, or arguments this architecture does not take
-        raise ValueError(f"arch: {arch!r}: {error}") from None
+        raise InputError(f"arch: {arch!r}: {error}") from None
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"arch: {arch!r} is a {type(model).__name__}, not a timm VisionTransformer")
+        raise InputError(f"arch: {arch!r} is a {type(model).__name__}, not a timm VisionTransformer")
     return model
 
 
@@ -105,11 +115,8 @@ def feature_extractor(model: VisionTransformer, out_indices: int | tuple[int, ..
                       feature_cls: str = "getter") -> nn.Module:
     """timm's `features_only` wrapper of a ViT (`FeatureGetterNet` over `forward_intermediates`,
     feature maps of the last `out_indices` blocks, or the blocks listed), as timm builds it."""
-    from timm.models._builder import pretrained_cfg_for_features
-    from timm.models._features import FeatureGetterNet
-
     if feature_cls != "getter":
-        raise ValueError(f"feature_cls: {feature_cls!r}; a ViT's features_only wrapper is 'getter' (FeatureGetterNet)")
+        raise InputError(f"feature_cls: {feature_cls!r}; a ViT's features_only wrapper is 'getter' (FeatureGetterNet)")
     wrapper = FeatureGetterNet(model, out_indices=out_indices)
     wrapper.pretrained_cfg = wrapper.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     return wrapper
@@ -162,10 +169,10 @@ def locate_pretrained(source: str | Path, arch: str) -> Path | tuple[str, str | 
     if name:
         cfg = timm.models.get_pretrained_cfg(name)
         if not cfg.hf_hub_id:
-            raise ValueError(f"pretrained: timm's {name} weights are not on the Hugging Face hub; "
+            raise InputError(f"pretrained: timm's {name} weights are not on the Hugging Face hub; "
                              f"download them ({cfg.url}) and pass the file")
         return cfg.hf_hub_id, cfg.hf_hub_filename, f"timm {name}"
-    raise FileNotFoundError(f"pretrained: {text} is not a file, a run directory, an hf-hub: reference or a "
+    raise InputError(f"pretrained: {text} is not a file, a run directory, an hf-hub: reference or a "
                             f"timm pretrained name/tag of {arch}")
 
 
@@ -182,7 +189,7 @@ def weights_path(path: str | Path) -> Path:
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no model weights at {file}")
+        raise InputError(f"no model weights at {file}")
     return file
 
 
@@ -190,15 +197,12 @@ def _file_state(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = timm.models.load_state_dict(str(file), weights_only=True)
     except Exception as error:  # noqa: BLE001 — truncated, not a checkpoint, pickled objects: one line
-        raise ValueError(f"pretrained: {file} cannot be read as a checkpoint ({type(error).__name__}: "
+        raise InputError(f"pretrained: {file} cannot be read as a checkpoint ({type(error).__name__}: "
                          f"{_first_sentence(error)})") from None
     return _tensors(state, str(file))
 
 
 def _hub_state(hub_id: str, filename: str | None, label: str) -> dict[str, torch.Tensor]:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         if filename:
             state = timm.models.load_state_dict_from_hf(hub_id, filename)
@@ -206,10 +210,10 @@ def _hub_state(hub_id: str, filename: str | None, label: str) -> dict[str, torch
             state = timm.models.load_state_dict_from_hf(hub_id)
     except LocalEntryNotFoundError:
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise ValueError(f"pretrained: {label} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        raise InputError(f"pretrained: {label} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                          f"{why}; fetch it once online") from None
     except (EntryNotFoundError, HfHubHTTPError, OSError) as error:
-        raise ValueError(f"pretrained: {label} cannot be fetched from the Hugging Face hub "
+        raise InputError(f"pretrained: {label} cannot be fetched from the Hugging Face hub "
                          f"({_first_sentence(error)})") from None
     return _tensors(state, label)
 
@@ -221,10 +225,10 @@ def _first_sentence(error: Exception) -> str:
 
 def _tensors(state: Any, label: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"pretrained: {label} holds no state dict (got {type(state).__name__})")
+        raise InputError(f"pretrained: {label} holds no state dict (got {type(state).__name__})")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"pretrained: {label} is not a state dict of tensors ({key!r} is a {type(value).__name__})")
+            raise InputError(f"pretrained: {label} is not a state dict of tensors ({key!r} is a {type(value).__name__})")
     return dict(state)
 
 
@@ -241,7 +245,7 @@ def _load_shared_weights(arch: str, source: PretrainedSource, timm_kwargs: dict)
     try:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"pretrained: {source.label} does not fit {arch}: "
+        raise InputError(f"pretrained: {source.label} does not fit {arch}: "
                          f"{_first_mismatches(source.shared, expected, error)}") from None
     # the weights came from `source`, not from where the architecture's default cfg points
     weights_location = ("state_dict", "url", "file", "hf_hub_id", "hf_hub_filename", "source", "tag")
@@ -276,13 +280,13 @@ def _finish_pretrained(model: VisionTransformer, arch: str, source: PretrainedSo
     own = model.state_dict()
     stray = [key for key in source.copies if key not in own]
     if stray:
-        raise ValueError(f"pretrained: {source.label} has global-token copies this model does not "
+        raise InputError(f"pretrained: {source.label} has global-token copies this model does not "
                          f"({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}): its specialization differs "
                          f"from this model's")
     wrong = [f"{key} {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model"
              for key, value in source.copies.items() if value.shape != own[key].shape]
     if wrong:
-        raise ValueError(f"pretrained: {source.label} does not fit: {'; '.join(wrong[:3])}")
+        raise InputError(f"pretrained: {source.label} does not fit: {'; '.join(wrong[:3])}")
     if source.copies:
         model.load_state_dict(source.copies, strict=False)
     copies = sum(len(module.global_copy.state_dict()) for module in specialized_modules(model).values())
@@ -329,7 +333,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None, *,
     `pretrained` (callers pass `model_cfg["pretrained"]`, or a run's own weights)."""
     num_classes = model_cfg["num_classes"] if num_classes is None else num_classes
     if num_classes is None and pretrained is None:
-        raise ValueError("model.num_classes: unknown; set it or build the model with the dataset's class count")
+        raise InputError("model.num_classes: unknown; set it or build the model with the dataset's class count")
     try:
         return create_model(
             model_cfg["arch"],
@@ -343,7 +347,7 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int | None = None, *,
             report=report,
             **model_cfg.get("timm_kwargs", {}),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except InputError as error:
         raise _naming_the_recipe_key(error) from None
 
 
@@ -358,7 +362,7 @@ def check_pretrained(model_cfg: Mapping[str, Any]) -> None:
     if model_cfg["pretrained"]:
         try:
             locate_pretrained(model_cfg["pretrained"], model_cfg["arch"])
-        except (ValueError, FileNotFoundError) as error:
+        except InputError as error:
             raise _naming_the_recipe_key(error) from None
 
 
@@ -407,18 +411,3 @@ def _naming_the_recipe_key(error: Exception) -> Exception:
     if key in ("arch", "drop_path", "pretrained"):
         return type(error)(f"model.{key}: {rest}")
     return error
-
-
-def load_run(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = (), device: str | torch.device = "cpu",
-             report: Callable[[str], Any] | None = None, overlays: tuple = ()) -> tuple[nn.Module, dict]:
-    """Rebuild a trained model from its run directory (config.yaml + model.safetensors), with
-    `overlays` (partial recipes) and command-line `overrides` applied to its config
-    (`model.img_size=384` resizes the position embeddings; a `model.specialize` the run did not use
-    clones the copies it lacks)."""
-    from clsvit.config import load_config
-
-    run_dir = Path(run_dir)
-    weights = weights_path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides, overlays=overlays)
-    model = build_model(cfg["model"], pretrained=weights, report=report)
-    return model.to(device).eval(), cfg

@@ -85,6 +85,8 @@ from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
 
+from clsvit.errors import InputError
+
 # component name -> the modules it covers inside each timm `Block`
 COMPONENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "norm": ("norm1", "norm2"),
@@ -228,17 +230,17 @@ def block_indices(value: float | Sequence[int], depth: int, name: str) -> list[i
     """Blocks a component value selects: a fraction f of the depth means the first round(f * depth)
     blocks (1/3 -> 4 of 12, 8 of 24); a list names the block indices."""
     if isinstance(value, bool):
-        raise ValueError(f"{name}: expected a fraction in [0, 1] or a list of block indices, got {value!r}")
+        raise InputError(f"{name}: expected a fraction in [0, 1] or a list of block indices, got {value!r}")
     if isinstance(value, (int, float)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}: fraction {value!r} is outside [0, 1]")
+            raise InputError(f"{name}: fraction {value!r} is outside [0, 1]")
         return list(range(round(value * depth)))
     if isinstance(value, (list, tuple)):
         for index in value:
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < depth:
-                raise ValueError(f"{name}: block index {index!r} is not in [0, {depth - 1}] (depth {depth})")
+                raise InputError(f"{name}: block index {index!r} is not in [0, {depth - 1}] (depth {depth})")
         return sorted(set(value))
-    raise ValueError(f"{name}: expected a fraction in [0, 1] or a list of block indices, got {value!r}")
+    raise InputError(f"{name}: expected a fraction in [0, 1] or a list of block indices, got {value!r}")
 
 
 def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscale: float | Sequence[int] = 0.0,
@@ -264,11 +266,11 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
         name = next(iter(unknown))
         close = difflib.get_close_matches(name, OPTIONS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"specialize: unknown component {name!r}{hint}")
+        raise InputError(f"specialize: unknown component {name!r}{hint}")
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model: specialize() needs a timm VisionTransformer, got {type(model).__name__}")
+        raise InputError(f"model: specialize() needs a timm VisionTransformer, got {type(model).__name__}")
     if init not in INITS:
-        raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        raise InputError(f"init: expected one of {INITS}, got {init!r}")
     selected = {"norm": norm, "layerscale": layerscale, "qkv": qkv, "proj": proj, "mlp": mlp}
     plan = {component: block_indices(value, len(model.blocks), component)
             for component, value in selected.items()}
@@ -278,7 +280,7 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
         return model
     num_global = model.num_prefix_tokens
     if num_global == 0:
-        raise ValueError("model: it has no global tokens (no [CLS] and no registers) to specialize")
+        raise InputError("model: it has no global tokens (no [CLS] and no registers) to specialize")
     modules = [(name, _token_wise_module(model, name, component)) for name, component in targets]
     if final_norm:
         modules.append(("norm", _final_norm(model)))
@@ -297,13 +299,13 @@ def _token_wise_module(model: nn.Module, name: str, component: str) -> nn.Module
         module = model.get_submodule(name)
     except AttributeError:
         block = type(model.get_submodule(".".join(name.split(".")[:2]))).__name__  # "blocks.<i>"
-        raise ValueError(f"{component}: block type {block} has no module {name!r}") from None
+        raise InputError(f"{component}: block type {block} has no module {name!r}") from None
     if isinstance(module, nn.Identity):
         why = (" (the architecture has no LayerScale: build it with layerscale_init / timm's init_values, "
                "or set layerscale to 0)" if component == "layerscale" else "")
-        raise ValueError(f"{component}: {name} is an Identity in this model{why}")
+        raise InputError(f"{component}: {name} is an Identity in this model{why}")
     if isinstance(module, LayerScale) and module.inplace:
-        raise ValueError(f"{component}: {name} is an in-place LayerScale; build the model with inplace=False")
+        raise InputError(f"{component}: {name} is an in-place LayerScale; build the model with inplace=False")
     return module
 
 
@@ -311,7 +313,7 @@ def _final_norm(model: VisionTransformer) -> nn.Module:
     if isinstance(model.norm, nn.Identity):
         why = ("it pools the patch tokens and normalises the pooled vector (fc_norm), which no global token "
                "enters" if not isinstance(model.fc_norm, nn.Identity) else "it was built without one")
-        raise ValueError(f"final_norm: the model has no final norm over the tokens ({why}); leave final_norm false")
+        raise InputError(f"final_norm: the model has no final norm over the tokens ({why}); leave final_norm false")
     return model.norm
 
 
