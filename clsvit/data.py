@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -38,6 +39,8 @@ from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
+from clsvit.errors import InputError
+from clsvit.parquet import ParquetRows
 from clsvit.shapes import ensure_shapes_dataset
 
 SOURCES = ("hub", "imagefolder", "parquet", "shapes")
@@ -64,7 +67,7 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     source, path = data_cfg["source"], data_cfg.get("path")
     splits = {f"{section}.train_split": data_cfg["train_split"], f"{section}.val_split": data_cfg["val_split"]}
     if source == "hub":
-        by_split = _load_hub(path)
+        by_split = _load_hub(path, list(splits.values()))
     elif source == "imagefolder":
         by_split = _load_imagefolder(path)
     elif source == "parquet":
@@ -76,12 +79,21 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     return tuple(_pick_split(by_split, key, name, path) for key, name in splits.items())
 
 
-def _load_hub(path: str):
+def _load_hub(path: str, wanted: list[str]):
+    """A hub dataset's parquet shards, downloaded once into the hub cache and read in place (a local
+    directory is read in place as it is); a hub dataset without parquet files through
+    ``datasets.load_dataset``."""
     try:
+        local = bool(path) and Path(path).is_dir()
+        files = path if local else huggingface_hub.snapshot_download(path, repo_type="dataset",
+                                                                     allow_patterns=["*.parquet"])
+        if any(Path(files).rglob("*.parquet")):
+            return _load_parquet(files, wanted)
         return datasets.load_dataset(path)
-    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
+            huggingface_hub.errors.HfHubHTTPError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
+        raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
 
 
 def _load_imagefolder(path: str):
@@ -90,8 +102,9 @@ def _load_imagefolder(path: str):
     return datasets.load_dataset("imagefolder", data_dir=path)
 
 
-def _load_parquet(path: str, wanted: list[str]):
-    """Parquet shards from a directory or a glob; a file belongs to split ``s`` when it is named
+def _load_parquet(path: str, wanted: list[str]) -> dict[str, ParquetRows]:
+    """Parquet shards from a directory or a glob, read in place (:class:`clsvit.parquet.ParquetRows`:
+    no Arrow copy in the datasets cache); a file belongs to split ``s`` when it is named
     ``s-*.parquet`` or lies in a folder named ``s`` (the hub's and the usual local layouts)."""
     root, files = _parquet_files(path)
     by_split = {}
@@ -101,16 +114,16 @@ def _load_parquet(path: str, wanted: list[str]):
         if not matching:
             available = sorted({f.name.split("-")[0] for f in files if "-" in f.name}
                                | {f.parent.name for f in files if f.parent != root})
-            raise ValueError(f"split {split!r} not found in parquet data.path {path!r}; "
+            raise InputError(f"split {split!r} not found in parquet data.path {path!r}; "
                              f"available splits: {', '.join(available) or 'none'}")
-        by_split[split] = [str(f) for f in matching]
-    return datasets.load_dataset("parquet", data_files=by_split)
+        by_split[split] = ParquetRows([str(f) for f in matching])
+    return by_split
 
 
 def _parquet_files(path: str):
     """(root, files): ``root`` is the directory given, or the deepest glob-free parent of a glob."""
     if not path:
-        raise ValueError("data.path is empty (parquet needs a directory or a glob)")
+        raise InputError("data.path is empty (parquet needs a directory or a glob)")
     if _is_glob(path):
         root = Path(path)
         while _is_glob(str(root)):
@@ -119,9 +132,9 @@ def _parquet_files(path: str):
     elif Path(path).is_dir():
         root, files = Path(path), sorted(Path(path).rglob("*.parquet"))
     else:
-        raise ValueError(f"data.path {path!r} does not exist")
+        raise InputError(f"data.path {path!r} does not exist")
     if not files:
-        raise ValueError(f"data.path {path!r} matches no .parquet files")
+        raise InputError(f"data.path {path!r} matches no .parquet files")
     return root, files
 
 
@@ -145,7 +158,8 @@ def _num_classes(train, val, label_column: str) -> int:
     feature = train.features[label_column]
     if isinstance(feature, ClassLabel):
         return feature.num_classes
-    return 1 + max(pc.max(d.data.column(label_column)).as_py() for d in (train, val))
+    return 1 + max(pc.max(d.column(label_column) if isinstance(d, ParquetRows) else d.data.column(label_column)
+                          ).as_py() for d in (train, val))
 
 
 # ---------------------------------------------------------------- transforms
