@@ -1,7 +1,8 @@
 """Data: one way in for every dataset (through HF ``datasets``), transforms, samplers, loaders.
 
 - :func:`load_splits` turns the recipe's ``data`` section into (train, val, num_classes), whatever
-  the source: a hub id, an imagefolder, parquet shards, or the embedded shapes dataset.
+  the source: a hub id, an imagefolder (:mod:`clsvit.imagefolder`), parquet shards, or the embedded
+  shapes dataset.
 - :func:`build_train_transform` / :func:`build_eval_transform` are timm's ``create_transform`` with
   the DeiT-III settings from the recipe (3-Augment or RandAugment, bicubic, crop ratio 1.0).
 - :class:`ImageClassDataset` decodes lazily and applies the transform with per-sample seeds, and
@@ -40,6 +41,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from clsvit.errors import InputError
+from clsvit.imagefolder import load_folder_splits
 from clsvit.parquet import ParquetRows
 from clsvit.shapes import ensure_shapes_dataset
 
@@ -69,7 +71,7 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     if source == "hub":
         by_split = _load_hub(path, list(splits.values()))
     elif source == "imagefolder":
-        by_split = _load_imagefolder(path)
+        by_split = load_folder_splits(path, data_cfg["train_split"], data_cfg["val_split"], data_cfg["val_layout"])
     elif source == "parquet":
         by_split = _load_parquet(path, list(splits.values()))
     elif source == "shapes":
@@ -94,12 +96,6 @@ def _load_hub(path: str, wanted: list[str]):
             huggingface_hub.errors.HfHubHTTPError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
-
-
-def _load_imagefolder(path: str):
-    if not path or not Path(path).is_dir():
-        raise ValueError(f"data.path {path!r} does not exist (imagefolder needs a directory with train/ and val/)")
-    return datasets.load_dataset("imagefolder", data_dir=path)
 
 
 def _load_parquet(path: str, wanted: list[str]) -> dict[str, ParquetRows]:
