@@ -70,7 +70,7 @@ def load_folder_splits(root: str, label_split: str, val_split: str, val_layout: 
         raise InputError(f"data.val_layout must be one of {' | '.join(VAL_LAYOUTS)}, got {val_layout!r}")
     root = os.path.abspath(root)
     folders = {split: split_folder(root, split) for split in (label_split, val_split)}
-    if any(_has_metadata_file(path) for path in (root, *filter(None, folders.values()))):
+    if any(_has_metadata_file(os.path.join(root, folder)) for folder in ("", *filter(None, folders.values()))):
         return datasets.load_dataset("imagefolder", data_dir=root)
     for split, folder in folders.items():
         if folder is None:
