@@ -234,3 +234,43 @@ def test_two_processes_scan_once(tmp_path, sources, hf_cache):
     scans = [line for output in outputs for line in output.splitlines() if " scanned " in line]
     assert len(scans) == 2 and all(line.startswith("rank 0 scanned ") for line in scans), outputs  # train, val
     assert all(f"rows {3 * 40} {3 * 5}" in output for output in outputs), outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_layout", ["class_folders", "ilsvrc_csv"])
+def test_eval_weights_on_a_folder_val_set_scores_in_imagenet_order(tmp_path, sources, val_layout):
+    """eval.py --weights on a folder validation set: a 1000-class checkpoint whose classifier always
+    answers the class at ``favoured``'s index in ImageNetInfo's order is right exactly on that class's images."""
+    import timm
+    import torch
+
+    from trainer_utils import REPO, subprocess_env, write_tiny_recipe
+
+    synsets = list(ImageNetInfo().label_names())
+    favoured = synsets[617]
+    model = timm.create_model("deit3_small_patch16_224", img_size=32, num_classes=1000, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[synsets.index(favoured)] = 1.0
+    torch.save(model.state_dict(), tmp_path / "head_617.pth")
+    tree, rows = tmp_path / "imagenet", {}
+    for k, synset in enumerate(synsets):
+        link(sources[k % 3], tree / "train" / synset / f"{synset}_0.JPEG")
+        for copy in range(3 if synset == favoured else 1):
+            image_id = f"ILSVRC2012_val_{len(rows) + 1:08d}"
+            rows[image_id] = f"{synset} 0 0 4 4"
+            if val_layout == "class_folders":
+                link(sources[k % 3], tree / "val" / synset / f"{image_id}.JPEG")
+    if val_layout == "ilsvrc_csv":
+        flat_val(tree, sources, rows)
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "runs")
+    unspecialized = [f"model.specialize.{c}=0.0" for c in ("norm", "layerscale", "qkv")]
+    subprocess.run([sys.executable, str(REPO / "eval.py"), "--weights", str(tmp_path / "head_617.pth"),
+                    "--arch", "deit3_small_patch16_224", "--config", str(recipe), "--out", str(tmp_path / "out"),
+                    "--tasks", "cls", "data.source=imagefolder", f"data.path={tree}", f"data.val_layout={val_layout}",
+                    *unspecialized], cwd=REPO, env=subprocess_env(tmp_path / "hf_cache"), check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["cls.images"] == 1002 and result["cls.top1"] == pytest.approx(100 * 3 / 1002)
