@@ -27,7 +27,9 @@ The listing is kept as an index in the ``datasets`` cache: one Arrow file per sp
 absolute root, and memory-mapped as the dataset itself. It records the modification time of every
 folder it listed (taken before listing it; adding, removing or renaming a file changes its folder's
 time), so a launch stats those folders and serves the index only when none changed, else scans
-again. The index is written to a temporary file and renamed: a killed scan leaves no half index.
+again. A folder modified less than :data:`SETTLE_NS` before the scan is recorded as changed (the
+next launch lists it again): a file system's clock ticks coarsely, and a second change within the
+same tick would leave the time as it was. The index is written to a temporary file and renamed: a killed scan leaves no half index.
 Under ``accelerator.main_process_first()`` the main process scans and the others read its index.
 """
 
@@ -56,6 +58,7 @@ from clsvit.errors import InputError
 VAL_LAYOUTS = ("class_folders", "ilsvrc_csv")
 SOLUTION_CSV = "LOC_val_solution.csv"
 INDEX_FORMAT = 1  # bump when the index's content or keying changes
+SETTLE_NS = 2_000_000_000  # a modification time this recent may not yet show every change (NFS: 1 s ticks)
 _METADATA_KEY = b"clsvit_imagefolder"
 
 logger = logging.getLogger(__name__)
@@ -178,7 +181,7 @@ def _listing(folder: str, mtimes: list, root: str) -> tuple[list[str], list[str]
     are folders); the folder's modification time is recorded before it is listed, so a change during
     the scan makes the index stale."""
     try:
-        mtimes.append((os.path.relpath(folder, root), os.stat(folder).st_mtime_ns))
+        _record_mtime(mtimes, folder, root)
         folders, files = [], []
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -190,6 +193,13 @@ def _listing(folder: str, mtimes: list, root: str) -> tuple[list[str], list[str]
     except OSError as error:
         raise InputError(f"cannot list {folder!r} ({type(error).__name__}: {error.strerror or error})") from error
     return folders, files
+
+
+def _record_mtime(mtimes: list, path: str, root: str):
+    """Append (``path`` relative to ``root``, its modification time), or -1 (never current) when the
+    time is too recent to be trusted."""
+    mtime = os.stat(path).st_mtime_ns
+    mtimes.append((os.path.relpath(path, root), mtime if time.time_ns() - mtime >= SETTLE_NS else -1))
 
 
 def _walk(top: str, mtimes: list, root: str) -> list[tuple[str, list[str]]]:
@@ -250,7 +260,7 @@ def scan_flat_val(root: str, folder: str, classes: list[str]):
         found = (f"{top!r} holds {len(class_folders)} class folders: set data.val_layout=class_folders"
                  if class_folders and not images else f"{SOLUTION_CSV} not found" if images else f"{top!r} holds no images")
         raise InputError(f"{expected}; {found}")
-    mtimes.append((os.path.relpath(csv_path, root), os.stat(csv_path).st_mtime_ns))
+    _record_mtime(mtimes, csv_path, root)
     solution = _read_solution(csv_path)
     unlabelled = [name for name in images if os.path.splitext(name)[0] not in solution]
     if unlabelled:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -51,6 +52,13 @@ def samples(dataset) -> list[tuple[str, int]]:
     """(path, label) rows of a split, as torchvision's ``ImageFolder.samples``."""
     rows = dataset.cast_column("image", datasets.Image(decode=False))
     return [(row["image"]["path"], row["label"]) for row in rows]
+
+
+def settle(root: Path):
+    """Date every folder of the tree an hour back, as a tree that is not being written to."""
+    past = time.time() - 3600
+    for folder, _, _ in os.walk(root):
+        os.utime(folder, (past, past))
 
 
 def class_tree(root: Path, sources, classes, per_class: int, split: str = "train"):
@@ -161,11 +169,14 @@ def test_validation_classes_must_be_the_training_classes(tmp_path, sources):
 def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf_cache):
     root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
     class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
     load = lambda: load_folder_splits(str(root), "train", "validation", "class_folders")  # noqa: E731
     first = samples(load()["train"])
     indexes = sorted((hf_cache / "clsvit_imagefolder").iterdir())
     assert [path.suffix for path in indexes] == [".arrow", ".arrow"]  # one per split, no temporary left
+    written = [path.stat().st_mtime_ns for path in indexes]
     assert samples(load()["train"]) == first
+    assert [path.stat().st_mtime_ns for path in indexes] == written  # served from the index, not scanned
     link(sources[0], root / "train" / "b" / "sub" / "new.jpg")  # a file added to a nested folder
     listed = samples(load()["train"])
     assert listed == ImageFolder(str(root / "train")).samples and set(listed) - set(first) == {
@@ -176,6 +187,22 @@ def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf
         link(sources[0], root / split / "c" / "c.png")
     train = load()["train"]
     assert train.features["label"].names == ["a", "b", "c"] and samples(train) == ImageFolder(str(root / "train")).samples
+
+
+def test_a_folder_modified_just_before_the_scan_is_listed_again(tmp_path, sources, hf_cache):
+    """A change within the file system's clock tick after the scan would not change the folder's
+    time: a recently modified folder is never taken as current."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
+    now = time.time()
+    os.utime(root / "train" / "b", (now, now))
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    train_index, val_index = sorted((hf_cache / "clsvit_imagefolder").iterdir(), key=lambda p: "-val-" in p.name)
+    written = train_index.stat().st_mtime_ns, val_index.stat().st_mtime_ns
+    time.sleep(0.01)
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert train_index.stat().st_mtime_ns > written[0] and val_index.stat().st_mtime_ns == written[1]
 
 
 def test_labels_follow_imagenet_1k_order(tmp_path, sources):
@@ -221,6 +248,7 @@ print("rank", state.process_index, "rows", len(splits["train"]), len(splits["val
 def test_two_processes_scan_once(tmp_path, sources, hf_cache):
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
     class_tree(root, sources, ["a", "b", "c"], per_class=5, split="val")
+    settle(root)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
