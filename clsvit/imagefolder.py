@@ -227,8 +227,9 @@ def scan_class_folders(root: str, folder: str, classes: list[str] | None = None)
                          f"{folder}/n01440764/*.JPEG)")
     if classes is not None and sorted(class_folders) != classes:
         missing, extra = sorted(set(classes) - set(class_folders)), sorted(set(class_folders) - set(classes))
-        raise InputError(f"the class folders of {top!r} differ from the training split's: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(extra)} not in training (e.g. {extra[:3]})")
+        differences = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                       for names, what in ((missing, "missing"), (extra, "not in training")) if names]
+        raise InputError(f"the class folders of {top!r} differ from the training split's: {'; '.join(differences)}")
     classes = sorted(class_folders)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
