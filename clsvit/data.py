@@ -71,7 +71,8 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     if source == "hub":
         by_split = _load_hub(path, list(splits.values()))
     elif source == "imagefolder":
-        by_split = load_folder_splits(path, data_cfg["train_split"], data_cfg["val_split"], data_cfg["val_layout"])
+        by_split = load_folder_splits(path, data_cfg["train_split"], data_cfg["val_split"], data_cfg["val_layout"],
+                                      section)
     elif source == "parquet":
         by_split = _load_parquet(path, list(splits.values()))
     elif source == "shapes":

@@ -64,20 +64,22 @@ _METADATA_KEY = b"clsvit_imagefolder"
 logger = logging.getLogger(__name__)
 
 
-def load_folder_splits(root: str, label_split: str, val_split: str, val_layout: str) -> dict[str, datasets.Dataset]:
+def load_folder_splits(root: str, label_split: str, val_split: str, val_layout: str,
+                       section: str = "data") -> dict[str, datasets.Dataset]:
     """``{split: Dataset}`` of ``label_split`` (class folders, whose names are the labels) and
-    ``val_split`` (in ``val_layout``), from the index when the tree has not changed."""
+    ``val_split`` (in ``val_layout``), from the index when the tree has not changed. ``section``
+    names the recipe section in error messages."""
     if not root or not Path(root).is_dir():
-        raise InputError(f"data.path {root!r} does not exist (imagefolder needs a directory with train/ and val/)")
+        raise InputError(f"{section}.path {root!r} does not exist (imagefolder needs a directory with train/ and val/)")
     if val_layout not in VAL_LAYOUTS:
-        raise InputError(f"data.val_layout must be one of {' | '.join(VAL_LAYOUTS)}, got {val_layout!r}")
+        raise InputError(f"{section}.val_layout must be one of {' | '.join(VAL_LAYOUTS)}, got {val_layout!r}")
     root = os.path.abspath(root)
     folders = {split: split_folder(root, split) for split in (label_split, val_split)}
     if any(_has_metadata_file(os.path.join(root, folder)) for folder in ("", *filter(None, folders.values()))):
         return datasets.load_dataset("imagefolder", data_dir=root)
     for split, folder in folders.items():
         if folder is None:
-            key = "data.train_split" if split == label_split else "data.val_split"
+            key = f"{section}.train_split" if split == label_split else f"{section}.val_split"
             raise InputError(f"{key} {split!r} not found in {root!r}; available splits: "
                              f"{', '.join(available_splits(root)) or 'none'}")
     train = _indexed_split(root, folders[label_split], "class_folders", classes=None)
