@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 
@@ -159,16 +159,17 @@ def _write_index(index: Path, paths: list[str], labels: list[int], classes: list
     schema = schema.with_metadata({**schema.metadata, _METADATA_KEY: json.dumps({"mtimes": mtimes}).encode()})
     table = pa.Table.from_arrays([image, pa.array(labels, pa.int64())], schema=schema)
     index.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=index.parent, prefix=f".{index.name}.", delete=False) as file:
-        try:
+    temporary = index.with_name(f".{index.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(temporary, "xb") as file:  # the umask's permissions, as the rest of the datasets cache
             with pa.ipc.new_stream(file, schema) as writer:
                 writer.write_table(table, max_chunksize=100_000)
             file.flush()
             os.fsync(file.fileno())
-        except BaseException:
-            os.unlink(file.name)
-            raise
-    os.replace(file.name, index)
+        os.replace(temporary, index)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- the scans

@@ -180,6 +180,9 @@ def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf
     first = samples(load()["train"])
     indexes = sorted((hf_cache / "clsvit_imagefolder").iterdir())
     assert [path.suffix for path in indexes] == [".arrow", ".arrow"]  # one per split, no temporary left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert [path.stat().st_mode & 0o777 for path in indexes] == [0o666 & ~umask] * 2  # readable as the cache is
     written = [path.stat().st_mtime_ns for path in indexes]
     assert samples(load()["train"]) == first
     assert [path.stat().st_mtime_ns for path in indexes] == written  # served from the index, not scanned
