@@ -238,10 +238,10 @@ def scan_class_folders(root: str, folder: str, classes: list[str] | None = None)
     for label, name in enumerate(classes):
         count = len(paths)
         for directory, files in _walk(os.path.join(top, name), mtimes, root):
-            for file in sorted(files):
-                if is_image_file(file):
-                    paths.append(os.path.join(directory, file))
-                    labels.append(label)
+            prefix = directory + os.sep  # os.path.join(directory, file), without its per-call checks
+            images = [prefix + file for file in sorted(files) if is_image_file(file)]
+            paths += images
+            labels += [label] * len(images)
         if len(paths) == count:
             empty.append(name)
     if empty:
