@@ -24,7 +24,8 @@ one more step); then ``eval.py --run`` (``--tasks cls eval.max_batches=1``) from
 after one batch. Peak memory is the largest VmHWM (peak RSS) among the launch's training processes
 (its DataLoader workers apart); cache bytes are what HF_HOME holds after both launches.
 
-In this process, at full size: the TrainSampler's per-epoch index (repeated augmentation 3 on rank 0
+In this process, at full size: the parquet shards' footers (all a parquet launch reads before its
+first batch), the TrainSampler's per-epoch index (repeated augmentation 3 on rank 0
 of 8, and one process), the set-up of a validation pass (the eval dataset and loader to the first
 batch), the save time and size of a ViT-L/16 checkpoint with its full training state (LAMB, through
 clsvit.checkpoint.save_checkpoint), resume discovery among 1,000 checkpoints, and, at real bytes
@@ -268,6 +269,13 @@ def sampler_index(train_rows: int) -> dict:
     return out
 
 
+def parquet_footers(parquet: Path) -> float:
+    """ParquetRows over every shard of both splits: what a parquet launch reads before its first batch."""
+    from clsvit.parquet import ParquetRows
+    return timed(lambda: [ParquetRows(sorted((parquet / "data").glob(f"{split}-*.parquet")))
+                          for split in ("train", "validation")])[0]
+
+
 def validation_setup(source: str, data_path: str) -> float:
     """From the split in hand to the eval loader's first batch (2 workers)."""
     from clsvit.config import load_config
@@ -415,6 +423,8 @@ def main(argv=None) -> None:
                     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if "sampler" not in args.skip:
         report["sampler_s"] = sampler_index(train_rows)
+    if "parquet" in args.sources or "hub" in args.sources:
+        report["parquet_footers_s"] = parquet_footers(paths["parquet"])
     if "validation" not in args.skip:
         os.environ.update(HF_HOME=str(root / "hf_home" / "validation"), HF_HUB_CACHE=str(hub_cache),
                           HF_HUB_OFFLINE="1")
@@ -448,6 +458,9 @@ def print_table(report: dict, scale: float, small_bytes: float) -> None:
     lines = []
     if "sampler_s" in report:
         lines += [f"TrainSampler epoch index, {k}: {v:.2f} s" for k, v in report["sampler_s"].items()]
+    if "parquet_footers_s" in report:
+        lines.append(f"reading the footers of all {sum(report['config']['shards'].values())} parquet shards: "
+                     f"{report['parquet_footers_s']:.2f} s")
     if "validation_setup_s" in report:
         lines += [f"validation pass set-up to the first batch, {k}: {v:.2f} s"
                   for k, v in report["validation_setup_s"].items()]
@@ -470,10 +483,15 @@ def print_table(report: dict, scale: float, small_bytes: float) -> None:
         print(f"- {line}")
     if "launches" in report:
         ratio = IMAGENET_MEAN_JPEG / small_bytes
-        print(f"\nAt ImageNet's bytes ({IMAGENET_MEAN_JPEG / 1e3:.0f} KB per image, {ratio:.0f}x these): the launch "
-              f"times above do not grow (no launch reads an image before its first batch; the folder scan and the "
-              f"parquet footers do not depend on file sizes); cache bytes grow by {ratio:.0f}x only where they hold "
-              f"images.")
+        note = (f"\nAt ImageNet's bytes ({IMAGENET_MEAN_JPEG / 1e3:.0f} KB per image, {ratio:.0f}x these): nothing a "
+                f"launch does before its first batch reads an image (the folder scan and the parquet footers do not "
+                f"depend on file sizes), and cache bytes grow {ratio:.0f}x only where they hold images. The first "
+                f"batch itself reads its images")
+        if "real_bytes" in report:
+            note += (f"; from parquet each random row reads its row group: {report['real_bytes']['random_ms']:.1f} ms "
+                     f"per image above, {128 * report['real_bytes']['random_ms'] / 1e3:.1f} s for a 128-image batch "
+                     f"on one worker")
+        print(note + ".")
 
 
 if __name__ == "__main__":
