@@ -1,8 +1,8 @@
 """Data: one way in for every dataset (through HF ``datasets``), transforms, samplers, loaders.
 
 - :func:`load_splits` turns the recipe's ``data`` section into (train, val, num_classes), whatever
-  the source: a hub id, an imagefolder (:mod:`clsvit.imagefolder`), parquet shards, or the embedded
-  shapes dataset.
+  the source: a hub id, an imagefolder (:mod:`clsvit.imagefolder`), parquet shards (read in place:
+  :mod:`clsvit.parquet`), or the embedded shapes dataset.
 - :func:`build_train_transform` / :func:`build_eval_transform` are timm's ``create_transform`` with
   the DeiT-III settings from the recipe (3-Augment or RandAugment, bicubic, crop ratio 1.0).
 - :class:`ImageClassDataset` decodes lazily and applies the transform with per-sample seeds, and
@@ -53,8 +53,10 @@ SOURCES = ("hub", "imagefolder", "parquet", "shapes")
 def load_splits(data_cfg: dict):
     """(train, val, num_classes) for the recipe's ``data`` section; never downloads unless ``hub``.
 
-    Datasets come back as HF ``datasets.Dataset`` with all their columns (the dense probes use
-    ``mask``/``depth``); :class:`ImageClassDataset` picks the image and label columns.
+    Datasets come back with all their columns (the dense probes use ``mask``/``depth``) as HF
+    ``datasets.Dataset``, or for parquet shards (``parquet``, ``hub``, ``shapes``) as
+    :class:`clsvit.parquet.ParquetRows`, read in place with the same interface;
+    :class:`ImageClassDataset` picks the image and label columns.
     """
     train, val = load_raw_splits(data_cfg)
     for split_name, dataset in ((data_cfg["train_split"], train), (data_cfg["val_split"], val)):
