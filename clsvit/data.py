@@ -85,13 +85,13 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
 
 
 def _load_hub(path: str, wanted: list[str]):
-    """A hub dataset's parquet shards, downloaded once into the hub cache and read in place (a local
-    directory is read in place as it is); a hub dataset without parquet files through
-    ``datasets.load_dataset``."""
+    """A hub dataset's parquet shards of the ``wanted`` splits, downloaded once into the hub cache and
+    read in place (a local directory is read in place as it is); a hub dataset without parquet files
+    through ``datasets.load_dataset``."""
     try:
         local = bool(path) and Path(path).is_dir()
         files = path if local else huggingface_hub.snapshot_download(path, repo_type="dataset",
-                                                                     allow_patterns=["*.parquet"])
+                                                                     allow_patterns=split_patterns(wanted))
         if any(Path(files).rglob("*.parquet")):
             return _load_parquet(files, wanted)
         return datasets.load_dataset(path)
@@ -99,6 +99,13 @@ def _load_hub(path: str, wanted: list[str]):
             huggingface_hub.errors.HfHubHTTPError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
+
+
+def split_patterns(splits: list[str]) -> list[str]:
+    """Repository paths of the parquet shards of ``splits``, in the layouts :func:`_load_parquet`
+    reads (``[dir/]s-*.parquet``, ``[dir/]s/*.parquet``): a hub download fetches those splits only."""
+    return [pattern for split in splits for pattern in
+            (f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet")]
 
 
 def _load_parquet(path: str, wanted: list[str]) -> dict[str, ParquetRows]:

@@ -140,3 +140,14 @@ def test_bad_shards_are_one_line_errors_naming_the_file(tmp_path):
     broken.write_bytes(b"not parquet")
     with pytest.raises(InputError, match="train-00000-of-00001.parquet is not a readable parquet file"):
         ParquetRows([str(broken)])
+
+
+def test_a_hub_download_fetches_the_wanted_splits_only():
+    """The patterns go to snapshot_download, which filters the repository's files with this function."""
+    from huggingface_hub.utils import filter_repo_objects
+    repository = ["README.md", "data/train-00000-of-00294.parquet", "data/validation-00013-of-00014.parquet",
+                  "data/test-00000-of-00028.parquet", "data/pretrain-00000-of-00001.parquet",
+                  "train/part-0.parquet", "other/validation/part-1.parquet", "classes.py"]
+    assert list(filter_repo_objects(repository, allow_patterns=D.split_patterns(["train", "validation"]))) == [
+        "data/train-00000-of-00294.parquet", "data/validation-00013-of-00014.parquet", "train/part-0.parquet",
+        "other/validation/part-1.parquet"]
