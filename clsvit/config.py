@@ -43,6 +43,7 @@ NULLABLE_TYPES = {
 
 CHOICES = {
     "data.source": ("hub", "imagefolder", "parquet", "shapes"),
+    "data.val_layout": ("class_folders", "ilsvrc_csv"),
     "data.augment_on": ("cpu", "device"),
     "data.decode_on": ("cpu", "device"),
     "optim.name": ("lamb", "adamw"),

@@ -1,7 +1,8 @@
 """Data: one way in for every dataset (through HF ``datasets``), the transforms, the sampler, the loaders.
 
 - :func:`load_splits` turns the recipe's ``data`` section into (train, val, num_classes), whatever
-  the source: a hub id, an imagefolder, parquet shards, or the embedded shapes dataset.
+  the source: a hub id, an imagefolder (:mod:`clsvit.imagefolder`), parquet shards (read in place:
+  :mod:`clsvit.parquet`), or the embedded shapes dataset.
 - :func:`build_train_transform` / :func:`build_eval_transform` are timm's ``create_transform`` with
   the DeiT-III settings from the recipe (3-Augment or RandAugment, bicubic, crop ratio 1.0).
 - :class:`clsvit.images.ImageClassDataset` decodes lazily and applies the transform with per-sample
@@ -24,6 +25,7 @@ import math
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -35,8 +37,9 @@ from torch.utils.data import DataLoader, Sampler, Subset, default_collate
 from clsvit.augment import EvalTransform, TrainAugment
 from clsvit.crops import CropDataset
 from clsvit.errors import InputError
+from clsvit.imagefolder import load_folder_splits
 from clsvit.images import ImageClassDataset
-from clsvit.images import decode_image, sample_name, to_rgb  # noqa: F401 — read from here by clsvit.dense.datasets
+from clsvit.parquet import ParquetRows
 from clsvit.shapes import ensure_shapes_dataset
 
 SOURCES = ("hub", "imagefolder", "parquet", "shapes")
@@ -47,8 +50,10 @@ SOURCES = ("hub", "imagefolder", "parquet", "shapes")
 def load_splits(data_cfg: dict):
     """(train, val, num_classes) for the recipe's ``data`` section; never downloads unless ``hub``.
 
-    Datasets come back as HF ``datasets.Dataset`` with all their columns (the dense probes use
-    ``mask``/``depth``); :class:`ImageClassDataset` picks the image and label columns.
+    Datasets come back with all their columns (the dense probes use ``mask``/``depth``) as HF
+    ``datasets.Dataset``, or for parquet shards (``parquet``, ``hub``, ``shapes``) as
+    :class:`clsvit.parquet.ParquetRows`, read in place with the same interface;
+    :class:`ImageClassDataset` picks the image and label columns.
     """
     train, val = load_raw_splits(data_cfg)
     for split_name, dataset in ((data_cfg["train_split"], train), (data_cfg["val_split"], val)):
@@ -63,9 +68,10 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     source, path = data_cfg["source"], data_cfg.get("path")
     splits = {f"{section}.train_split": data_cfg["train_split"], f"{section}.val_split": data_cfg["val_split"]}
     if source == "hub":
-        by_split = _load_hub(path)
+        by_split = _load_hub(path, list(splits.values()))
     elif source == "imagefolder":
-        by_split = _load_imagefolder(path)
+        by_split = load_folder_splits(path, data_cfg["train_split"], data_cfg["val_split"], data_cfg["val_layout"],
+                                      section)
     elif source == "parquet":
         by_split = _load_parquet(path, list(splits.values()))
     elif source == "shapes":
@@ -75,22 +81,33 @@ def load_raw_splits(data_cfg: dict, section: str = "data"):
     return tuple(_pick_split(by_split, key, name, path) for key, name in splits.items())
 
 
-def _load_hub(path: str):
+def _load_hub(path: str, wanted: list[str]):
+    """A hub dataset's parquet shards of the ``wanted`` splits, downloaded once into the hub cache and
+    read in place (a local directory is read in place as it is); a hub dataset without parquet files
+    through ``datasets.load_dataset``."""
     try:
+        local = bool(path) and Path(path).is_dir()
+        files = path if local else huggingface_hub.snapshot_download(path, repo_type="dataset",
+                                                                     allow_patterns=split_patterns(wanted))
+        if any(Path(files).rglob("*.parquet")):
+            return _load_parquet(files, wanted)
         return datasets.load_dataset(path)
-    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
+            huggingface_hub.errors.HfHubHTTPError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
 
 
-def _load_imagefolder(path: str):
-    if not path or not Path(path).is_dir():
-        raise InputError(f"data.path {path!r} does not exist (imagefolder needs a directory with train/ and val/)")
-    return datasets.load_dataset("imagefolder", data_dir=path)
+def split_patterns(splits: list[str]) -> list[str]:
+    """Repository paths of the parquet shards of ``splits``, in the layouts :func:`_load_parquet`
+    reads (``[dir/]s-*.parquet``, ``[dir/]s/*.parquet``): a hub download fetches those splits only."""
+    return [pattern for split in splits for pattern in
+            (f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet")]
 
 
-def _load_parquet(path: str, wanted: list[str]):
-    """Parquet shards from a directory or a glob; a file belongs to split ``s`` when it is named
+def _load_parquet(path: str, wanted: list[str]) -> dict[str, ParquetRows]:
+    """Parquet shards from a directory or a glob, read in place (:class:`clsvit.parquet.ParquetRows`:
+    no Arrow copy in the datasets cache); a file belongs to split ``s`` when it is named
     ``s-*.parquet`` or lies in a folder named ``s`` (the hub's and the usual local layouts)."""
     root, files = _parquet_files(path)
     by_split = {}
@@ -102,8 +119,8 @@ def _load_parquet(path: str, wanted: list[str]):
                                | {f.parent.name for f in files if f.parent != root})
             raise InputError(f"split {split!r} not found in parquet data.path {path!r}; "
                              f"available splits: {', '.join(available) or 'none'}")
-        by_split[split] = [str(f) for f in matching]
-    return datasets.load_dataset("parquet", data_files=by_split)
+        by_split[split] = ParquetRows([str(f) for f in matching])
+    return by_split
 
 
 def _parquet_files(path: str):
@@ -144,7 +161,8 @@ def _num_classes(train, val, label_column: str) -> int:
     feature = train.features[label_column]
     if isinstance(feature, ClassLabel):
         return feature.num_classes
-    return 1 + max(pc.max(d.data.column(label_column)).as_py() for d in (train, val))
+    return 1 + max(pc.max(d.column(label_column) if isinstance(d, ParquetRows) else d.data.column(label_column)
+                          ).as_py() for d in (train, val))
 
 
 # ---------------------------------------------------------------- transforms

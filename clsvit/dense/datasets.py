@@ -20,9 +20,10 @@ import numpy as np
 from datasets import Image as ImageFeature
 from torch.utils.data import Dataset
 
-from clsvit.data import decode_image, load_raw_splits, sample_name, to_rgb
+from clsvit.data import load_raw_splits
 from clsvit.dense.transforms import IGNORE_INDEX
 from clsvit.errors import InputError
+from clsvit.images import decode_image, sample_name, to_rgb
 
 LAYOUTS = {
     "ade20k": "ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png (split: training | validation)",

@@ -1,0 +1,313 @@
+"""Tests for clsvit.imagefolder: folder datasets listed as torchvision's ImageFolder lists them,
+indexed once per tree, in ImageNet-1k's class order, in both validation layouts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import datasets.config
+import numpy as np
+import pytest
+from PIL import Image
+from timm.data import ImageNetInfo
+from torchvision.datasets import ImageFolder
+
+from clsvit.errors import InputError
+from clsvit.imagefolder import load_folder_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """Every test indexes into its own empty datasets cache."""
+    cache = tmp_path / "hf_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A few small JPEG and PNG files that trees hard-link."""
+    folder = tmp_path_factory.mktemp("sources")
+    files = []
+    for k in range(4):
+        pixels = np.random.default_rng(k).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        files.append(folder / f"{k}.{'png' if k == 3 else 'jpg'}")
+        Image.fromarray(pixels).save(files[-1])
+    return files
+
+
+def link(source: Path, target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.link(source, target)
+
+
+def samples(dataset) -> list[tuple[str, int]]:
+    """(path, label) rows of a split, as torchvision's ``ImageFolder.samples``."""
+    rows = dataset.cast_column("image", datasets.Image(decode=False))
+    return [(row["image"]["path"], row["label"]) for row in rows]
+
+
+def settle(root: Path):
+    """Date every folder of the tree an hour back, as a tree that is not being written to."""
+    past = time.time() - 3600
+    for folder, _, _ in os.walk(root):
+        os.utime(folder, (past, past))
+
+
+def class_tree(root: Path, sources, classes, per_class: int, split: str = "train"):
+    """``root/split/<class>/`` with ``per_class`` hard-linked images each, in torchvision's extensions
+    spelled in several cases, a nested folder, and files that are not images."""
+    extensions = [".JPEG", ".jpg", ".Png", ".jpeg", ".webp"]
+    for c, name in enumerate(classes):
+        folder = root / split / name
+        for k in range(per_class):
+            nested = "sub/" if k % 7 == 3 else "sub-2/" if k % 11 == 5 else ""
+            link(sources[k % 3], folder / f"{nested}{name}_{k}{extensions[(c + k) % len(extensions)]}")
+        (folder / "README.txt").write_text("not an image")
+        (folder / "labels.json").write_text("{}")
+    (root / split / "LICENSE").write_text("a stray file next to the class folders")
+    return root
+
+
+def test_listing_equals_torchvision_imagefolder(tmp_path, sources):
+    classes = [f"n{9000 - 37 * c:08d}" for c in range(12)] + ["zebra", "Aardvark", "n0-dash"]
+    root = class_tree(tmp_path / "tree", sources, classes, per_class=200)
+    class_tree(root, sources, classes, per_class=20, split="val")
+    (root / "val" / "zebra" / "x.TIFF").write_bytes(b"")  # an image extension: listed, even if it cannot decode
+    (root / "train" / "n00009000" / "linked").symlink_to(root / "train" / "zebra")  # folders behind symlinks are
+    for split in ("train", "val"):                                                     # walked (followlinks=True)
+        (root / split / "linked_class").symlink_to(root / split / "Aardvark")
+    (root / "train" / "zebra" / "dangling.jpg").symlink_to(root / "nowhere.jpg")     # a file by its name
+    splits = load_folder_splits(str(root), "train", "validation", "class_folders")
+    for split, folder in (("train", "train"), ("validation", "val")):
+        reference = ImageFolder(str(root / folder))
+        assert len(reference.samples) == len(splits[split]) > 0
+        assert samples(splits[split]) == reference.samples
+        assert splits[split].features["label"].names == reference.classes
+    # 15 classes of 200; zebra's dangling link; the linked class; zebra's 201 again behind n00009000/linked
+    assert len(splits["train"]) == 15 * 200 + 1 + 200 + 201
+    assert any("/sub/" in path for path, _ in samples(splits["train"]))
+
+
+def test_images_decode_lazily_from_their_paths(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    first = ImageFolder(str(root / "train"))[0][0]
+    assert np.array_equal(np.asarray(train[0]["image"].convert("RGB")), np.asarray(first))
+
+
+def flat_val(root: Path, sources, rows: dict[str, str], csv_in: str = "") -> Path:
+    """A flat ``val/`` of ``ILSVRC2012_val_XXXXXXXX.JPEG`` and ILSVRC's ``LOC_val_solution.csv``
+    (rows: image id -> PredictionString) in ``root`` or in ``root/csv_in``."""
+    for k, image_id in enumerate(rows):
+        link(sources[k % 3], root / "val" / f"{image_id}.JPEG")
+    lines = ["ImageId,PredictionString"] + [f"{image_id},{value}" for image_id, value in rows.items()]
+    (root / csv_in / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("csv_in", ["", "val"])
+def test_flat_validation_labelled_by_loc_val_solution(tmp_path, sources, csv_in):
+    classes = ["n01440764", "n01443537", "n01484850"]
+    root = class_tree(tmp_path / "tree", sources, classes, per_class=2)
+    rows = {"ILSVRC2012_val_00000003": "n01484850 10 20 30 40 n01440764 1 2 3 4",  # first synset labels
+            "ILSVRC2012_val_00000001": "n01443537 0 0 5 5",
+            "ILSVRC2012_val_00000002": "n01440764 1 1 2 2 n01440764 3 3 4 4"}
+    flat_val(root, sources, rows, csv_in)
+    (root / "val" / "notes.txt").write_text("not an image")
+    val = load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")["validation"]
+    assert samples(val) == [(str(root / "val" / f"ILSVRC2012_val_0000000{k}.JPEG"), label)
+                            for k, label in ((1, 1), (2, 0), (3, 2))]
+    assert val.features["label"].names == classes
+
+
+def test_flat_validation_errors_name_what_was_expected(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["n01440764", "n01443537"], per_class=2)
+    flat_val(root, sources, {"ILSVRC2012_val_00000001": "n01440764 0 0 5 5"})
+    with pytest.raises(InputError, match="holds no class folders but 1 image files: a flat validation folder "
+                                         "needs data.val_layout=ilsvrc_csv"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    link(sources[0], root / "val" / "ILSVRC2012_val_00000002.JPEG")
+    with pytest.raises(InputError, match="1 images of .* have no row in .*LOC_val_solution.csv.*_00000002.JPEG"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n09999999 1 1 2 2\n"
+                                               "ILSVRC2012_val_00000002,n01440764 1 1 2 2\n")
+    with pytest.raises(InputError, match="labelled 'n09999999', not a class folder of the training split"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    (root / "LOC_val_solution.csv").unlink()
+    with pytest.raises(InputError, match="ilsvrc_csv expects val/ILSVRC2012_val_XXXXXXXX.JPEG and "
+                                         "LOC_val_solution.csv .*; LOC_val_solution.csv not found"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    class_tree(tmp_path / "classes", sources, ["n01440764", "n01443537"], per_class=1, split="val")
+    class_tree(tmp_path / "classes", sources, ["n01440764", "n01443537"], per_class=1)
+    with pytest.raises(InputError, match="holds 2 class folders: set data.val_layout=class_folders") as error:
+        load_folder_splits(str(tmp_path / "classes"), "train", "validation", "ilsvrc_csv")
+    assert "\n" not in str(error.value)
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "notes.txt").write_text("no image here")
+    with pytest.raises(InputError, match=r"class folder\(s\) without an image in .*train': c \(image extensions"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes c"):  # torchvision's default
+        ImageFolder(str(root / "train"))
+
+
+def test_validation_classes_must_be_the_training_classes(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=2)
+    class_tree(root, sources, ["a", "c", "d"], per_class=1, split="val")
+    with pytest.raises(InputError, match=r"differ from the training split's: 1 missing \(e.g. b\); "
+                                         r"1 not in training \(e.g. d\)$"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+
+
+def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf_cache):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
+    load = lambda: load_folder_splits(str(root), "train", "validation", "class_folders")  # noqa: E731
+    first = samples(load()["train"])
+    indexes = sorted((hf_cache / "clsvit_imagefolder").iterdir())
+    assert [path.suffix for path in indexes] == [".arrow", ".arrow"]  # one per split, no temporary left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert [path.stat().st_mode & 0o777 for path in indexes] == [0o666 & ~umask] * 2  # readable as the cache is
+    written = [path.stat().st_mtime_ns for path in indexes]
+    assert samples(load()["train"]) == first
+    assert [path.stat().st_mtime_ns for path in indexes] == written  # served from the index, not scanned
+    link(sources[0], root / "train" / "b" / "sub" / "new.jpg")  # a file added to a nested folder
+    listed = samples(load()["train"])
+    assert listed == ImageFolder(str(root / "train")).samples and set(listed) - set(first) == {
+        (str(root / "train" / "b" / "sub" / "new.jpg"), 1)}
+    (root / "train" / "a" / "a_0.JPEG").unlink()  # a file removed
+    assert samples(load()["train"]) == ImageFolder(str(root / "train")).samples
+    for split in ("train", "val"):  # a class added
+        link(sources[0], root / split / "c" / "c.png")
+    train = load()["train"]
+    assert train.features["label"].names == ["a", "b", "c"] and samples(train) == ImageFolder(str(root / "train")).samples
+
+
+def test_a_folder_modified_just_before_the_scan_is_listed_again(tmp_path, sources, hf_cache):
+    """A change within the file system's clock tick after the scan would not change the folder's
+    time: a recently modified folder is never taken as current."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
+    now = time.time()
+    os.utime(root / "train" / "b", (now, now))
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    train_index, val_index = sorted((hf_cache / "clsvit_imagefolder").iterdir(), key=lambda p: "-val-" in p.name)
+    written = train_index.stat().st_mtime_ns, val_index.stat().st_mtime_ns
+    time.sleep(0.01)
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert train_index.stat().st_mtime_ns > written[0] and val_index.stat().st_mtime_ns == written[1]
+
+
+def test_labels_follow_imagenet_1k_order(tmp_path, sources):
+    """Sorted synset folders are timm's ImageNetInfo order, the order of public checkpoints' classifiers."""
+    synsets = list(ImageNetInfo().label_names())
+    assert len(synsets) == 1000
+    shuffled = [synsets[k] for k in np.random.default_rng(0).permutation(1000)]  # created in no particular order
+    for split in ("train", "val"):
+        for k, synset in enumerate(shuffled):
+            link(sources[k % 3], tmp_path / "tree" / split / synset / f"{synset}_{split}.JPEG")
+    splits = load_folder_splits(str(tmp_path / "tree"), "train", "validation", "class_folders")
+    for dataset in splits.values():
+        assert dataset.features["label"].names == synsets
+        assert [synsets[label] for label in dataset["label"]] == [Path(p).parent.name for p, _ in samples(dataset)]
+    assert ImageNetInfo().index_to_description(synsets.index("n01440764")) == "tench, Tinca tinca"
+
+
+def test_a_tree_with_a_datasets_metadata_file_goes_through_datasets(tmp_path, sources):
+    """A metadata file adds columns (e.g. a segmentation mask): datasets' imagefolder builder reads it."""
+    for split in ("train", "val"):
+        link(sources[0], tmp_path / "tree" / split / "0.jpg")
+        link(sources[3], tmp_path / "tree" / split / "0_mask.png")
+        (tmp_path / "tree" / split / "metadata.jsonl").write_text(
+            json.dumps({"file_name": "0.jpg", "mask_file_name": "0_mask.png"}) + "\n")
+    splits = load_folder_splits(str(tmp_path / "tree"), "train", "validation", "class_folders")
+    assert splits["train"].column_names == ["image", "mask"]
+
+
+SCAN_ONCE = """
+import logging, sys
+from accelerate import PartialState
+from clsvit.imagefolder import load_folder_splits
+logging.basicConfig(level=logging.INFO, format="rank %(rank)s %(message)s")
+state = PartialState(cpu=True)
+logging.getLogger().handlers[0].addFilter(lambda record: setattr(record, "rank", state.process_index) or True)
+with state.main_process_first():  # as train.py and eval.py load their data
+    splits = load_folder_splits(sys.argv[1], "train", "validation", "class_folders")
+print("rank", state.process_index, "rows", len(splits["train"]), len(splits["validation"]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_scan_once(tmp_path, sources, hf_cache):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
+    class_tree(root, sources, ["a", "b", "c"], per_class=5, split="val")
+    settle(root)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(hf_cache), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    processes = [subprocess.Popen([sys.executable, "-c", SCAN_ONCE, str(root)], cwd=ROOT, text=True,
+                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    scans = [line for output in outputs for line in output.splitlines() if " scanned " in line]
+    assert len(scans) == 2 and all(line.startswith("rank 0 scanned ") for line in scans), outputs  # train, val
+    assert all(f"rows {3 * 40} {3 * 5}" in output for output in outputs), outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_layout", ["class_folders", "ilsvrc_csv"])
+def test_eval_weights_on_a_folder_val_set_scores_in_imagenet_order(tmp_path, sources, val_layout):
+    """eval.py --weights on a folder validation set: a 1000-class checkpoint whose classifier always
+    answers the class at ``favoured``'s index in ImageNetInfo's order is right exactly on that class's images."""
+    import timm
+    import torch
+
+    from trainer_utils import REPO, subprocess_env, write_tiny_recipe
+
+    synsets = list(ImageNetInfo().label_names())
+    favoured = synsets[617]
+    model = timm.create_model("deit3_small_patch16_224", img_size=32, num_classes=1000, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[synsets.index(favoured)] = 1.0
+    torch.save(model.state_dict(), tmp_path / "head_617.pth")
+    tree, rows = tmp_path / "imagenet", {}
+    for k, synset in enumerate(synsets):
+        link(sources[k % 3], tree / "train" / synset / f"{synset}_0.JPEG")
+        for copy in range(3 if synset == favoured else 1):
+            image_id = f"ILSVRC2012_val_{len(rows) + 1:08d}"
+            rows[image_id] = f"{synset} 0 0 4 4"
+            if val_layout == "class_folders":
+                link(sources[k % 3], tree / "val" / synset / f"{image_id}.JPEG")
+    if val_layout == "ilsvrc_csv":
+        flat_val(tree, sources, rows)
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "runs")
+    unspecialized = [f"model.specialize.{c}=0.0" for c in ("norm", "layerscale", "qkv")]
+    subprocess.run([sys.executable, str(REPO / "eval.py"), "--weights", str(tmp_path / "head_617.pth"),
+                    "--arch", "deit3_small_patch16_224", "--config", str(recipe), "--out", str(tmp_path / "out"),
+                    "--tasks", "cls", "data.source=imagefolder", f"data.path={tree}", f"data.val_layout={val_layout}",
+                    *unspecialized], cwd=REPO, env=subprocess_env(tmp_path / "hf_cache"), check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["cls.images"] == 1002 and result["cls.top1"] == pytest.approx(100 * 3 / 1002)
