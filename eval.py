@@ -22,9 +22,10 @@ run's config.yaml or --config):
   analysis  [CLS]/patch cosine similarities and dimension separation per block, PCA maps (clsvit.analysis)
 
 Writes `<run or DIR>/eval.json` (flat, stable keys: cls.top1, cls.top5, seg.miou, seg.pixels, depth.rmse,
-depth.abs_rel, depth.delta1, depth.pixels, ..., <task>.protocol and <task>.settings (the resolved
-protocol settings), analysis.<statistic>.<site> = one value per block; results of earlier calls for
-other tasks are kept), TensorBoard events in the run directory (clsvit.tracking.write_eval_events:
+depth.abs_rel, depth.delta1, depth.pixels, ...; under dinov3_linear also seg.miou_best, seg.best_step,
+seg.evaluated_steps, seg.evaluated_miou: DINOv3's best of its periodic evaluations; <task>.protocol
+and <task>.settings (the resolved protocol settings), analysis.<statistic>.<site> = one value per
+block; results of earlier calls for other tasks are kept), TensorBoard events in the run directory (clsvit.tracking.write_eval_events:
 scalars cls/top1, seg/miou, depth/rmse, ... at the run's last step, analysis/<statistic>/<site> with
 the block index as the step, figures), `<run>/analysis_token_statistics.png` and
 `<run>/analysis_pca.png`, and a summary on stdout.
