@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import datasets
 import numpy as np
