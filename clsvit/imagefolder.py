@@ -51,7 +51,7 @@ from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
 from datasets.data_files import SPLIT_KEYWORDS
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from clsvit.errors import InputError
 
@@ -175,8 +175,8 @@ def _write_index(index: Path, paths: list[str], labels: list[int], classes: list
 # ---------------------------------------------------------------- the scans
 
 def is_image_file(name: str) -> bool:
-    """torchvision's ``has_file_allowed_extension`` with its ``IMG_EXTENSIONS``."""
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """Whether ImageFolder keeps the file: torchvision's own test, with its ``IMG_EXTENSIONS``."""
+    return has_file_allowed_extension(name, IMG_EXTENSIONS)
 
 
 def _listing(folder: str, mtimes: list, root: str) -> tuple[list[str], list[str]]:
