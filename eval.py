@@ -54,7 +54,7 @@ from clsvit.data import build_eval_loader, build_eval_transform, load_splits
 from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.errors import InputError
 from clsvit.evaluation import topk_accuracy
-from clsvit.images import ImageClassDataset
+from clsvit.data.images import ImageClassDataset
 from clsvit.model import build_model, describe_specialization, normalisation_note, weights_path
 from clsvit.tracking import write_eval_events
 

@@ -30,7 +30,7 @@ from clsvit.config import ConfigError, diff, flatten, load_config, save_config
 from clsvit.data import TrainSampler, build_eval_loader, build_image_dataset, build_train_loader, load_splits
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
-from clsvit.images import UndecodableImages
+from clsvit.data.images import UndecodableImages
 from clsvit.model import (baseline_model_config, build_model, check_pretrained, count_parameters,
                           normalisation_note, param_overhead_pct)
 from clsvit.runlock import hold_run_directory

@@ -7,14 +7,14 @@ each output size (``--sizes``, default 224 and 192: DeiT-III's ViT-S and ViT-B/L
 times, with one torch thread and the CPU time of this process, one DataLoader worker's work per
 image — fetch the HF row, decode, transform — for:
 
-- ``cpu``            clsvit.images.ImageClassDataset + timm's PIL transform (decode, RandomResizedCrop,
+- ``cpu``            clsvit.data.images.ImageClassDataset + timm's PIL transform (decode, RandomResizedCrop,
                      flip, 3-Augment, colour jitter 0.3, to-tensor, normalise): ``augment_on: cpu``.
-- ``device``         clsvit.crops.CropDataset: read, header, the sample's draws, the crop decoded by
+- ``device``         clsvit.data.crops.CropDataset: read, header, the sample's draws, the crop decoded by
                      simplejpeg at the smallest DCT scale 1/2^k keeping it >= the output size: the
                      worker of ``augment_on: device``.
 - ``device_pil``     the same with PIL's ``draft()`` for the DCT-scaled decode instead of simplejpeg.
 - ``device_full``    the same with every crop decoded at full size (no DCT scaling).
-- ``augment_cpu``    the device side run on this CPU: clsvit.augment.TrainAugment on batches of
+- ``augment_cpu``    the device side run on this CPU: clsvit.data.augment.TrainAugment on batches of
                      ``--batch`` crops (resize, flip, 3-Augment, colour jitter, normalise), per image.
 
 ``device + augment_cpu`` is the device path with everything on one CPU core. Methods are
@@ -112,9 +112,9 @@ def write_imagefolder(root: Path, num_images: int, size: tuple[int, int], seed: 
 
 
 def decode_crop_pil(data: bytes, image, box, min_side):
-    """clsvit.crops.decode_crop with PIL's draft() (1/2, 1/4, 1/8) instead of simplejpeg."""
-    import clsvit.crops as crops
-    from clsvit.images import to_rgb
+    """clsvit.data.crops.decode_crop with PIL's draft() (1/2, 1/4, 1/8) instead of simplejpeg."""
+    import clsvit.data.crops as crops
+    from clsvit.data.images import to_rgb
     header = Image.open(io.BytesIO(data)) if image is None else image
     top, left, height, width = (int(v) for v in box)
     scale = crops.dct_scale(height, width, min_side)
@@ -145,7 +145,7 @@ class Patched:
 
 def build_methods(root: Path, img_size: int, batch: int):
     """name -> (prepare(indices, seeds) untimed, run(prepared) timed, images per run)."""
-    import clsvit.crops as crops
+    import clsvit.data.crops as crops
     import clsvit.data as data
     from clsvit.config import load_config
 
@@ -283,9 +283,9 @@ def main(argv=None) -> None:
 
 def _decode_scale(device, index: int, seed: int) -> int:
     """The DCT scale the device path decodes sample (index, seed) at."""
-    import clsvit.augment as augment
-    import clsvit.crops as crops
-    from clsvit.images import seeded_rngs
+    import clsvit.data.augment as augment
+    import clsvit.data.crops as crops
+    from clsvit.data.images import seeded_rngs
     width, height, _ = crops.open_image(crops.read_bytes(device.dataset[index][device.image_column]))
     with seeded_rngs(seed, numpy=False):
         top, left, height, width = device.transform.draw(width, height)[augment.BOX]

@@ -270,7 +270,7 @@ def sampler_index(train_rows: int) -> dict:
 
 def parquet_footers(parquet: Path) -> float:
     """ParquetRows over every shard of both splits: what a parquet launch reads before its first batch."""
-    from clsvit.parquet import ParquetRows
+    from clsvit.data.parquet import ParquetRows
     return timed(lambda: [ParquetRows(sorted((parquet / "data").glob(f"{split}-*.parquet")))
                           for split in ("train", "validation")])[0]
 
@@ -347,7 +347,7 @@ def real_bytes_shard(root: Path) -> tuple[Path, int]:
 
 def parquet_reading(path: Path, rows: int) -> dict:
     """ms per row of ParquetRows: random rows (each reads its row group) and a sequential pass."""
-    from clsvit.parquet import ParquetRows
+    from clsvit.data.parquet import ParquetRows
     from datasets import Image as ImageFeature
     shard = ParquetRows([str(path)]).cast_column("image", ImageFeature(decode=False))  # as training reads it
     order = random.Random(0).sample(range(rows), 200)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from clsvit.config import load_config  # noqa: E402
 from clsvit.data import TrainSampler, build_train_loader, build_train_transform, load_splits  # noqa: E402
 from clsvit.deit3 import build_loss, build_optimizer, one_hot_targets  # noqa: E402
-from clsvit.images import ImageClassDataset  # noqa: E402
+from clsvit.data.images import ImageClassDataset  # noqa: E402
 from clsvit.model import build_model  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import torch
 @torch.no_grad()
 def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to_input=None) -> dict[str, float]:
     """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (the
-    `clsvit.images.UndecodableImage` records of `clsvit.images.ImageClassDataset`), over a loader of
+    `clsvit.data.images.UndecodableImage` records of `clsvit.data.images.ImageClassDataset`), over a loader of
     `(images, labels, problems)` prepared by `accelerator`. `to_input` turns a loader batch into the
     model's input (the dataset's `batch_transform`: the batched eval transform with
     `data.augment_on: device`); None takes the images as they come. Exact under several processes:

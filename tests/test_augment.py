@@ -1,4 +1,4 @@
-"""The device path (``data.augment_on: device``, clsvit.crops + clsvit.augment) against timm's PIL
+"""The device path (``data.augment_on: device``, clsvit.data.crops + clsvit.data.augment) against timm's PIL
 transform: the same draws on the same seeds, each batched op against its PIL op, DCT-scaled crop
 decoding against full decoding on a real photograph, batched == per-sample, odd and broken files
 exactly as on the CPU path, and a bit-identical resume."""
@@ -23,10 +23,10 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
 
-from clsvit import augment as A
+from clsvit.data import augment as A
 from clsvit import data as D
-from clsvit.images import seeded_rngs
-from clsvit.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
+from clsvit.data.images import seeded_rngs
+from clsvit.data.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
 from test_data import broken_images, class_dataset, png_bytes, random_image
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 

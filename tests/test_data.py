@@ -1,4 +1,4 @@
-"""Tests for clsvit.shapes (the embedded dataset) and clsvit.data (loading, transforms, sampling)."""
+"""Tests for clsvit.data.shapes (the embedded dataset) and clsvit.data (loading, transforms, sampling)."""
 
 import io
 import random
@@ -26,8 +26,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torchvision import transforms as T
 
 from clsvit import data as D
-from clsvit.images import ImageClassDataset, UndecodableImage, UndecodableImages
-from clsvit.shapes import CLASS_NAMES, FLOOR_FAR_M, FLOOR_NEAR_M, dataset_name, ensure_shapes_dataset
+from clsvit.data import loaders
+from clsvit.data.images import ImageClassDataset, UndecodableImage, UndecodableImages
+from clsvit.data.shapes import CLASS_NAMES, FLOOR_FAR_M, FLOOR_NEAR_M, dataset_name, ensure_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = dict(num_train=120, num_val=40, image_size=32, num_classes=6)
@@ -556,6 +557,6 @@ def test_eval_loader_is_sequential_and_keeps_last_batch():
     loader = D.build_eval_loader(dataset, 2, data_cfg())
     labels = torch.cat([y for _, y, _ in loader])
     assert labels.tolist() == [0, 1, 2, 0, 1]
-    options = D._loader_options(data_cfg(num_workers=3))
+    options = loaders._loader_options(data_cfg(num_workers=3))
     assert options["prefetch_factor"] == 2 and options["persistent_workers"] is True
-    assert "prefetch_factor" not in D._loader_options(data_cfg(num_workers=0))
+    assert "prefetch_factor" not in loaders._loader_options(data_cfg(num_workers=0))

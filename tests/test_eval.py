@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from clsvit.checkpoint import load_run
 from clsvit.config import load_config, save_config
 from clsvit.data import build_eval_transform, load_splits
-from clsvit.images import ImageClassDataset
+from clsvit.data.images import ImageClassDataset
 from clsvit.model import build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

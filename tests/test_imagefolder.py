@@ -1,4 +1,4 @@
-"""Tests for clsvit.imagefolder: folder datasets listed as torchvision's ImageFolder lists them,
+"""Tests for clsvit.data.imagefolder: folder datasets listed as torchvision's ImageFolder lists them,
 indexed once per tree, in ImageNet-1k's class order, in both validation layouts."""
 
 import json
@@ -18,7 +18,7 @@ from timm.data import ImageNetInfo
 from torchvision.datasets import ImageFolder
 
 from clsvit.errors import InputError
-from clsvit.imagefolder import load_folder_splits
+from clsvit.data.imagefolder import load_folder_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def test_a_tree_with_a_datasets_metadata_file_goes_through_datasets(tmp_path, so
 SCAN_ONCE = """
 import logging, sys
 from accelerate import PartialState
-from clsvit.imagefolder import load_folder_splits
+from clsvit.data.imagefolder import load_folder_splits
 logging.basicConfig(level=logging.INFO, format="rank %(rank)s %(message)s")
 state = PartialState(cpu=True)
 logging.getLogger().handlers[0].addFilter(lambda record: setattr(record, "rank", state.process_index) or True)

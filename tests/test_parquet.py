@@ -1,4 +1,4 @@
-"""Parquet shards read in place (clsvit.parquet, the parquet and hub sources of clsvit.data): the rows
+"""Parquet shards read in place (clsvit.data.parquet, the parquet and hub sources of clsvit.data): the rows
 are pyarrow's, nothing is copied into the datasets cache, and a hub snapshot is read where it lies."""
 
 import pickle
@@ -16,7 +16,7 @@ from datasets import Image as ImageFeature
 
 from clsvit import data as D
 from clsvit.errors import InputError
-from clsvit.parquet import ParquetRows
+from clsvit.data.parquet import ParquetRows
 
 NAMES = ["n01440764", "n01443537", "n01484850"]
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from clsvit.data import load_raw_splits
 from clsvit.dense.transforms import IGNORE_INDEX
 from clsvit.errors import InputError
-from clsvit.images import decode_image, sample_name, to_rgb
+from clsvit.data.images import decode_image, sample_name, to_rgb
 
 LAYOUTS = {
     "ade20k": "ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png (split: training | validation)",

@@ -135,7 +135,7 @@ class TrainAugment:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        """A :class:`clsvit.crops.CropBatch` -> normalised float32 images ``B x 3 x size x size``.
+        """A :class:`clsvit.data.crops.CropBatch` -> normalised float32 images ``B x 3 x size x size``.
         On a CPU the batch goes through in chunks that stay in the cache (results are the same)."""
         params = batch.params  # stays on the host: choosing what to run never waits for the device
         x = torch.stack([F.resize(crop, self.size, self.crop.interpolation, antialias=True)

@@ -4,7 +4,7 @@ Per file a worker does only what has to happen per file:
 
 1. read the bytes and parse the header (simplejpeg for a JPEG it decodes, PIL for anything else,
    which raises the CPU path's errors, e.g. for a decompression bomb);
-2. draw the sample's augmentation (:mod:`clsvit.augment`): the RandomResizedCrop box comes first,
+2. draw the sample's augmentation (:mod:`clsvit.data.augment`): the RandomResizedCrop box comes first,
    before anything is decoded;
 3. decode at the smallest libjpeg-turbo DCT scale, 1/2, 1/4 or 1/8, that keeps the crop at or above
    the output size (simplejpeg; libjpeg-turbo's other M/8 scales decode slower than full size, see
@@ -13,7 +13,7 @@ Per file a worker does only what has to happen per file:
    buffer, which travels to the accelerator in one copy.
 
 Whatever simplejpeg does not decode (PNG, CMYK JPEG, a broken file) goes through the CPU path's own
-decoding (:func:`clsvit.images.decode_image` + :func:`~clsvit.images.to_rgb`) at full size, so odd and
+decoding (:func:`clsvit.data.images.decode_image` + :func:`~clsvit.data.images.to_rgb`) at full size, so odd and
 broken files behave exactly as there: converted to RGB, or counted and replaced by the next sample
 with the same error.
 """
@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from clsvit.augment import BOX, JPEG, ROW
+from clsvit.data.augment import BOX, JPEG, ROW
 from clsvit.errors import InputError
-from clsvit.images import ImageClassDataset, seeded_rngs, to_rgb
+from clsvit.data.images import ImageClassDataset, seeded_rngs, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
 
@@ -100,9 +100,9 @@ def _scaled_span(start: int, length: int, scale: int, limit: int) -> tuple[int, 
 
 
 class CropDataset(ImageClassDataset):
-    """:class:`~clsvit.images.ImageClassDataset` whose samples are ``((crop, draws), label, problems)``:
-    the uint8 H x W x 3 crop and the row of draws of ``augment`` (a :class:`clsvit.augment.TrainAugment`
-    or :class:`~clsvit.augment.EvalTransform`), which :meth:`batch_transform` applies to a batch on
+    """:class:`~clsvit.data.images.ImageClassDataset` whose samples are ``((crop, draws), label, problems)``:
+    the uint8 H x W x 3 crop and the row of draws of ``augment`` (a :class:`clsvit.data.augment.TrainAugment`
+    or :class:`~clsvit.data.augment.EvalTransform`), which :meth:`batch_transform` applies to a batch on
     the accelerator. Seeds, replacement of broken files and labels work as in the parent class.
 
     ``jpeg_on_device`` (``data.decode_on: device``): a JPEG that simplejpeg would decode and that is

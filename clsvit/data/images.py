@@ -1,5 +1,5 @@
 """One image sample of a classification dataset, shared by both data paths (clsvit.data's CPU
-transform, clsvit.crops' device crops): decoding any file to RGB, per-sample seeded RNGs, the base
+transform, clsvit.data.crops' device crops): decoding any file to RGB, per-sample seeded RNGs, the base
 dataset (lazy decoding, a broken file replaced by the next sample and recorded), and the policy that
 counts broken files across workers and processes."""
 
