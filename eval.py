@@ -165,7 +165,8 @@ def _classification_val_set(cfg: dict, accelerator):
     _, val_hf, found_classes, _ = load_splits_on_every_process(data_cfg, accelerator)  # the same on every process
     return ImageClassDataset(val_hf, build_eval_transform(cfg),
                              num_classes=cfg["model"]["num_classes"] or found_classes,
-                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
+                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"],
+                             max_pixels=data_cfg["max_image_pixels"])
 
 
 def classification(model, cfg: dict, accelerator) -> dict:
