@@ -507,7 +507,8 @@ def test_sixteen_bit_greyscale_keeps_its_high_byte_without_wide_copies(mode, dty
     """The 8-bit value of a 16-bit pixel is its high byte (value // 256, clipped to [0, 65535]
     first): by hand, 0 -> 0, 255 -> 0, 256 -> 1, 0x1234 -> 0x12, 32768 -> 128, 65535 -> 255 (and
     for 32-bit, -5 -> 0, 70000 -> 255). Converting 2 Mpx allocates under 5 bytes a pixel (9 for
-    32-bit; NumPy and Python allocations, traced, Pillow's own pixels included): no int64 copy."""
+    32-bit; NumPy's and Python's allocations, traced, the pixels Pillow hands to NumPy included): no
+    int64 copy."""
     import tracemalloc
 
     from clsvit.data.images import to_rgb
