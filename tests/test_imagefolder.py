@@ -344,7 +344,7 @@ from clsvit.data.imagefolder import load_folder_splits
 logging.basicConfig(level=logging.INFO, format="rank %(rank)s %(message)s")
 state = PartialState(cpu=True)
 logging.getLogger().handlers[0].addFilter(lambda record: setattr(record, "rank", state.process_index) or True)
-with state.main_process_first():  # as train.py and eval.py load their data
+with state.main_process_first():  # the other process finds the main process's index current
     splits = load_folder_splits(sys.argv[1], "train", "validation", "class_folders")
 print("rank", state.process_index, "rows", len(splits["train"]), len(splits["validation"]), flush=True)
 """
