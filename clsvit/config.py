@@ -36,6 +36,7 @@ NULLABLE_TYPES = {
     "train.mixed_precision": str,
     "train.compile": bool,
     "eval.max_batches": int,
+    "data.max_image_pixels": int,
     **{f"eval.{task}.{key}": kind for task in ("seg", "depth")  # null = the protocol's published value
        for key, kind in (("iterations", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
                          ("warmup_iters", int))},
@@ -125,6 +126,9 @@ CROSS_KEY_RULES = [
     (("aug.rand_augment",),
      lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
      "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+    (("data.max_image_pixels",), lambda c: c["data.max_image_pixels"] is not None and c["data.max_image_pixels"] < 1,
+     "images above this many pixels are replaced as broken files: it must be positive (or null: Pillow's own "
+     "limit only)"),
     (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
      "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
      "[0.229,0.224,0.225])"),

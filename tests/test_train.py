@@ -55,6 +55,12 @@ def test_run_directory_has_every_output(finished_run):
     assert [e["step"] for e in evals] == [6, 12] and all(e["val/images"] == 50 for e in evals)
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["world_size"] == 1 and provenance["params"] > provenance["params_baseline"] > 0
+    data = provenance["data"]  # each split's size and digest (the shapes shards' footers), the classes
+    assert {split: entry["rows"] for split, entry in data["splits"].items()} == {"train": 256, "validation": 50}
+    assert all(re.fullmatch("[0-9a-f]{64}", entry["digest"]) for entry in data["splits"].values())
+    assert data["num_classes"] == 10
+    assert (f"data: train 256 images (digest {data['splits']['train']['digest'][:12]}), validation 50 images "
+            f"(digest {data['splits']['validation']['digest'][:12]}), 10 classes") in result.stdout + result.stderr
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["num_classes"] == 10  # resolved from the dataset
     assert "val/top1" in result.stdout + result.stderr
