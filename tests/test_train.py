@@ -154,6 +154,8 @@ def test_two_processes_match_one_process_eval(tmp_path, env):
     ("", "base: {tmp}/missing.yaml\n", "recipe not found: {tmp}/missing.yaml (named as base by {recipe})"),
     ("model.specialize.qkv=1.5", "", "'model.specialize.qkv' must be a fraction in [0, 1]"),
     ("model.specialize.norm=[0,7]", "", "model.specialize.norm: block index 7 is not in [0, 1] (depth 2)"),
+    ("model.specialize.tokens=[4,0]", "", "model.specialize.tokens: patch position [4, 0] is outside the 4x4 patch grid"),
+    ("model.specialize.tokens=registers", "", "model.specialize.tokens: registers, but the model has no registers"),
     ("model.arch=resnet50", "", "model.arch: 'resnet50'"),
     ("", "train:\n  loss: bce\naug:\n  label_smoothing: 0.1\n",
      "train.loss='bce' with aug.label_smoothing=0.1: BCE binarises its targets"),
