@@ -27,7 +27,8 @@ from clsvit import cli
 from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
 from clsvit.config import ConfigError, diff, flatten, load_config, save_config
-from clsvit.data import TrainSampler, build_eval_loader, build_image_dataset, build_train_loader, load_splits
+from clsvit.data import (TrainSampler, build_eval_loader, build_image_dataset, build_train_loader,
+                         load_splits_on_every_process)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.data.images import UndecodableImages
@@ -86,8 +87,10 @@ def main() -> None:
     set_seed(cfg["run"]["seed"])  # same on every process: identical init; data seeds come from the sampler
 
     # ---- data ---------------------------------------------------------------------------------
-    with accelerator.main_process_first():  # the main process generates/caches first, the rest reuse it
-        train_hf, val_hf, num_classes = load_splits(data_cfg)
+    # the main process loads (scans, caches) first and hands its listing over; every process checks
+    # that all of them hold the same rows, else the launch stops here in one line
+    train_hf, val_hf, num_classes, data_identity = load_splits_on_every_process(data_cfg, accelerator)
+    say(f"data: {data_identity.describe()}")
     if cfg["model"]["num_classes"] is None:
         cfg["model"]["num_classes"] = num_classes
     num_classes = cfg["model"]["num_classes"]
@@ -159,7 +162,7 @@ def main() -> None:
                           param_overhead_pct=overhead_pct,
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                          dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
+                          dynamo_backend=str(accelerator.state.dynamo_plugin.backend), data=data_identity.as_dict())
     log = RunLog(run_dir, enabled=main_proc, tensorboard="tensorboard" in parse_trackers(cfg["log"]["trackers"]),
                  resume_step=progress.step if resume_from is not None else None,
                  accelerator=accelerator, config=flatten(cfg))

@@ -40,7 +40,7 @@ from torch import nn
 
 from clsvit.config import load_config, save_config
 from clsvit.errors import InputError
-from clsvit.model import build_model, weights_path
+from clsvit.model import build_model, is_specialized, specialized_tokens, tokens_metadata, weights_path
 from clsvit.runlock import Owner, RunDirectoryInUse, live_owner
 
 COMPLETE_MARKER = "COMPLETE"
@@ -155,10 +155,11 @@ def _remove(checkpoint: Path) -> None:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """A model's weights as float32 safetensors, written to a hidden name and renamed into place
-    (never half-written): the run's exported `model.safetensors`."""
+    (never half-written): the run's exported `model.safetensors`. Its metadata records the tokens a
+    specialized model's copies are for (clsvit.model.TOKENS_METADATA)."""
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata=tokens_metadata(specialized_tokens(model)))
     os.replace(tmp, path)
 
 
@@ -245,8 +246,10 @@ def eval_snapshot(run_dir: Path) -> EvalSnapshot:
 def _copy_checkpoint_weights(checkpoint: Path) -> Path:
     """config.yaml and the model's weights of an accelerate checkpoint, in a private temporary
     directory (removed at exit), with the wrappers' key prefixes (DDP `module.`, torch.compile
-    `_orig_mod.`) removed so that load_run reads it like a finished run."""
+    `_orig_mod.`) removed and the tokens of its copies recorded (as `save_weights` records them), so
+    that load_run reads it like a finished run."""
     config = (checkpoint / "config.yaml").read_bytes()
+    spec = load_config(checkpoint / "config.yaml")["model"]["specialize"]
     state = load((checkpoint / "model.safetensors").read_bytes())
     clean = {}
     for key, value in state.items():
@@ -256,7 +259,8 @@ def _copy_checkpoint_weights(checkpoint: Path) -> Path:
     directory = Path(tempfile.mkdtemp(prefix=f"clsvit-eval-{checkpoint.name}-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     (directory / "config.yaml").write_bytes(config)
-    save_file(clean, str(directory / "model.safetensors"))
+    save_file(clean, str(directory / "model.safetensors"),
+              metadata=tokens_metadata(spec["tokens"] if is_specialized(spec) else None))
     return directory
 
 

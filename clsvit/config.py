@@ -19,7 +19,7 @@ import yaml
 from timm.data import create_transform
 
 from clsvit.errors import InputError
-from clsvit.model.specialization import COMPONENTS
+from clsvit.model.specialization import COMPONENTS, check_tokens
 
 # The recipes: the checkout's recipes/ (also under `pip install -e .`), or clsvit/recipes/ in an installed wheel
 # (pyproject.toml ships recipes/ there as package data).
@@ -40,6 +40,7 @@ NULLABLE_TYPES = {
     "train.mixed_precision": str,
     "train.compile": bool,
     "eval.max_batches": int,
+    "data.max_image_pixels": int,
     **{f"eval.{task}.{key}": kind for task in ("seg", "depth")  # null = the protocol's published value
        for key, kind in (("iterations", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
                          ("warmup_iters", int))},
@@ -77,6 +78,10 @@ FREE_MAPPINGS = {"model.timm_kwargs"}
 # A fraction of the blocks counted from the input, or explicit block indices (checked against
 # the depth by the model, which knows it): one key per specializable component.
 BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in COMPONENTS}
+
+# The tokens that get the copies: global, cls, registers or a patch position [row, col] (checked against
+# the patch grid by the model, which knows it).
+TOKENS_KEY = "model.specialize.tokens"
 
 # Lists of any length >= 1 (other lists keep the length of their default), with their element type.
 VARIABLE_LISTS = {"eval.seg.test_ratios": float}
@@ -129,6 +134,9 @@ CROSS_KEY_RULES = [
     (("aug.rand_augment",),
      lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
      "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+    (("data.max_image_pixels",), lambda c: c["data.max_image_pixels"] is not None and c["data.max_image_pixels"] < 1,
+     "images above this many pixels are replaced as broken files: it must be positive (or null: Pillow's own "
+     "limit only)"),
     (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
      "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
      "[0.229,0.224,0.225])"),
@@ -239,6 +247,11 @@ def _check_value(key, value, default, where):
             return float(value)
         raise ConfigError(f"'{key}' must be a fraction in [0, 1] or a list of block indices >= 0, "
                           f"got {value!r} (in {where})")
+    if key == TOKENS_KEY:
+        try:
+            return check_tokens(value)
+        except InputError as error:  # "tokens: <why>"
+            raise ConfigError(f"'{key}': {str(error).partition(': ')[2]} (in {where})") from None
     if key in VARIABLE_LISTS:
         if not isinstance(value, list) or not value:
             raise ConfigError(f"'{key}' must be a non-empty list like {default}, got {value!r} (in {where})")
@@ -307,7 +320,8 @@ def _check_schema(schema):
     """default.yaml and the tables above must agree; catches editing one without the other."""
     flat = flatten(schema, stringify=False)
     rule_keys = [key for keys, _, _ in CROSS_KEY_RULES for key in keys]
-    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, *VARIABLE_LISTS, *rule_keys]:
+    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, TOKENS_KEY, *VARIABLE_LISTS,
+                *rule_keys]:
         if key not in flat and key not in FREE_MAPPINGS:
             raise ConfigError(f"config.py's tables name '{key}', which is not a key of {DEFAULT_RECIPE}")
     for key, value in flat.items():

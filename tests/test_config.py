@@ -281,6 +281,39 @@ def test_specialize_rejects_bad_values(value):
                  DEFAULT_RECIPE, [f"model.specialize.norm={value}"])
 
 
+@pytest.mark.parametrize("value, expected", [("global", "global"), ("cls", "cls"), ("registers", "registers"),
+                                             ("[7, 7]", [7, 7]), ("[0,13]", [0, 13])])
+def test_tokens_take_a_group_or_a_patch_position(value, expected, tmp_path):
+    config = load_config(DEFAULT_RECIPE, [f"model.specialize.tokens={value}"])
+    assert config["model"]["specialize"]["tokens"] == expected
+    save_config(config, tmp_path / "config.yaml")  # and read back as written
+    assert load_config(tmp_path / "config.yaml")["model"]["specialize"]["tokens"] == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("patch", "'model.specialize.tokens': 'patch' is none of global, cls, registers or a patch position [row, col]"),
+    ("registres", "did you mean 'registers'?"),
+    ("[7]", "'model.specialize.tokens': expected global, cls, registers or a patch position [row, col] of two "
+            "integers >= 0, got [7]"),
+    ("[-1, 0]", "got [-1, 0]"), ("[1.5, 0]", "got [1.5, 0]"), ("[true, 0]", "got [True, 0]"), ("7", "got 7"),
+    ("null", "'model.specialize.tokens' cannot be null"),
+])
+def test_tokens_refuse_what_names_no_token(value, message):
+    expect_error(message, DEFAULT_RECIPE, [f"model.specialize.tokens={value}"])
+
+
+def test_a_resume_with_other_tokens_is_refused():
+    """train.py's resume check covers model.specialize.tokens (RESUME_LOCKED holds model.specialize)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", DEFAULT_RECIPE.parent.parent / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    specialized = load_config(DEFAULT_RECIPE, ["model.specialize.norm=1.0"])
+    patch = load_config(DEFAULT_RECIPE, ["model.specialize.norm=1.0", "model.specialize.tokens=[7,7]"])
+    assert diff(specialized, patch, train.RESUME_LOCKED) == ["model.specialize.tokens"]
+
+
 # --- overrides ---------------------------------------------------------------------------------
 
 def test_override_values_are_parsed_as_yaml():

@@ -32,6 +32,8 @@ ELSEWHERE = {"README_revenge.md", "DATASETS.md", "MODEL_CARD.md", "iterable_data
              "leftImg8bit_trainvaltest.zip", "deit_3_base_224_1k.pth", "deit_3_small_224_1k.pth",
              "dinov2_vits14_reg4_pretrain.pth", "slurm.conf", "tf-hparams-parallel-coords-plot.ts",
              "tf-hparams-scatter-plot-matrix-plot.ts", "tests/test_models.py"}  # the last one: timm's
+# Dotted names in backticks that are not modules: the safetensors metadata key clsvit writes.
+NOT_MODULES = {"clsvit.specialize.tokens"}
 
 
 def prose(text: str) -> str:
@@ -73,6 +75,12 @@ def path_problem(name: str, doc: Path) -> str | None:
     directory; a glob must match; a bare file name must be a file of the repository (or of ELSEWHERE)."""
     if any(c in name for c in "<>$…") or name.startswith(("/", "~", "http", "../")) or name in ELSEWHERE:
         return None  # placeholders, paths on a user's machine, URLs, a recipe's `base: ../default.yaml`
+    if "::" in name:  # a pytest node id: tests/test_x.py::test_name
+        path, _, test = name.partition("::")
+        if (REPO / path).is_file() and not re.search(rf"^\s*def {re.escape(test.split('[')[0])}\(",
+                                                      (REPO / path).read_text(), flags=re.M):
+            return f"{name}: no test {test} in {path}"
+        name = path
     for candidate in expand(name.rstrip(".,;:)")):
         first = candidate.split("/")[0]
         if "/" not in candidate.rstrip("/"):
@@ -104,6 +112,8 @@ def key_problem(text: str) -> str | None:
 def module_problem(text: str) -> str | None:
     """Why clsvit.a.b(...) does not resolve to a module or an attribute of one."""
     name = re.match(r"clsvit(?:\.\w+)*", text)[0]
+    if name in NOT_MODULES:
+        return None
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
         try:
@@ -128,10 +138,15 @@ def recipe_table_problems(text: str) -> list[str]:
         cells = [row[i] for row in rows[2:] for i in columns if i < len(row)]
         cells += [cell for row in rows[2:] if row[0] == "recipe" for cell in row[1:]]
         for cell in cells:
+            previous = ""
             for span in re.findall(r"`([^`]+)`", cell):
                 for name in expand(span):
+                    if name.startswith("_") and previous:  # `x_specialized_cls` / `_registers`: another suffix
+                        name = next((c for c in (previous + name, previous.rsplit("_", 1)[0] + name)
+                                     if c in RECIPE_STEMS), previous + name)
                     if name not in RECIPES and name not in RECIPE_STEMS:
                         problems.append(f"{name}: no recipe recipes/**/{name}.yaml")
+                    previous = name
     return problems
 
 
@@ -179,11 +194,12 @@ PLANTED = """# Planted
 
 See [the data page](data.md#no-such-section), [a page](missing.md), README "No such title",
 `clsvit/parquet.py`, `benchmarks/bench_nothing.py`, `bench_gone.py`, `optim.lrr`, `data.augment_on: gpu`,
-`clsvit.checkpoint.no_such_function`, `clsvit.nomodule`.
+`clsvit.checkpoint.no_such_function`, `clsvit.nomodule`, `tests/test_docs.py::test_nothing_like_this`.
 
 | recipe | what |
 |---|---|
 | `vit_s_801ep` | a recipe that does not exist |
+| `deit3_s_ft` / `_specialised` | a suffix that does not exist |
 
 ```bash
 python train.py --config recipes/deit3/vit_s_801ep.yaml train.max_stepz=5
@@ -193,11 +209,13 @@ CORRECT = """# Correct
 
 See [the data page](data.md#imagenet-from-folders), [a page](training.md), README "Two commands",
 `clsvit/data/parquet.py`, `benchmarks/bench_scale.py`, `bench_train.py`, `optim.lr`, `data.augment_on: device`,
-`clsvit.checkpoint.load_run(run_dir)`, `clsvit.sweep`, `recipes/eval/{ade20k,voc}_linear.yaml`, `<run>/eval.json`.
+`clsvit.checkpoint.load_run(run_dir)`, `clsvit.sweep`, `recipes/eval/{ade20k,voc}_linear.yaml`, `<run>/eval.json`,
+`tests/test_docs.py::test_the_check_catches_a_wrong_name_of_each_kind`.
 
 | recipe | what |
 |---|---|
 | `deit3/vit_s_800ep` → `vit_b_400ep[_specialized]` | recipes |
+| `deit3_s_ft` / `_specialized` | a recipe and its twin |
 
 ```bash
 python train.py --config recipes/deit3/vit_s_800ep.yaml train.max_steps=5 model.specialize.qkv=[0,1]
@@ -220,6 +238,8 @@ def test_the_check_catches_a_wrong_name_of_each_kind():
         "clsvit.checkpoint.no_such_function: clsvit.checkpoint has no no_such_function",
         "clsvit.nomodule: clsvit has no nomodule",
         "vit_s_801ep: no recipe recipes/**/vit_s_801ep.yaml",
+        "deit3_s_ft_specialised: no recipe recipes/**/deit3_s_ft_specialised.yaml",
+        "tests/test_docs.py::test_nothing_like_this: no test test_nothing_like_this in tests/test_docs.py",
         "recipes/deit3/vit_s_801ep.yaml: no such path in the repository",
         "train.max_stepz: not a key of recipes/default.yaml"])
     docs_page = problems(REPO / "docs" / "planted.md", PLANTED)

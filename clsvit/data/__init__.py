@@ -4,6 +4,8 @@
   (train, val, num_classes), whatever the source: a hub id, an imagefolder (:mod:`~clsvit.data.imagefolder`),
   parquet shards read in place (:mod:`~clsvit.data.parquet`), or the embedded shapes dataset
   (:mod:`~clsvit.data.shapes`).
+- :mod:`~clsvit.data.agreement`: :func:`load_splits_on_every_process`, the splits every process
+  of a launch holds, checked to be the same (rows, class names, a digest of the listing or shards).
 - :mod:`~clsvit.data.images`: one sample — decoding to RGB, per-sample seeded RNGs, the base dataset
   :class:`~clsvit.data.images.ImageClassDataset`, broken files replaced and counted.
 - :mod:`~clsvit.data.sampler`: :class:`TrainSampler` yields ``(index, sample_seed)``. With the
@@ -18,6 +20,7 @@ The train loader must NOT go through ``accelerator.prepare``: :class:`TrainSampl
 by rank, and accelerate would shard again (accelerate #4075). The eval loader does go through it.
 """
 
+from clsvit.data.agreement import load_splits_on_every_process
 from clsvit.data.loaders import (
     build_eval_loader,
     build_eval_transform,
@@ -29,4 +32,5 @@ from clsvit.data.sampler import TrainSampler
 from clsvit.data.sources import SOURCES, load_raw_splits, load_splits, split_patterns
 
 __all__ = ["SOURCES", "TrainSampler", "build_eval_loader", "build_eval_transform", "build_image_dataset",
-           "build_train_loader", "build_train_transform", "load_raw_splits", "load_splits", "split_patterns"]
+           "build_train_loader", "build_train_transform", "load_raw_splits", "load_splits",
+           "load_splits_on_every_process", "split_patterns"]

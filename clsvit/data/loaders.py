@@ -39,7 +39,8 @@ def build_image_dataset(dataset, cfg: dict, *, train: bool, num_classes: int, im
     the timm transform in the DataLoader workers; ``device``, workers that hand over uint8 crops
     (:class:`clsvit.data.crops.CropDataset`) and the same transform batched on the accelerator."""
     transform = build_train_transform(cfg) if train else build_eval_transform(cfg)
-    columns = dict(num_classes=num_classes, image_column=image_column, label_column=label_column)
+    columns = dict(num_classes=num_classes, image_column=image_column, label_column=label_column,
+                   max_pixels=cfg["data"]["max_image_pixels"])
     if cfg["data"]["augment_on"] == "cpu":
         if cfg["data"]["decode_on"] != "cpu":
             raise InputError("data.decode_on=device needs data.augment_on=device (the CPU path decodes with PIL)")
