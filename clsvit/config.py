@@ -21,7 +21,11 @@ from timm.data import create_transform
 from clsvit.errors import InputError
 from clsvit.model.specialization import COMPONENTS, check_tokens
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+# The recipes: the checkout's recipes/ (also under `pip install -e .`), or clsvit/recipes/ in an installed wheel
+# (pyproject.toml ships recipes/ there as package data).
+_PACKAGE = Path(__file__).resolve().parent
+RECIPES = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "default.yaml"
 
 # Keys that accept null, with the type of their non-null values. Every null default must be
 # listed (its type cannot be read from the default); a non-null default listed here may be nulled.

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -462,5 +463,26 @@ def provenance(accelerator, **extra: Any) -> dict:
         "device_type": device.type,
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        # what a CPU result's bits depend on (docs/reproducibility.md)
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
         **extra,
     }
+
+
+# The environment variables that choose torch's CPU kernels and thread count (docs/reproducibility.md).
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+              "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -55,6 +55,8 @@ def test_run_directory_has_every_output(finished_run):
     assert [e["step"] for e in evals] == [6, 12] and all(e["val/images"] == 50 for e in evals)
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["world_size"] == 1 and provenance["params"] > provenance["params_baseline"] > 0
+    assert provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and provenance["cpu"]
+    assert provenance["threads"] == 1 and provenance["kernel_env"]["OMP_NUM_THREADS"] == "1"  # subprocess_env's
     data = provenance["data"]  # each split's size and digest (the shapes shards' footers), the classes
     assert {split: entry["rows"] for split, entry in data["splits"].items()} == {"train": 256, "validation": 50}
     assert all(re.fullmatch("[0-9a-f]{64}", entry["digest"]) for entry in data["splits"].values())
