@@ -1,0 +1,289 @@
+"""A run's checkpoints directory (clsvit.checkpoint), in process with a real accelerate Accelerator on
+CPU: which folders are complete checkpoints and in which order, the rotation that keeps the newest
+`keep`, the clean-up of what a killed save or clean-up left behind, a failed write that leaves the
+previous checkpoints untouched, the exported weights file, and eval.py's copy of a checkpoint's
+weights under the wrappers' key prefixes. The end-to-end runs of train.py (kill, pre-emption, a
+failing process of two) are in test_fault_tolerance.py and test_train.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, _copy_checkpoint_weights, checkpoint_step,
+                               complete_checkpoints, latest_checkpoint, remove_partial_checkpoints, save_checkpoint,
+                               save_weights)
+from clsvit.errors import InputError
+from clsvit.training import Progress
+
+
+def complete(directory, step):
+    """A folder that looks like a published checkpoint of `step`."""
+    path = directory / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / COMPLETE_MARKER).write_text(f"{step}\n")
+    return path
+
+
+def listing(directory) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+def test_complete_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    for step in (10, 2, 9, 100):
+        complete(tmp_path, step)
+    (tmp_path / "step_11").mkdir()  # being written by an older clsvit or copied half-way: no marker
+    (tmp_path / ".step_12.partial").mkdir()
+    (tmp_path / ".step_1.removing").mkdir()
+    for name in ("step_x", "step_3.bak", "old_step_4", "step_"):
+        complete(tmp_path, 0).rename(tmp_path / name)  # a COMPLETE marker, but not a checkpoint's name
+    (tmp_path / "step_5").write_text("a file, not a folder")
+    found = complete_checkpoints(tmp_path)
+    assert [path.name for path in found] == ["step_2", "step_9", "step_10", "step_100"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_100"
+    assert [checkpoint_step(path) for path in found] == [2, 9, 10, 100]
+
+
+def test_no_checkpoints_yet(tmp_path):
+    assert complete_checkpoints(tmp_path / "checkpoints") == [] and latest_checkpoint(tmp_path / "checkpoints") is None
+    (tmp_path / "checkpoints").mkdir()
+    assert complete_checkpoints(tmp_path / "checkpoints") == [] and latest_checkpoint(tmp_path / "checkpoints") is None
+    (tmp_path / "checkpoints" / "step_3").mkdir()  # incomplete
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+
+
+def test_what_a_killed_save_or_clean_up_left_is_removed_and_nothing_else(tmp_path):
+    """A kill during a save leaves `.step_<N>.partial`; during the rotation, `.step_<N>.removing`
+    (renamed, not yet deleted); a copy that lost its marker is a `step_<N>` without COMPLETE."""
+    kept = [complete(tmp_path, 4), complete(tmp_path, 8)]
+    for name, content in ((".step_12.partial", "model.safetensors"), (".step_4.removing", "optimizer.bin"),
+                          (".step_0.removing", None), ("step_12", "model.safetensors")):
+        (tmp_path / name).mkdir()
+        if content:
+            (tmp_path / name / content).write_bytes(b"\0" * 64)
+    (tmp_path / ".step_2.partial" / "sub").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / ".hidden").mkdir()  # not ours either
+    removed = remove_partial_checkpoints(tmp_path)
+    assert sorted(path.name for path in removed) == [".step_0.removing", ".step_12.partial", ".step_2.partial",
+                                                     ".step_4.removing", "step_12"]
+    assert listing(tmp_path) == [".hidden", "notes.txt", "step_4", "step_8"]
+    assert complete_checkpoints(tmp_path) == kept
+    assert remove_partial_checkpoints(tmp_path) == []  # nothing left to remove
+    assert remove_partial_checkpoints(tmp_path / "absent") == []
+
+
+class Counter:
+    """A stateful object registered for checkpointing (like the loop's Progress); `fail` makes its
+    state_dict raise, which accelerate's save_state calls while the checkpoint is being written."""
+
+    def __init__(self):
+        self.value, self.fail = 0, None
+
+    def state_dict(self):
+        if self.fail is not None:
+            raise self.fail
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+@pytest.fixture
+def training(tmp_path):
+    """(accelerator, model, progress, counter, checkpoints directory): a prepared model and optimizer
+    whose weights hold the step number, and two registered objects."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress, counter = Progress(), Counter()
+    accelerator.register_for_checkpointing(progress, counter)
+    return accelerator, model, progress, counter, tmp_path / "checkpoints"
+
+
+def advance(model, progress, counter, step):
+    with torch.no_grad():
+        model.weight.fill_(step)
+    progress.step = counter.value = step
+
+
+def test_rotation_keeps_the_newest_checkpoints_each_complete_with_its_config(training):
+    accelerator, model, progress, counter, checkpoints = training
+    config = {"run": {"name": "tiny", "seed": 3}, "train": {"keep_checkpoints": 2}}
+    for step in (3, 6, 9, 12):
+        advance(model, progress, counter, step)
+        path = save_checkpoint(accelerator, checkpoints, step, keep=2, config=config)
+        assert path == checkpoints / f"step_{step}"
+        assert (path / COMPLETE_MARKER).read_text() == f"{step}\n"
+        assert yaml.safe_load((path / "config.yaml").read_text()) == config
+    assert listing(checkpoints) == ["step_12", "step_9"]  # nothing hidden left behind either
+    assert torch.equal(load_file(checkpoints / "step_9" / "model.safetensors")["weight"], torch.full((2, 3), 9.0))
+
+    advance(model, progress, counter, 0)
+    accelerator.load_state(str(latest_checkpoint(checkpoints)))
+    assert (progress.step, counter.value) == (12, 12)
+    assert torch.equal(model.weight, torch.full((2, 3), 12.0))
+
+
+def test_keep_one_and_a_checkpoint_without_config(training):
+    accelerator, model, progress, counter, checkpoints = training
+    for step in (1, 2):
+        advance(model, progress, counter, step)
+        save_checkpoint(accelerator, checkpoints, step, keep=1)
+    assert listing(checkpoints) == ["step_2"]
+    assert not (checkpoints / "step_2" / "config.yaml").exists()
+
+
+def test_rotation_counts_steps_not_names(training):
+    """step_10 is newer than step_9 although it sorts before it as text: the rotation keeps it."""
+    accelerator, model, progress, counter, checkpoints = training
+    for step in (8, 9, 10):
+        advance(model, progress, counter, step)
+        save_checkpoint(accelerator, checkpoints, step, keep=2)
+    assert listing(checkpoints) == ["step_10", "step_9"]
+
+
+def test_a_step_already_on_disk_is_not_written_again(training):
+    """A run resumed from its last checkpoint saves that step again at the end: the files stay."""
+    accelerator, model, progress, counter, checkpoints = training
+    advance(model, progress, counter, 5)
+    first = save_checkpoint(accelerator, checkpoints, 5, keep=2)
+    weights = (first / "model.safetensors").read_bytes()
+    advance(model, progress, counter, 7)  # the state in memory differs: still the same checkpoint
+    assert save_checkpoint(accelerator, checkpoints, 5, keep=2) == first
+    assert (first / "model.safetensors").read_bytes() == weights and listing(checkpoints) == ["step_5"]
+
+
+def test_a_partial_left_by_a_killed_save_of_the_same_step_is_replaced(training):
+    accelerator, model, progress, counter, checkpoints = training
+    stale = checkpoints / ".step_4.partial"
+    stale.mkdir(parents=True)
+    (stale / "stale.bin").write_bytes(b"half")
+    advance(model, progress, counter, 4)
+    path = save_checkpoint(accelerator, checkpoints, 4, keep=2)
+    assert not (path / "stale.bin").exists() and listing(checkpoints) == ["step_4"]
+
+
+def test_a_full_disk_during_the_save_keeps_the_previous_checkpoints_and_leaves_no_partial(training):
+    accelerator, model, progress, counter, checkpoints = training
+    for step in (2, 4):
+        advance(model, progress, counter, step)
+        save_checkpoint(accelerator, checkpoints, step, keep=2)
+    advance(model, progress, counter, 6)
+    counter.fail = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(CheckpointError) as failed:
+        save_checkpoint(accelerator, checkpoints, 6, keep=2)
+    assert str(failed.value) == (
+        f"the checkpoint for step 6 could not be written (process 0: OSError: [Errno 28] No space left on device); "
+        f"{checkpoints / 'step_4'} is intact: fix the cause and relaunch to resume")
+    assert isinstance(failed.value, InputError)  # the entry points print it as one line
+    assert listing(checkpoints) == ["step_2", "step_4"]
+    assert (checkpoints / "step_4" / COMPLETE_MARKER).read_text() == "4\n"
+
+    counter.fail = None  # the disk has room again: the same step saves
+    save_checkpoint(accelerator, checkpoints, 6, keep=2)
+    assert listing(checkpoints) == ["step_4", "step_6"]
+
+
+def test_a_failed_first_save_says_there_is_no_earlier_checkpoint(training):
+    accelerator, model, progress, counter, checkpoints = training
+    counter.fail = PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(CheckpointError, match=r"^the checkpoint for step 1 could not be written \(process 0: "
+                                              r"PermissionError: \[Errno 13\] Permission denied\); no earlier "
+                                              r"checkpoint exists: fix the cause and relaunch to resume$"):
+        save_checkpoint(accelerator, checkpoints, 1, keep=2)
+    assert listing(checkpoints) == []
+
+
+def test_a_bug_during_the_save_keeps_its_own_type_and_leaves_no_partial(training):
+    accelerator, model, progress, counter, checkpoints = training
+    advance(model, progress, counter, 1)
+    save_checkpoint(accelerator, checkpoints, 1, keep=2)
+    counter.fail = KeyError("value")
+    with pytest.raises(KeyError) as failed:
+        save_checkpoint(accelerator, checkpoints, 2, keep=2)
+    assert not isinstance(failed.value, InputError)
+    assert listing(checkpoints) == ["step_1"]
+
+
+def test_a_config_that_cannot_be_written_publishes_nothing(training):
+    """config.yaml is written before the COMPLETE marker: a checkpoint without it is never published."""
+    accelerator, model, progress, counter, checkpoints = training
+    with pytest.raises(yaml.representer.RepresenterError):
+        save_checkpoint(accelerator, checkpoints, 1, keep=2, config={"run": {"name": object()}})
+    assert listing(checkpoints) == []
+
+
+def test_a_failed_rename_into_place_keeps_the_previous_checkpoint(training):
+    """The publication itself fails (here a file already holds the final name)."""
+    accelerator, model, progress, counter, checkpoints = training
+    advance(model, progress, counter, 1)
+    save_checkpoint(accelerator, checkpoints, 1, keep=2)
+    (checkpoints / "step_2").write_text("in the way")
+    with pytest.raises(CheckpointError, match=r"^the checkpoint for step 2 could not be written \(process 0: "
+                                              r"NotADirectoryError: .*\); .*step_1 is intact"):
+        save_checkpoint(accelerator, checkpoints, 2, keep=2)
+    assert listing(checkpoints) == ["step_1", "step_2"] and (checkpoints / "step_2").is_file()
+
+
+def test_a_checkpoints_path_that_is_a_file_is_a_checkpoint_error(training):
+    accelerator, model, progress, counter, checkpoints = training
+    checkpoints.write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"^the checkpoint for step 3 could not be written \(process 0: "
+                                              r"(FileExistsError|NotADirectoryError): .*no earlier checkpoint exists"):
+        save_checkpoint(accelerator, checkpoints, 3, keep=2)
+    assert checkpoints.read_text() == "not a folder"
+
+
+def test_exported_weights_are_float32_and_never_half_written(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).to(torch.bfloat16)
+    model[0].weight.data = model[0].weight.data.t().contiguous().t()  # a non-contiguous view
+    path = tmp_path / "model.safetensors"
+    path.write_text("the previous launch's weights")
+    save_weights(model, path)
+    state = load_file(path)
+    assert set(state) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for key, value in model.state_dict().items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float())
+    assert listing(tmp_path) == ["model.safetensors"]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real one-process gloo process group, so that DistributedDataParallel can wrap a model."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_eval_copy_of_a_checkpoint_drops_the_ddp_and_compile_prefixes(tmp_path, one_process_group):
+    """accelerate wraps DDP first and compiles last, so a compiled multi-GPU run saves
+    `_orig_mod.module.<key>`; DDP alone `module.<key>`, compile alone `_orig_mod.<key>`. Each copy
+    holds the plain model's keys and values, as a finished run's model.safetensors does."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    wrapped = {"ddp": torch.nn.parallel.DistributedDataParallel(plain),
+               "compiled": torch.compile(plain, backend="eager"),
+               "compiled-ddp": torch.compile(torch.nn.parallel.DistributedDataParallel(plain), backend="eager"),
+               "plain": plain}
+    for name, model in wrapped.items():
+        checkpoint = tmp_path / name / "step_4"
+        checkpoint.mkdir(parents=True)
+        save_file(model.state_dict(), checkpoint / "model.safetensors")
+        (checkpoint / "config.yaml").write_text(f"run:\n  name: {name}\n")
+        copy = _copy_checkpoint_weights(checkpoint)
+        state = load_file(copy / "model.safetensors")
+        assert sorted(state) == sorted(plain.state_dict()), name
+        for key, value in plain.state_dict().items():
+            assert torch.equal(state[key], value), (name, key)
+        assert (copy / "config.yaml").read_text() == f"run:\n  name: {name}\n"
+        assert not copy.is_relative_to(tmp_path)  # a private copy: the training may rotate the checkpoint away
