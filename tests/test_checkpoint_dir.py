@@ -8,19 +8,24 @@ failing process of two) are in test_fault_tolerance.py and test_train.py."""
 from __future__ import annotations
 
 import errno
-import os
+import json
+import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
-from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, _copy_checkpoint_weights, checkpoint_step,
-                               complete_checkpoints, latest_checkpoint, remove_partial_checkpoints, save_checkpoint,
-                               save_weights)
+from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, EvalSnapshot, _copy_checkpoint_weights,
+                               checkpoint_step, complete_checkpoints, latest_checkpoint, remove_partial_checkpoints,
+                               same_snapshot_on_every_process, save_checkpoint, save_weights)
 from clsvit.errors import InputError
+from clsvit.runlock import Owner, RunDirectoryInUse
 from clsvit.training import Progress
 
 
@@ -287,3 +292,114 @@ def test_eval_copy_of_a_checkpoint_drops_the_ddp_and_compile_prefixes(tmp_path, 
             assert torch.equal(state[key], value), (name, key)
         assert (copy / "config.yaml").read_text() == f"run:\n  name: {name}\n"
         assert not copy.is_relative_to(tmp_path)  # a private copy: the training may rotate the checkpoint away
+
+
+@pytest.fixture
+def undeletable(tmp_path):
+    """Makes a file undeletable, even by root (the immutable attribute: what an NFS server's busy
+    `.nfs*` file or a snapshot does to a deletion); lifted again with `undeletable(path, False)` and
+    from everything under tmp_path after the test."""
+    def mark(path, immutable=True):
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i" if immutable else "-i", str(path)], capture_output=True).returncode:
+            pytest.skip("this filesystem has no immutable attribute")
+    yield mark
+    subprocess.run(["chattr", "-R", "-i", str(tmp_path)], capture_output=True)
+
+
+def test_an_old_checkpoint_that_cannot_be_deleted_is_hidden_and_the_save_succeeds(training, undeletable):
+    """The rotation renames an old checkpoint out of sight before deleting it: when the deletion
+    fails, the new checkpoint still stands, the old one is no longer listed, and the next launch's
+    clean-up removes it (also failing quietly while it cannot)."""
+    accelerator, model, progress, counter, checkpoints = training
+    advance(model, progress, counter, 1)
+    save_checkpoint(accelerator, checkpoints, 1, keep=1)
+    stuck = checkpoints / "step_1" / "stuck.bin"
+    stuck.write_bytes(b"busy")
+    undeletable(stuck)
+    advance(model, progress, counter, 2)
+    assert save_checkpoint(accelerator, checkpoints, 2, keep=1) == checkpoints / "step_2"
+    assert listing(checkpoints) == [".step_1.removing", "step_2"]
+    assert listing(checkpoints / ".step_1.removing") == ["stuck.bin"]  # the rest was deleted
+    assert complete_checkpoints(checkpoints) == [checkpoints / "step_2"]
+    assert remove_partial_checkpoints(checkpoints) == [checkpoints / ".step_1.removing"]
+    undeletable(checkpoints / ".step_1.removing" / "stuck.bin", False)
+    remove_partial_checkpoints(checkpoints)
+    assert listing(checkpoints) == ["step_2"]
+
+
+# ---------------------------------------------------------------- two processes (gloo, forked)
+
+def _two_process_save(checkpoints, failures, results):
+    """One of two processes: save step 2 with `failures[rank]` injected (None, "disk" or "bug")
+    and record what it raised."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a one-process pytest
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    model, counter = accelerator.prepare(torch.nn.Linear(3, 2)), Counter()
+    accelerator.register_for_checkpointing(counter)
+    counter.fail = {None: None, "disk": OSError(errno.ENOSPC, "No space left on device"),
+                    "bug": KeyError("value")}[failures[rank]]
+    try:
+        save_checkpoint(accelerator, checkpoints, 2, keep=2)
+        raised = None
+    except Exception as error:  # noqa: BLE001 — recorded for the test
+        raised = [type(error).__name__, str(error)]
+    (results / f"rank{rank}.json").write_text(json.dumps(raised))
+
+
+def test_two_processes_agree_on_the_outcome_of_a_failed_write(training, tmp_path):
+    """Each process saves its own RNG state, so each can fail alone: a full disk on one process is a
+    CheckpointError on both, naming it; a bug keeps its own type where it happened and is a
+    RuntimeError on the other; either way nothing is published and step 1 stays the newest."""
+    accelerator, model, progress, counter, checkpoints = training
+    advance(model, progress, counter, 1)
+    save_checkpoint(accelerator, checkpoints, 1, keep=2)  # the previous checkpoint, from one process
+    intact = f"{checkpoints / 'step_1'} is intact: fix the cause and relaunch to resume"
+    disk = "OSError: [Errno 28] No space left on device"
+    cases = {
+        (None, None): [None, None],
+        (None, "disk"): [["CheckpointError", f"the checkpoint for step 2 could not be written (process 1: {disk}); "
+                                             f"{intact}"]] * 2,
+        ("disk", "disk"): [["CheckpointError", f"the checkpoint for step 2 could not be written (process 0: {disk}); "
+                                               f"{intact}"]] * 2,
+        ("bug", "disk"): [["KeyError", "'value'"],
+                          ["RuntimeError", f"the checkpoint for step 2 could not be written (process 0: KeyError: "
+                                           f"'value'); {intact}"]],
+        (None, "bug"): [["RuntimeError", f"the checkpoint for step 2 could not be written (process 1: KeyError: "
+                                         f"'value'); {intact}"], ["KeyError", "'value'"]],
+    }
+    for failures, expected in cases.items():
+        results = tmp_path / "-".join(map(str, failures))
+        results.mkdir()
+        shutil.rmtree(checkpoints / "step_2", ignore_errors=True)
+        debug_launcher(_two_process_save, args=(checkpoints, failures, results), num_processes=2)
+        outcome = [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert outcome == expected, failures
+        assert listing(checkpoints) == (["step_1", "step_2"] if expected == [None, None] else ["step_1"]), failures
+
+
+def _two_process_snapshot(steps, results):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    snapshot = EvalSnapshot(results, "a live run", owner=Owner(host="h", pid=1, since="now"), step=steps[rank])
+    try:
+        same_snapshot_on_every_process(snapshot, accelerator)
+        raised = None
+    except RunDirectoryInUse as error:
+        raised = str(error)
+    (results / f"rank{rank}.json").write_text(json.dumps(raised))
+
+
+def test_eval_processes_that_read_different_checkpoints_stop(tmp_path):
+    one = EvalSnapshot(tmp_path, "a live run", owner=Owner(host="h", pid=1, since="now"), step=4)
+    same_snapshot_on_every_process(one, Accelerator(cpu=True))  # one process always agrees with itself
+    for steps in ((4, 4), (4, 8)):
+        results = tmp_path / f"{steps[0]}-{steps[1]}"
+        results.mkdir()
+        debug_launcher(_two_process_snapshot, args=(steps, results), num_processes=2)
+        expected = None if steps == (4, 4) else (
+            "the eval processes read different checkpoints of the training run (steps [4, 8]); a checkpoint was "
+            "published while they started: run eval.py again")
+        assert [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [expected] * 2
