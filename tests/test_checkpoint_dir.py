@@ -11,6 +11,8 @@ import errno
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +24,14 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, EvalSnapshot, _copy_checkpoint_weights,
-                               checkpoint_step, complete_checkpoints, latest_checkpoint, remove_partial_checkpoints,
-                               same_snapshot_on_every_process, save_checkpoint, save_weights)
+                               checkpoint_step, complete_checkpoints, latest_checkpoint, load_run,
+                               remove_partial_checkpoints, same_snapshot_on_every_process, save_checkpoint,
+                               save_weights)
 from clsvit.errors import InputError
 from clsvit.runlock import Owner, RunDirectoryInUse
 from clsvit.training import Progress
+from model_utils import images, make_run
+from trainer_utils import REPO
 
 
 def complete(directory, step):
@@ -292,6 +297,30 @@ def test_eval_copy_of_a_checkpoint_drops_the_ddp_and_compile_prefixes(tmp_path, 
             assert torch.equal(state[key], value), (name, key)
         assert (copy / "config.yaml").read_text() == f"run:\n  name: {name}\n"
         assert not copy.is_relative_to(tmp_path)  # a private copy: the training may rotate the checkpoint away
+        assert copy.name.startswith("clsvit-eval-step_4-")  # a leftover of a killed eval.py says what it is
+
+
+COPY_THEN_EXIT = """
+import shutil, sys
+from pathlib import Path
+from clsvit.checkpoint import _copy_checkpoint_weights
+copies = [_copy_checkpoint_weights(Path(sys.argv[1])) for _ in range(2)]
+shutil.rmtree(copies[1])  # a temporary-files cleaner was faster
+print(*copies)
+"""
+
+
+def test_eval_copies_are_removed_when_the_process_exits(tmp_path):
+    checkpoint = tmp_path / "step_4"
+    checkpoint.mkdir()
+    save_file({"weight": torch.ones(2)}, checkpoint / "model.safetensors")
+    (checkpoint / "config.yaml").write_text("run:\n  name: x\n")
+    done = subprocess.run([sys.executable, "-c", COPY_THEN_EXIT, str(checkpoint)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    copies = [Path(path) for path in done.stdout.split()]
+    assert len(copies) == 2 and not any(path.exists() for path in copies)
+    assert _copy_checkpoint_weights(checkpoint).is_dir()  # in this process: there until it exits
 
 
 @pytest.fixture
@@ -403,3 +432,20 @@ def test_eval_processes_that_read_different_checkpoints_stop(tmp_path):
             "the eval processes read different checkpoints of the training run (steps [4, 8]); a checkpoint was "
             "published while they started: run eval.py again")
         assert [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [expected] * 2
+
+
+def test_load_run_applies_the_overlays_then_the_overrides_and_reports_what_it_loaded(tmp_path):
+    """eval.py reads a run as load_run(run, overrides, overlays=(recipes/eval/X.yaml,)): the overlay
+    over the run's config.yaml, the command line over both; 2x2 -> 4x4 patches resizes pos_embed."""
+    trained, cfg = make_run(tmp_path / "run", {"norm": 1.0}, seed=1)
+    overlay = tmp_path / "eval.yaml"
+    overlay.write_text("model:\n  img_size: 48\neval:\n  max_batches: 3\n")
+    lines = []
+    model, loaded = load_run(tmp_path / "run", ["model.img_size=64"], overlays=(overlay,), report=lines.append)
+    assert (loaded["model"]["img_size"], loaded["eval"]["max_batches"]) == (64, 3)
+    assert model.patch_embed.img_size == (64, 64) and not model.training
+    assert len(lines) == 1 and "pos_embed resized 2x2 -> 4x4" in lines[0], lines
+    same, _ = load_run(tmp_path / "run")
+    assert loaded["model"]["specialize"] == cfg["model"]["specialize"]
+    with torch.no_grad():
+        assert torch.equal(same(images()), trained(images()))
