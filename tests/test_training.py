@@ -7,14 +7,15 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
 
 import pytest
 import torch
 from accelerate import Accelerator
 
 from clsvit.config import ConfigError
-from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm, is_due,
-                             nonfinite_on_any_process, split_global_batch)
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm,
+                             is_due, nonfinite_on_any_process, split_global_batch)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -173,3 +174,31 @@ def test_no_progress_output_when_disabled(capsys):
     display.log_step(1, 1.0, 1e-3, 10.0)
     display.close()
     assert stream.getvalue() == "" and capsys.readouterr().out == ""
+
+
+def test_log_window_sums_the_window_and_reports_its_means():
+    """Two optimizer steps of losses 2.0 and 4.0 -> mean 3.0 (one process); the broken-file reports
+    of the batches are kept (empty ones dropped) and counted; data waits are a fraction of the window."""
+    def batches():
+        for problems in (["", "a.jpg: truncated"], [None], ["b.png: not an image", "c.png: not an image"]):
+            time.sleep(0.2)  # a loader that keeps the step waiting
+            yield torch.zeros(2, 3), torch.tensor([0, 1]), problems
+
+    window = LogWindow(Accelerator(cpu=True))
+    stream = batches()
+    for loss in (2.0, 4.0):
+        images, labels = window.next_batch(stream)
+        assert images.shape == (2, 3) and labels.tolist() == [0, 1]
+        window.add_step(torch.tensor(loss))
+    window.next_batch(stream)
+    assert window.problems == ["a.jpg: truncated", "b.png: not an image", "c.png: not an image"]
+    summary = window.reduce(stop_requested=False)
+    assert (summary["mean_loss"], summary["stop"], summary["problems"]) == (3.0, False, 3)
+    assert summary["elapsed"] >= 0.6 and 0.5 < summary["data_wait"] <= 1.0
+    assert window.reduce(stop_requested=True)["stop"] is True
+
+    window.reset()
+    assert (window.steps, window.data_wait, float(window.loss_sum)) == (0, 0.0, 0.0)
+    assert window.reduce(stop_requested=False)["mean_loss"] == 0.0  # an empty window divides by one step
+    window.add_step(torch.tensor(5.0))
+    assert window.reduce(stop_requested=False)["mean_loss"] == 5.0
