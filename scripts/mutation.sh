@@ -37,6 +37,8 @@ fi
 .venv/bin/mutmut results --all true 2>/dev/null | .venv/bin/python -c '
 import collections, fnmatch, re, sys
 patterns = sys.argv[1:] or ["*"]
+# the tests did not pass: they failed, hung (timeout), or their process died (suspicious: a signal)
+DETECTED = ("killed", "timeout", "suspicious", "segfault")
 counts, survivors = collections.defaultdict(collections.Counter), collections.defaultdict(list)
 for line in sys.stdin:
     name, _, status = line.strip().rpartition(": ")
@@ -44,12 +46,12 @@ for line in sys.stdin:
         continue
     module = re.split(r"\.x(?:_|\u01c1)", name, maxsplit=1)[0]  # clsvit.runlock.x_f__mutmut_3 -> clsvit.runlock
     counts[module][status] += 1
-    if status not in ("killed", "timeout"):  # a mutant that hangs the tests is caught too
+    if status not in DETECTED:
         survivors[module].append(f"{name} ({status})")
 for module in sorted(counts):
     c = counts[module]
-    total, killed = sum(c.values()), c["killed"] + c["timeout"]
-    rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in ("killed", "timeout"))
+    total, killed = sum(c.values()), sum(c[s] for s in DETECTED)
+    rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in DETECTED)
     rest = "  (" + rest + ")" if rest else ""
     print(f"{module:36s} {killed:4d}/{total:<4d} killed ({100 * killed / total:5.1f} %){rest}")
 for module in sorted(survivors):

@@ -138,6 +138,31 @@ def test_copies_of_one_signal_are_one_request():
             signal.signal(signum, handler)
 
 
+def test_a_second_signal_after_the_repeat_window_ends_the_process():
+    """The first signal is a request and the process goes on; one arriving later than
+    REPEAT_WINDOW_S after it ends the process by that signal (in a forked child here)."""
+    previous = {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS}
+    try:
+        signals = PreemptionSignals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.requested and signals.received == [signal.SIGTERM]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            PreemptionSignals()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(PreemptionSignals.REPEAT_WINDOW_S + 0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
 def test_is_due_every_n_steps_and_at_the_last_only_for_logging():
     due = lambda at_last: [step for step in range(1, 11) if is_due(step, 4, 10, at_last=at_last)]  # noqa: E731
     assert due(at_last=True) == [4, 8, 10]  # log steps: the last one too
