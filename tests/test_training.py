@@ -37,8 +37,21 @@ def test_split_global_batch_errors_name_the_keys():
     with pytest.raises(ConfigError, match=r"train.global_batch=128 on 3 process\(es\) with "
                                           r"train.batch_per_device=64: the global batch is not divisible"):
         split_global_batch(128, 64, 3)
-    with pytest.raises(ConfigError, match="no equal even micro-batch of at most 32 images divides the 31"):
+    with pytest.raises(ConfigError, match=r"^train.global_batch=31 on 1 process\(es\) with train.batch_per_device=32: "
+                                          r"no equal even micro-batch of at most 32 images divides the 31 images per "
+                                          r"process \(Mixup/CutMix need an even micro-batch\)$"):
         split_global_batch(31, 32, 1, even=True)
+
+
+def test_a_split_describes_itself_and_takes_odd_micro_batches_unless_asked_even():
+    split = split_global_batch(2048, 64, 8, even=True)
+    assert (split.global_batch, split.processes) == (2048, 8)
+    assert split.describe() == "8 process(es) x 64 images x 4 accumulation = 2048 images/step"
+    assert (split_global_batch(6, 3, 1).micro_batch, split_global_batch(6, 3, 1).accumulation) == (3, 2)
+    assert (split_global_batch(6, 3, 1, even=True).micro_batch, split_global_batch(6, 3, 1, even=True).accumulation) \
+        == (2, 3)
+    one = split_global_batch(3, 1, 1)  # a cap of one image: one image per pass, per_process passes
+    assert (one.micro_batch, one.accumulation) == (1, 3)
 
 
 def test_progress_refuses_a_position_of_another_layout():
@@ -190,6 +203,16 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_per_log_step_elsewhere(strea
         assert stream.getvalue() == ""  # no bar in a file
         assert lines == ["train step 3/6: loss 0.5000, lr 4.00e-03, 120 images/s",
                          "train step 6/6: loss 0.2500, lr 4.00e-03, 120 images/s"]
+
+
+def test_progress_goes_to_stderr_by_default(capsys):
+    """Under pytest stderr is captured (not a terminal): a line per log step, no bar."""
+    display = ProgressDisplay(total=2, initial=0, enabled=True)
+    display.step()
+    display.log_step(1, 2.0, 1e-3, 10.0)
+    display.close()
+    captured = capsys.readouterr()
+    assert captured.out == "train step 1/2: loss 2.0000, lr 1.00e-03, 10 images/s\n" and captured.err == ""
 
 
 def test_no_progress_output_when_disabled(capsys):
