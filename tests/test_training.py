@@ -215,13 +215,36 @@ def test_progress_goes_to_stderr_by_default(capsys):
     assert captured.out == "train step 1/2: loss 2.0000, lr 1.00e-03, 10 images/s\n" and captured.err == ""
 
 
-def test_no_progress_output_when_disabled(capsys):
-    stream = io.StringIO()
+@pytest.mark.parametrize("stream", [io.StringIO(), Terminal()], ids=["file", "terminal"])
+def test_no_progress_output_when_disabled(stream, capsys):
     display = ProgressDisplay(total=2, initial=0, enabled=False, stream=stream)
     display.step()
     display.log_step(1, 1.0, 1e-3, 10.0)
     display.close()
     assert stream.getvalue() == "" and capsys.readouterr().out == ""
+
+
+def test_a_resumed_bar_starts_at_its_step_and_shows_the_loss_and_lr():
+    terminal = Terminal()
+    display = ProgressDisplay(total=6, initial=4, enabled=True, stream=terminal)
+    display.step()
+    display.log_step(5, 0.25, 4e-3, 120.0)
+    display.step()
+    display.close()
+    last = terminal.getvalue().replace("\n", "\r").strip("\r").split("\r")[-1]
+    assert last.startswith("train: 100%") and " 6/6 " in last and "loss=0.2500, lr=4.00e-03" in last, last
+
+
+def test_gradient_norm_clips_to_max_norm_and_returns_the_norm_before():
+    """torch.nn.utils.clip_grad_norm_'s definition: the total 2-norm before clipping is returned, the
+    gradients are scaled to max_norm when above it."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5
+    assert float(gradient_norm(accelerator, model, None)) == 5.0 and model.weight.grad.tolist() == [[3.0, 4.0]]
+    assert float(gradient_norm(accelerator, model, 1.0)) == 5.0
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[0.6, 0.8]]), rtol=1e-5, atol=1e-6)
 
 
 def test_log_window_sums_the_window_and_reports_its_means():
