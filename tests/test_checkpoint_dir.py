@@ -446,6 +446,7 @@ def test_load_run_applies_the_overlays_then_the_overrides_and_reports_what_it_lo
     assert model.patch_embed.img_size == (64, 64) and not model.training
     assert len(lines) == 1 and "pos_embed resized 2x2 -> 4x4" in lines[0], lines
     same, _ = load_run(tmp_path / "run")
+    assert next(load_run(tmp_path / "run", device="meta")[0].parameters()).is_meta  # the device asked for
     assert loaded["model"]["specialize"] == cfg["model"]["specialize"]
     with torch.no_grad():
         assert torch.equal(same(images()), trained(images()))

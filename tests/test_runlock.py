@@ -180,7 +180,8 @@ def test_eval_snapshot_of_a_live_run_is_its_newest_complete_checkpoint(holder, t
     assert torch.equal(copied["head.bias"], torch.arange(3.0) * 4)
     assert (snapshot.directory / "config.yaml").read_text() == "run:\n  name: at_step_4\n"
     assert snapshot.directory != checkpoints / "step_4" and not snapshot.directory.is_relative_to(run_dir)
-    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4"
+    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4" and (run_dir / "eval_step_4").is_dir()
+    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4"  # a second evaluation of the same step
 
     (checkpoints / "step_4" / "COMPLETE").unlink()
     with pytest.raises(RunDirectoryInUse, match="is training .* and has no complete checkpoint yet"):
