@@ -5,6 +5,7 @@ progress display."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -12,6 +13,8 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+from accelerate.state import AcceleratorState
 
 from clsvit.config import ConfigError
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm,
@@ -56,6 +59,7 @@ def test_a_split_describes_itself_and_takes_odd_micro_batches_unless_asked_even(
 
 def test_progress_refuses_a_position_of_another_layout():
     progress = Progress()
+    assert progress.state_dict() == {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped_nonfinite": 0}
     progress.load_state_dict({"step": 5, "epoch": 1, "samples_in_epoch": 64, "skipped_nonfinite": 0})
     assert (progress.step, progress.epoch, progress.samples_in_epoch) == (5, 1, 64)
     with pytest.raises(ValueError, match="batches_in_epoch"):
@@ -247,7 +251,7 @@ def test_gradient_norm_clips_to_max_norm_and_returns_the_norm_before():
     torch.testing.assert_close(model.weight.grad, torch.tensor([[0.6, 0.8]]), rtol=1e-5, atol=1e-6)
 
 
-def test_log_window_sums_the_window_and_reports_its_means():
+def test_log_window_sums_the_window_and_reports_its_means(tmp_path):
     """Two optimizer steps of losses 2.0 and 4.0 -> mean 3.0 (one process); the broken-file reports
     of the batches are kept (empty ones dropped) and counted; data waits are a fraction of the window."""
     def batches():
@@ -273,3 +277,20 @@ def test_log_window_sums_the_window_and_reports_its_means():
     assert window.reduce(stop_requested=False)["mean_loss"] == 0.0  # an empty window divides by one step
     window.add_step(torch.tensor(5.0))
     assert window.reduce(stop_requested=False)["mean_loss"] == 5.0
+
+    debug_launcher(_two_process_window, args=(tmp_path,), num_processes=2)
+    for rank in (0, 1):  # every process sees the same global figures
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [2.25, True, 3]
+
+
+def _two_process_window(results):
+    """Process r adds the step losses r + 1 and r + 2.5 and saw r + 1 broken files; process 1 got a
+    signal: the mean loss over 2 processes x 2 steps is (1 + 2.5 + 2 + 3.5) / 4 = 2.25, 3 broken files."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a one-process pytest
+    window = LogWindow(Accelerator(cpu=True))
+    rank = window.accelerator.process_index
+    window.add_step(torch.tensor(rank + 1.0))
+    window.add_step(torch.tensor(rank + 2.5))
+    window.problems += ["x.jpg: truncated"] * (rank + 1)
+    summary = window.reduce(stop_requested=rank == 1)
+    (results / f"rank{rank}.json").write_text(json.dumps([summary["mean_loss"], summary["stop"], summary["problems"]]))
