@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, EvalSnapshot, _copy_checkpoint_weights,
-                               checkpoint_step, complete_checkpoints, latest_checkpoint, load_run,
+                               checkpoint_step, complete_checkpoints, eval_snapshot, latest_checkpoint, load_run,
                                remove_partial_checkpoints, same_snapshot_on_every_process, save_checkpoint,
                                save_weights)
 from clsvit.errors import InputError
@@ -450,3 +450,12 @@ def test_load_run_applies_the_overlays_then_the_overrides_and_reports_what_it_lo
     assert loaded["model"]["specialize"] == cfg["model"]["specialize"]
     with torch.no_grad():
         assert torch.equal(same(images()), trained(images()))
+
+
+def test_a_run_that_is_not_training_is_evaluated_from_its_final_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    complete(run_dir / "checkpoints", 4)  # checkpoints are for resuming: a finished run is read whole
+    snapshot = eval_snapshot(run_dir)
+    assert snapshot == EvalSnapshot(run_dir, f"the final weights {run_dir / 'model.safetensors'}")
+    assert not snapshot.live and snapshot.output_dir(run_dir) == run_dir
+    assert not (run_dir / "eval_step_4").exists()
