@@ -28,7 +28,7 @@ from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, EvalSnapshot, _
                                remove_partial_checkpoints, same_snapshot_on_every_process, save_checkpoint,
                                save_weights)
 from clsvit.errors import InputError
-from clsvit.runlock import Owner, RunDirectoryInUse
+from clsvit.runlock import Owner, RunDirectoryInUse, RunLock
 from clsvit.training import Progress
 from model_utils import images, make_run
 from trainer_utils import REPO
@@ -459,3 +459,18 @@ def test_a_run_that_is_not_training_is_evaluated_from_its_final_weights(tmp_path
     assert snapshot == EvalSnapshot(run_dir, f"the final weights {run_dir / 'model.safetensors'}")
     assert not snapshot.live and snapshot.output_dir(run_dir) == run_dir
     assert not (run_dir / "eval_step_4").exists()
+
+
+def test_a_live_run_whose_newest_checkpoint_cannot_be_read_is_refused_in_one_line(tmp_path):
+    """eval.py takes the newest checkpoint again while it vanishes under it; when it keeps failing,
+    one line says so (here the training is this very process, holding the run's lock)."""
+    run_dir = tmp_path / "run"
+    lock = RunLock.acquire(run_dir)
+    try:
+        (complete(run_dir / "checkpoints", 4) / "config.yaml").write_text("run:\n  name: x\n")  # no weights
+        with pytest.raises(RunDirectoryInUse) as refused:
+            eval_snapshot(run_dir)
+        assert str(refused.value) == (f"run directory {run_dir}: its checkpoints were replaced faster than they "
+                                      f"could be read")
+    finally:
+        lock.release()
