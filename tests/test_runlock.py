@@ -251,6 +251,7 @@ def _two_process_hold(run_dir, results):
 def test_of_two_processes_the_main_one_takes_the_lock_and_a_refusal_stops_both(holder, tmp_path):
     """The main process takes the lock, the other only waits for the outcome; when another launch
     owns the directory, the main process raises the one line and the other exits with status 2."""
+    hold_run_directory(tmp_path / "alone", Accelerator(cpu=True)).release()  # one process: it holds the lock itself
     free = tmp_path / "free"
     results = tmp_path / "results"
     results.mkdir()
