@@ -45,6 +45,7 @@ from clsvit.runlock import Owner, RunDirectoryInUse, live_owner
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -246,15 +247,16 @@ def eval_snapshot(run_dir: Path) -> EvalSnapshot:
 def _copy_checkpoint_weights(checkpoint: Path) -> Path:
     """config.yaml and the model's weights of an accelerate checkpoint, in a private temporary
     directory (removed at exit), with the wrappers' key prefixes (DDP `module.`, torch.compile
-    `_orig_mod.`) removed and the tokens of its copies recorded (as `save_weights` records them), so
-    that load_run reads it like a finished run."""
+    `_orig_mod.`, in either order: accelerate compiles the DDP-wrapped model) removed and the tokens
+    of its copies recorded (as `save_weights` records them), so that load_run reads it like a
+    finished run."""
     config = (checkpoint / "config.yaml").read_bytes()
     spec = load_config(checkpoint / "config.yaml")["model"]["specialize"]
     state = load((checkpoint / "model.safetensors").read_bytes())
     clean = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         clean[key] = value
     directory = Path(tempfile.mkdtemp(prefix=f"clsvit-eval-{checkpoint.name}-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)

@@ -140,6 +140,8 @@ CROSS_KEY_RULES = [
     (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
      "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
      "[0.229,0.224,0.225])"),
+    (("train.keep_checkpoints",), lambda c: c["train.keep_checkpoints"] < 1,
+     "the run keeps this many newest checkpoints and resumes from the newest: at least 1"),
 ]
 
 

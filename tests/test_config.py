@@ -242,6 +242,7 @@ def test_enumerations_of_the_eval_sections():
      "aug.rand_augment='rand-m9-mstd0.5-inc1x': timm cannot parse this augmentation policy"),
     (["data.std=[0.229,0,0.225]"],
      "data.std=[0.229, 0.0, 0.225]: the inputs are divided by these standard deviations: each must be positive"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: the run keeps this many newest checkpoints"),
 ])
 def test_cross_key_rules(tmp_path, overrides, message):
     expect_error(message, DEFAULT_RECIPE, overrides)
@@ -258,7 +259,8 @@ def test_cross_key_rules_accept_the_valid_combinations():
           ["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1"],
           ["train.finetune=true", "model.pretrained=runs/vit_s"],
           ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
-          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"]]
+          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"],
+          ["train.keep_checkpoints=1"]]
     for overrides in ok:
         load_config(DEFAULT_RECIPE, overrides)
     # a fine-tune recipe inherits train.finetune; dropping its model.pretrained is refused
