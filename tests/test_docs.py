@@ -114,6 +114,8 @@ def module_problem(text: str) -> str | None:
     name = re.match(r"clsvit(?:\.\w+)*", text)[0]
     if name in NOT_MODULES:
         return None
+    if mutant := re.fullmatch(r"(clsvit(?:\.\w+)*)\.x_(\w+?)__mutmut_\d+", name):  # mutmut's id of a function's mutant
+        name = f"{mutant[1]}.{mutant[2]}"
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
         try:
