@@ -142,6 +142,13 @@ CROSS_KEY_RULES = [
      "[0.229,0.224,0.225])"),
     (("train.keep_checkpoints",), lambda c: c["train.keep_checkpoints"] < 1,
      "the run keeps this many newest checkpoints and resumes from the newest: at least 1"),
+    *(((key,), lambda c, key=key: c[key] < 1, f"{what}: at least 1") for key, what in (
+        ("train.global_batch", "images per optimizer step"),
+        ("train.batch_per_device", "images per forward pass"),
+        ("eval.batch_per_device", "images per evaluation forward pass"),
+        ("train.checkpoint_every", "optimizer steps between checkpoints"),
+        ("eval.every", "optimizer steps between validation passes"),
+        ("log.every", "optimizer steps between logs"))),
 ]
 
 

@@ -243,6 +243,12 @@ def test_enumerations_of_the_eval_sections():
     (["data.std=[0.229,0,0.225]"],
      "data.std=[0.229, 0.0, 0.225]: the inputs are divided by these standard deviations: each must be positive"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: the run keeps this many newest checkpoints"),
+    (["train.global_batch=0"], "train.global_batch=0: images per optimizer step: at least 1"),
+    (["train.batch_per_device=-1"], "train.batch_per_device=-1: images per forward pass: at least 1"),
+    (["eval.batch_per_device=0"], "eval.batch_per_device=0: images per evaluation forward pass: at least 1"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every=0: optimizer steps between checkpoints: at least 1"),
+    (["eval.every=0"], "eval.every=0: optimizer steps between validation passes: at least 1"),
+    (["log.every=0"], "log.every=0: optimizer steps between logs: at least 1"),
 ])
 def test_cross_key_rules(tmp_path, overrides, message):
     expect_error(message, DEFAULT_RECIPE, overrides)
@@ -260,7 +266,8 @@ def test_cross_key_rules_accept_the_valid_combinations():
           ["train.finetune=true", "model.pretrained=runs/vit_s"],
           ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
           ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"],
-          ["train.keep_checkpoints=1"]]
+          ["train.keep_checkpoints=1"], ["log.every=1", "eval.every=1", "train.checkpoint_every=1"],
+          ["train.global_batch=1", "train.batch_per_device=1", "eval.batch_per_device=1"]]
     for overrides in ok:
         load_config(DEFAULT_RECIPE, overrides)
     # a fine-tune recipe inherits train.finetune; dropping its model.pretrained is refused
