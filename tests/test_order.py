@@ -2,6 +2,7 @@
 reads each parquet row group once per cycle, in one worker, and yields each row aug.repeated_aug
 times; a resume stays sample-exact; the evaluation pass reads every row once and counts it once."""
 
+import os
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -326,3 +327,80 @@ def test_top1_over_the_grouped_pass_equals_a_sequential_count(tmp_path):
     result = topk_accuracy(model, D.build_eval_loader(dataset, 8, cfg["data"]), Accelerator(cpu=True))
     assert result["images"] == 45
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
+
+
+# ---------------------------------------------------------------- the dense probes' passes
+
+def test_the_dense_feature_pass_deals_row_groups_to_workers(tmp_path):
+    """The feature cache's pass over a sorted plan: each row group's entries go to one loader worker,
+    every entry once (slot >= 0), and every batch has the same size."""
+    from clsvit.dense.engine import _contiguous_share, _grouped_share
+
+    rows = shard(tmp_path / "train.parquet", [10] * 9 + [4])
+
+    class Dense:  # a DenseDataset's shape: the rows as .dataset
+        dataset = rows
+
+    index = torch.tensor(sorted(np.random.default_rng(0).choice(94, 40, replace=False).tolist()))
+    plan = {"index": index, "seed": torch.arange(40)}
+    share = _grouped_share(Dense(), plan, per_rank=4, workers=2)
+    slots = share["slot"].view(-1, 4)
+    assert sorted(share["slot"][share["slot"] >= 0].tolist()) == list(range(40))
+    group = group_of(rows)
+    workers = defaultdict(set)
+    for k, batch in enumerate(share["index"].view(-1, 4).tolist()):
+        for entry, slot in zip(batch, slots[k].tolist()):
+            if slot >= 0:
+                assert entry == index[slot]
+                workers[group(entry)].add(k % 2)
+    assert all(len(w) == 1 for w in workers.values())
+    # validation: a process's rows are one run, each worker's part of it contiguous
+    assert _contiguous_share(10, 0, 2, 2) == [0, 3, 1, 4, 2] and _contiguous_share(10, 1, 2, 1) == [5, 6, 7, 8, 9]
+
+
+# ---------------------------------------------------------------- train.py end to end
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_on_parquet_resumes_bit_identically_and_a_changed_layout_is_refused(tmp_path):
+    """train.py on parquet shards in the grouped order, 2 processes (gloo) x 2 loader workers, 16
+    row groups: killed (SIGKILL) 3 steps after its checkpoint at step 12, in the middle of the
+    second epoch; a relaunch with one worker less is refused in one line, the relaunch with the
+    same layout resumes from step 12 and ends with weights equal to an uninterrupted run's."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from clsvit.data.shapes import ensure_shapes_dataset
+    from test_train import start_paused
+    from trainer_utils import run_train, subprocess_env, write_tiny_recipe
+
+    env = subprocess_env(tmp_path / "hf_cache")
+    shapes = ensure_shapes_dataset(num_train=256, num_val=50, image_size=32, num_classes=10, cache_dir=tmp_path / "src")
+    data = tmp_path / "parquet"
+    data.mkdir()
+    for split in ("train", "validation"):
+        name = f"{split}-00000-of-00001.parquet"
+        pq.write_table(pq.read_table(shapes / name), data / name, row_group_size=16)
+    overrides = [f"data.source=parquet", f"data.path={data}", "data.num_workers=2", "train.max_steps=20",
+                 "train.checkpoint_every=4", "eval.every=1000"]
+    run_train(write_tiny_recipe(tmp_path, tmp_path / "reference"), *overrides, env=env, processes=2)
+    reference = load_file(tmp_path / "reference" / "tiny" / "model.safetensors")
+
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "killed")
+    run_dir = tmp_path / "killed" / "tiny"
+    launch, pids = start_paused(recipe, *overrides, env=env, pause_dir=tmp_path / "paused", step=16, processes=2)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    launch.communicate(timeout=120)
+    refused = run_train(recipe, *overrides, "data.num_workers=1", env=env, processes=2, check=False)
+    lines = [line for line in refused.stderr.splitlines() if "train.py: error" in line]
+    assert refused.returncode != 0 and lines, refused.stderr[-3000:]
+    assert lines[0].endswith(
+        "the checkpoint stopped 64 samples into an epoch of the grouped order of 2 process(es) x 2 loader worker(s), "
+        "micro-batch 16, window 1000 rows, and this launch has the grouped order of 2 process(es) x 1 loader "
+        "worker(s), micro-batch 16, window 1000 rows: the rest of that epoch cannot be re-derived; relaunch with the "
+        "checkpoint's layout (processes, data.num_workers, train.batch_per_device, data.window)"), lines
+    relaunch = run_train(recipe, *overrides, env=env, processes=2)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_12'}" in relaunch.stdout + relaunch.stderr
+    final = load_file(run_dir / "model.safetensors")
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)

@@ -273,9 +273,9 @@ def split_units(row_groups: np.ndarray, streams: int) -> tuple[np.ndarray, np.nd
 
 def deal_units(unit_rows: np.ndarray, streams: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Per stream its units, in a random order. Largest units first, each to the stream with the
-    fewest rows so far (Graham's LPT rule); units of equal size in a random order, and the streams
-    relabelled at random. The rows per stream depend on the sizes alone, so every cycle gives each
-    stream as many rows as :func:`dealt_rows` says."""
+    fewest rows so far (Graham's LPT rule), units of equal size in a random order: the rows per
+    stream depend on the sizes alone, so every cycle gives each stream as many rows as
+    :func:`dealt_rows` says."""
     shuffled = rng.permutation(len(unit_rows))
     by_size = shuffled[np.argsort(-unit_rows[shuffled], kind="stable")]
     dealt = [[] for _ in range(streams)]
@@ -284,12 +284,11 @@ def deal_units(unit_rows: np.ndarray, streams: int, rng: np.random.Generator) ->
         rows, slot = heapq.heappop(heap)
         dealt[slot].append(unit)
         heapq.heappush(heap, (rows + int(unit_rows[unit]), slot))
-    relabel = rng.permutation(streams)
-    return [rng.permutation(np.asarray(dealt[slot], dtype=np.int64)) for slot in relabel]
+    return [rng.permutation(np.asarray(units, dtype=np.int64)) for units in dealt]
 
 
 def dealt_rows(unit_rows: np.ndarray, streams: int) -> np.ndarray:
-    """The rows :func:`deal_units` gives each of its slots (before relabelling)."""
+    """The rows :func:`deal_units` gives each stream."""
     loads = [0] * streams
     heap = [(0, s) for s in range(streams)]
     for rows in np.sort(unit_rows)[::-1].tolist():
