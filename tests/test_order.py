@@ -6,7 +6,6 @@ import os
 from collections import Counter, defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,18 +16,7 @@ from clsvit.config import ConfigError, load_config
 from clsvit.data.parquet import ParquetRows
 from clsvit.data.sampler import EvalBatches, TrainSampler
 from clsvit.errors import InputError
-
-
-def shard(path, sizes: list[int]) -> ParquetRows:
-    """One parquet shard in row groups of ``sizes`` rows; column ``i`` is the row number."""
-    writer, start = None, 0
-    for size in sizes:
-        table = pa.table({"i": pa.array(range(start, start + size), pa.int64())})
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table, row_group_size=size)
-        start += size
-    writer.close()
-    return ParquetRows([str(path)])
+from test_parquet import rows_of as shard  # one shard in row groups of the given sizes; column i = the row
 
 
 class ReadProbe(Dataset):
@@ -404,3 +392,31 @@ def test_sigkill_mid_epoch_on_parquet_resumes_bit_identically_and_a_changed_layo
     assert f"resumed from {run_dir / 'checkpoints' / 'step_12'}" in relaunch.stdout + relaunch.stderr
     final = load_file(run_dir / "model.safetensors")
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_the_documented_one_time_shuffle_writes_shuffled_hub_shaped_shards(tmp_path, monkeypatch):
+    """docs/data.md's snippet for class-sorted shards, run as written on a class-sorted split: the
+    shards it writes hold the same rows, in another order, in row groups of 100 rows, and load."""
+    import re
+    from pathlib import Path
+
+    import datasets
+    import pyarrow as pa
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    snippet = re.search(r"```python\n(# shuffle class-sorted shards once.*?)```", text, re.S).group(1)
+    (tmp_path / "sorted").mkdir()
+    labels = sorted(np.random.default_rng(0).integers(0, 5, 450).tolist())
+    pq.write_table(pa.table({"image": [{"bytes": bytes([i % 256]), "path": f"{i}.jpg"} for i in range(450)],
+                             "label": labels}), tmp_path / "sorted" / "train-00000-of-00001.parquet")
+    snippet = snippet.replace("/data/imagenet-sorted", str(tmp_path / "sorted")).replace(
+        "/data/imagenet-shuffled", str(tmp_path / "shuffled")).replace("shards = 294", "shards = 2")
+    exec(compile(snippet, "docs/data.md", "exec"), {})
+    written = sorted((tmp_path / "shuffled").glob("train-*.parquet"))
+    assert [p.name for p in written] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    rows = ParquetRows([str(p) for p in written])
+    assert rows.row_groups().tolist() == [100, 100, 25, 100, 100, 25]
+    paths = [rows[i]["image"]["path"] for i in range(len(rows))]
+    assert sorted(paths, key=lambda p: int(p[:-4])) == [f"{i}.jpg" for i in range(450)]
+    assert [rows[i]["label"] for i in range(len(rows))] != labels
