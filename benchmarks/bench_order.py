@@ -28,8 +28,8 @@ row groups of 100 rows, the rows in a shuffled order as on the hub), and measure
 - **bytes read per image**: what the process read through read()/pread() (``/proc/self/io``, rchar)
   per image, against the mean JPEG's size.
 - **peak memory of a DataLoader worker** reading the grouped order with the default window
-  (``data.window``), its growth over a worker that has read one image, and that growth per row of
-  the window times 110 KB (ImageNet's mean): the window's memory at ImageNet's bytes.
+  (``data.window``), its growth over a worker that has read one image, and that growth scaled to
+  110 KB per image (ImageNet's mean): the window's memory at ImageNet's bytes.
 - **memory-mapped or read**: file-backed resident memory (RssFile) after a pass over all shards,
   pyarrow's ``ParquetFile(memory_map=True)`` against ``False`` (what clsvit uses).
 - **shuffle quality** (labels only, ImageNet's shape: 1,281,167 rows of 1000 classes in 294 shards
@@ -125,7 +125,8 @@ def rchar() -> int:
 
 
 def variants(root: Path, paths=("cpu", "device", "decode")) -> dict:
-    """name -> (dataset, an endless iterator over its order's keys), for each path and source."""
+    """name -> (dataset, an endless iterator over its order's keys, the epoch's length), for each
+    path and source."""
     import clsvit.data as data
     from clsvit.config import load_config
     out = {}
@@ -153,7 +154,7 @@ def variants(root: Path, paths=("cpu", "device", "decode")) -> dict:
                     epoch += 1
 
             name = f"{path}/{'folder' if source == 'imagefolder' else 'parquet'}"
-            out[name + ("/random" if order == "random" else "")] = (dataset, keys())
+            out[name + ("/random" if order == "random" else "")] = (dataset, keys(), len(sampler))
     return out
 
 
@@ -162,8 +163,8 @@ def bytes_read(root: Path, mean_bytes: float) -> dict:
     time, so a part of an epoch would not tell), on the ``decode_on: device`` path (no decoding);
     the random order on parquet over 100 images."""
     out = {}
-    for name, (dataset, keys) in variants(root, paths=("decode",)).items():
-        count = 100 if name.endswith("random") else len(dataset)
+    for name, (dataset, keys, epoch) in variants(root, paths=("decode",)).items():
+        count = 100 if name.endswith("random") else epoch
         read = rchar()
         for _ in range(count):
             dataset[next(keys)]
@@ -176,12 +177,12 @@ def time_workers(methods: dict, reps: int, chunk: int) -> dict:
     names = list(methods)
     result = {name: {"s": []} for name in names}
     for name in names:  # warm-up: imports, first reads
-        dataset, keys = methods[name]
+        dataset, keys, _ = methods[name]
         dataset.collate([dataset[next(keys)] for _ in range(4)])
     for rep in range(reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            dataset, keys = methods[name]
+            dataset, keys, _ = methods[name]
             batch = [next(keys) for _ in range(chunk)]
             begin = time.process_time()
             for start in range(0, chunk, 32):
@@ -327,7 +328,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=1800, help="JPEGs written (about 110 KB each)")
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=224, help="images per variant per repetition")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["workers", "memory", "quality"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["workers", "bytes", "memory", "quality"])
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--sorted-shapes", metavar="OUT", help="only write the toy's class-sorted parquet into OUT")
     args = parser.parse_args(argv)
@@ -341,12 +342,13 @@ def main(argv=None) -> None:
         datasets.config.HF_DATASETS_CACHE = Path(tmp) / "hf_cache"
         datasets.disable_progress_bars()
         root = Path(tmp)
-        if "workers" not in args.skip or "memory" not in args.skip:
+        if {"workers", "bytes", "memory"} - set(args.skip):
             mean_bytes = write_sources(root, load_photos(args.photos), args.images)
             report["mean_jpeg_kb"] = mean_bytes / 1000
             print(f"{args.images} JPEGs, {mean_bytes / 1000:.0f} KB on average", file=sys.stderr)
-        if "workers" not in args.skip:
+        if "bytes" not in args.skip:
             report["bytes_read"] = bytes_read(root, mean_bytes)
+        if "workers" not in args.skip:
             report["workers"] = summarise(time_workers(variants(root), args.reps, args.chunk))
         if "memory" not in args.skip:
             report["worker_memory"] = worker_memory(root, min(args.images, 1500))
@@ -368,12 +370,13 @@ def print_report(report: dict) -> None:
         for name, r in report["workers"].items():
             q1, q3 = r["ratio_q1_q3"]
             print(f"  {name:<22} {r['images_per_s']:8.1f} img/s  {r['ratio_to_folder']:5.2f}x [{q1:.2f}-{q3:.2f}]")
-        print("bytes read per image over an epoch / the JPEG's bytes: " +
+    if "bytes_read" in report:
+        print("\nbytes read per image over an epoch / the JPEG's bytes: " +
               ", ".join(f"{name} {ratio:.2f}x" for name, ratio in report["bytes_read"].items()))
     if "worker_memory" in report:
         m = report["worker_memory"]
         per_row_kb = m["growth_mb"] * 1024 / m["rows_held"]
-        imagenet_mb = m["rows_held"] * IMAGENET_KB / 1024
+        imagenet_mb = m["growth_mb"] * IMAGENET_KB / report["mean_jpeg_kb"]  # the growth scales with the bytes
         print(f"\nworker memory, grouped order, window {m['window']} rows (+ a {m['row_group']}-row group): after one "
               f"image {m['after_one_image_mb']:.0f} MB, peak {m['peak_mb']:.0f} MB (+{m['growth_mb']:.0f} MB, "
               f"{per_row_kb:.0f} KB per row held), file-backed {m['file_backed_mb']:.0f} MB; at ImageNet's "

@@ -9,7 +9,7 @@
 - :mod:`~clsvit.data.images`: one sample — decoding to RGB, per-sample seeded RNGs, the base dataset
   :class:`~clsvit.data.images.ImageClassDataset`, broken files replaced and counted.
 - :mod:`~clsvit.data.sampler`: :class:`TrainSampler` yields ``(index, sample_seed)`` in the order
-  ``data.order`` names (grouped: each parquet row group read once per epoch by one loader worker;
+  ``data.order`` names (grouped: each parquet row group read once per cycle of epochs by one loader worker;
   random: a permutation of all rows). With the dataset it makes every augmented sample a pure
   function of (run seed, epoch, layout, position): a mid-epoch resume is bit-identical. The random
   order does not depend on the number of DataLoader workers; the grouped order does.
