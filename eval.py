@@ -171,8 +171,8 @@ def _classification_val_set(cfg: dict, accelerator):
 
 def classification(model, cfg: dict, accelerator) -> dict:
     """Top-1/top-5 (%) over the validation split (exact under several processes)."""
-    loader = accelerator.prepare(build_eval_loader(_classification_val_set(cfg, accelerator),
-                                                   cfg["eval"]["batch_per_device"], cfg["data"]))
+    loader = build_eval_loader(_classification_val_set(cfg, accelerator), cfg["eval"]["batch_per_device"], cfg["data"],
+                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     accuracy = topk_accuracy(model, loader, accelerator, cfg["eval"]["max_batches"])
     undecodable = accuracy.pop("undecodable")
     if undecodable and accelerator.is_main_process:

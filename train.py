@@ -27,7 +27,7 @@ from clsvit import cli
 from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
 from clsvit.config import ConfigError, diff, flatten, load_config, save_config
-from clsvit.data import (TrainSampler, build_eval_loader, build_image_dataset, build_train_loader,
+from clsvit.data import (build_eval_loader, build_image_dataset, build_train_loader, build_train_sampler,
                          load_splits_on_every_process)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
@@ -100,12 +100,13 @@ def main() -> None:
     to_model_input = train_set.batch_transform(accelerator.device)  # loader batch -> model input on the device
     to_val_input = val_set.batch_transform(accelerator.device)
     undecodable = UndecodableImages(len(train_set), data_cfg["max_bad_fraction"])  # broken files: skipped, counted
-    # The train loader is NOT passed to accelerator.prepare: the sampler is already rank-aware
-    # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).
-    sampler = TrainSampler(len(train_set), num_replicas=world, rank=accelerator.process_index,
-                           seed=cfg["run"]["seed"], repeats=cfg["aug"]["repeated_aug"])
+    # Neither loader is passed to accelerator.prepare: both samplers are already rank-aware (data.order,
+    # repeated augmentation; every validation row once), and preparing would shard again (accelerate #4075).
+    sampler = build_train_sampler(train_set, cfg, num_replicas=world, rank=accelerator.process_index,
+                                  micro_batch=batch.micro_batch)
     train_loader = build_train_loader(train_set, sampler, batch.micro_batch, data_cfg)
-    val_loader = accelerator.prepare(build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg))
+    val_loader = build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg, num_replicas=world,
+                                   rank=accelerator.process_index)
     steps_per_epoch = sampler.steps_per_epoch(batch.micro_batch, batch.accumulation)  # an error when none
     epoch_samples = steps_per_epoch * batch.accumulation * batch.micro_batch  # per process; the rest is dropped
     if sampler.note():
@@ -133,7 +134,7 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, undecodable)
+    accelerator.register_for_checkpointing(scheduler, progress, undecodable, sampler)  # sampler: its layout
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 

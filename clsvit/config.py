@@ -10,6 +10,7 @@ for days, hence strict keys, strict types and duplicate-key detection.
 """
 
 import difflib
+import functools
 import os
 import re
 import tempfile
@@ -51,6 +52,7 @@ CHOICES = {
     "data.val_layout": ("class_folders", "ilsvrc_csv"),
     "data.augment_on": ("cpu", "device"),
     "data.decode_on": ("cpu", "device"),
+    "data.order": ("auto", "grouped", "random"),
     "optim.name": ("lamb", "adamw"),
     "schedule.name": ("cosine", "constant"),
     "train.loss": ("bce", "soft_ce"),
@@ -137,6 +139,15 @@ CROSS_KEY_RULES = [
     (("data.max_image_pixels",), lambda c: c["data.max_image_pixels"] is not None and c["data.max_image_pixels"] < 1,
      "images above this many pixels are replaced as broken files: it must be positive (or null: Pillow's own "
      "limit only)"),
+    (("data.order", "data.source"), lambda c: c["data.order"] == "grouped" and c["data.source"] == "imagefolder",
+     "the grouped order reads parquet row groups; a folder is read one file per image, in the random order "
+     "(data.order=auto or random)"),
+    (("data.window", "data.source"),
+     lambda c: c["data.window"] != _default("data.window") and c["data.source"] == "imagefolder",
+     "the window shapes the grouped order of parquet sources; a folder is read in the random order"),
+    (("data.window", "data.order"), lambda c: c["data.window"] != _default("data.window") and c["data.order"] == "random",
+     "the window shapes the grouped order; the random order permutes all rows (data.order=grouped or auto)"),
+    (("data.window",), lambda c: c["data.window"] < 1, "a loader worker shuffles at least one row at a time"),
     (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
      "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
      "[0.229,0.224,0.225])"),
@@ -150,6 +161,12 @@ CROSS_KEY_RULES = [
         ("eval.every", "optimizer steps between validation passes"),
         ("log.every", "optimizer steps between logs"))),
 ]
+
+
+@functools.cache
+def _default(key):
+    """A key's value in default.yaml (for the rules that refuse a key set where it means nothing)."""
+    return dict(flatten(_read_recipe(DEFAULT_RECIPE), stringify=False))[key]
 
 
 def check_rules(config):

@@ -8,28 +8,27 @@ import torch
 @torch.no_grad()
 def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to_input=None) -> dict[str, float]:
     """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (the
-    `clsvit.data.images.UndecodableImage` records of `clsvit.data.images.ImageClassDataset`), over a loader of
-    `(images, labels, problems)` prepared by `accelerator`. `to_input` turns a loader batch into the
-    model's input (the dataset's `batch_transform`: the batched eval transform with
-    `data.augment_on: device`); None takes the images as they come. Exact under several processes:
-    `gather_for_metrics` drops the samples duplicated to pad an uneven split. Hits are counted on
-    the device and read once at the end (no host sync per batch)."""
+    `clsvit.data.images.UndecodableImage` records of `clsvit.data.images.ImageClassDataset`), over this
+    process's share of an evaluation pass (`clsvit.data.build_eval_loader`: every row once over the
+    processes, the same number of batches on each; a batch's rows beyond its sampler's ``valid``
+    count repeat a row and are not counted). `to_input` turns a loader batch into the model's input
+    on the device (the dataset's `batch_transform`); None moves the images as they come. Hits are
+    counted on the device and summed over the processes once at the end (no host sync per batch)."""
     model.eval()
-    hits = torch.zeros(3, dtype=torch.long, device=accelerator.device)  # top-1, top-5, images
-    undecodable = 0
+    device = accelerator.device
+    valid = getattr(getattr(loader, "batch_sampler", None), "valid", None)
+    hits = torch.zeros(4, dtype=torch.long, device=device)  # top-1, top-5, images, undecodable
     for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        if to_input is not None:
-            images = to_input(images)
+        images = to_input(images) if to_input is not None else images.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
-        hits += torch.stack([top1.sum(), top5.sum(), torch.tensor(top1.numel(), device=hits.device)])
-        undecodable += len(problems)
-    undecodable = accelerator.reduce(torch.tensor(undecodable, device=hits.device), reduction="sum")
-    top1, top5, seen = hits.tolist()
+        count = len(labels) if valid is None else valid[index]
+        top = logits[:count].topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:count].to(device)[:, None])
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(count, device=device),
+                             torch.tensor(len(problems), device=device)])
+    top1, top5, seen, undecodable = accelerator.reduce(hits, reduction="sum").tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
             "undecodable": int(undecodable)}
 

@@ -404,7 +404,7 @@ def test_undecodable_records_travel_through_loader_workers():
 
 def test_evaluation_counts_undecodable_records():
     """clsvit.evaluation counts the records (one per broken file, whatever its name) over an
-    accelerate-prepared loader, for both data paths."""
+    evaluation pass of build_eval_loader, for both data paths."""
     from accelerate import Accelerator
 
     from clsvit.evaluation import topk_accuracy
@@ -420,7 +420,7 @@ def test_evaluation_counts_undecodable_records():
         cfg = recipe()
         cfg["data"]["augment_on"] = augment_on
         dataset = D.build_image_dataset(hf, cfg, train=False, num_classes=3)
-        loader = accelerator.prepare(D.build_eval_loader(dataset, 3, data_cfg()))
+        loader = D.build_eval_loader(dataset, 3, data_cfg())
         result = topk_accuracy(model, loader, accelerator, to_input=dataset.batch_transform(accelerator.device))
         assert (result["images"], result["undecodable"]) == (7, 4), augment_on  # rows 1, 2 (for 1 and 2), 5
 
