@@ -16,7 +16,8 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench
         REPO / "recipes" / "README.md"]
 KEYS = set(flatten(load_config(DEFAULT_RECIPE), stringify=False))
 SECTIONS = {key.split(".")[0] for key in KEYS}
-TOP_LEVEL = {path.name for path in REPO.iterdir()} - {".git", ".venv", "runs", "exports", "build"}
+OUTPUTS = {".venv", "runs", "exports", "build"}  # what set-up and runs write: named in docs, absent from a checkout
+TOP_LEVEL = {path.name for path in REPO.iterdir()} - {".git"} - OUTPUTS
 RECIPES = {str(path.relative_to(REPO / "recipes").with_suffix("")) for path in (REPO / "recipes").rglob("*.yaml")}
 RECIPE_STEMS = {Path(recipe).name for recipe in RECIPES}
 FILE_SUFFIXES = {".py", ".yaml", ".md", ".sh", ".toml", ".txt", ".cff", ".png", ".json", ".jsonl", ".log", ".csv",
@@ -83,6 +84,8 @@ def path_problem(name: str, doc: Path) -> str | None:
         name = path
     for candidate in expand(name.rstrip(".,;:)")):
         first = candidate.split("/")[0]
+        if first in OUTPUTS:
+            continue
         if "/" not in candidate.rstrip("/"):
             if Path(candidate).suffix not in FILE_SUFFIXES or candidate in ELSEWHERE or "*" in candidate:
                 continue
