@@ -15,8 +15,8 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to
     `gather_for_metrics` drops the samples duplicated to pad an uneven split. Hits are counted on
     the device and read once at the end (no host sync per batch)."""
     model.eval()
-    hits = torch.zeros(3, dtype=torch.long, device=accelerator.device)  # top-1, top-5, images
-    undecodable = 0
+    hits = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # top-1, top-5
+    seen, undecodable = 0, 0  # on the host: a batch builds no tensor on the device
     for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
@@ -26,10 +26,11 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
         top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
-        hits += torch.stack([top1.sum(), top5.sum(), torch.tensor(top1.numel(), device=hits.device)])
+        hits += torch.stack([top1.sum(), top5.sum()])
+        seen += top1.numel()  # the gathered length: a shape, known on the host
         undecodable += len(problems)
-    undecodable = accelerator.reduce(torch.tensor(undecodable, device=hits.device), reduction="sum")
-    top1, top5, seen = hits.tolist()
+    undecodable = accelerator.reduce(torch.tensor(undecodable).to(hits.device, non_blocking=True), reduction="sum")
+    top1, top5 = hits.tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
             "undecodable": int(undecodable)}
 
