@@ -36,7 +36,8 @@ from clsvit.model import (baseline_model_config, build_model, check_pretrained, 
 from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, TrainingError,
-                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch)
+                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch,
+                             use_deterministic_algorithms)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
@@ -66,6 +67,8 @@ def main() -> None:
     train_cfg, data_cfg = cfg["train"], cfg["data"]
 
     # ---- accelerator --------------------------------------------------------------------------
+    if train_cfg["deterministic"]:  # before CUDA starts: sets CUBLAS_WORKSPACE_CONFIG
+        use_deterministic_algorithms()
     compile_flag = train_cfg["compile"]
     accelerator = Accelerator(
         mixed_precision=train_cfg["mixed_precision"],  # None: `accelerate config` / launch flags decide
@@ -83,8 +86,6 @@ def main() -> None:
     hold_run_directory(run_dir, accelerator)  # one launch per run directory: a second one stops here, untouched
     main_proc = accelerator.is_main_process
     say = tqdm.write if main_proc else (lambda *a, **k: None)
-    if train_cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
     set_seed(cfg["run"]["seed"])  # same on every process: identical init; data seeds come from the sampler
 
     # ---- data ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 - :class:`ProgressDisplay`: the progress on the console, a bar on a terminal, else a line per log step.
 - :func:`gradient_norm`: the logged (and clipped) gradient norm, unscaled under fp16.
 - :func:`nonfinite_on_any_process`: the collective decision to skip an update.
+- :func:`use_deterministic_algorithms`: ``train.deterministic``, with the cuBLAS workspace CUDA needs.
 """
 
 from __future__ import annotations
@@ -261,6 +262,22 @@ def nonfinite_on_any_process(loss: torch.Tensor, accelerator) -> bool:
     collectives would part."""
     flag = (~torch.isfinite(loss)).float().reshape(())
     return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspaces torch accepts (aten Context.cpp, checkCuBLASConfigDeterministic)
+
+
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True)`` for ``train.deterministic``. On CUDA a
+    deterministic cuBLAS matmul needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read by cuBLAS when
+    it starts; NVIDIA's cuBLAS docs, "Results reproducibility"), else every matmul raises: set to
+    ``:4096:8`` here unless the environment chose one of torch's accepted values; another value is
+    refused in one line. Call it before the first CUDA matmul (train.py: before the accelerator)."""
+    value = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+    if value not in CUBLAS_DETERMINISTIC:
+        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG={' or '.join(CUBLAS_DETERMINISTIC)} "
+                          f"(deterministic cuBLAS matmuls), the environment sets {value!r}: unset it or choose one")
+    torch.use_deterministic_algorithms(True)
 
 
 class PreemptionSignals:

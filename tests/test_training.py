@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from clsvit.config import ConfigError
 from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm, is_due,
-                             nonfinite_on_any_process, split_global_batch)
+                             nonfinite_on_any_process, split_global_batch, use_deterministic_algorithms)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -131,6 +131,23 @@ class _Batches:
     def __iter__(self):
         items = list(self.sampler)
         return iter([items[i:i + self.size] for i in range(0, len(items) - self.size + 1, self.size)])
+
+
+def test_deterministic_training_sets_the_cublas_workspace_or_refuses_another(monkeypatch):
+    """train.deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) before cuBLAS
+    starts, else every matmul raises: it is set when absent, kept when valid, refused otherwise."""
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda flag: calls.append(flag))
+    calls = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_algorithms()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [True]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    use_deterministic_algorithms()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(ConfigError, match=r"CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8 .* sets ':0:0'"):
+        use_deterministic_algorithms()
+    assert calls == [True, True]
 
 
 def test_nonfinite_decision_on_one_process():
