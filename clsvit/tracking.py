@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -433,8 +434,28 @@ def write_eval_events(run_dir: Path, results: Mapping[str, Any], figures: Mappin
 # ============================================================================ provenance
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform.processor()` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    """The machine a number came from: the CPU model, the instruction set torch's CPU kernels
+    dispatch to (`torch.backends.cpu.get_cpu_capability()`: CPU results are bit-identical per
+    capability only), the logical cores, and the GPUs' name and count."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus}
+
+
 def provenance(accelerator, **extra: Any) -> dict:
-    """Where a result came from: code version, libraries, hardware, parallelism."""
+    """Where a result came from: code version, libraries, hardware (:func:`hardware`), parallelism."""
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
@@ -459,5 +480,6 @@ def provenance(accelerator, **extra: Any) -> dict:
         "device_type": device.type,
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        **hardware(),
         **extra,
     }
