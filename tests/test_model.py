@@ -14,6 +14,7 @@ from timm.layers import DropPath, LayerScale, resample_abs_pos_embed
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from clsvit import COMPONENTS, PAPER_DEFAULT, create_model, specialize
 from clsvit.checkpoint import load_run
@@ -29,6 +30,7 @@ from clsvit.model import (
     is_specialized,
     set_uniform_drop_path,
     specialized_modules,
+    specialized_tokens,
     split_class,
 )
 from model_utils import images, random_timm_model, randomize_, tiny_vit
@@ -168,6 +170,211 @@ def test_qkv_copy_reaches_patches_only_through_attention(reg_tokens):
     assert_unchanged(after[1][:, n:], before_blind[1][:, n:])
 
 
+# --- which tokens get the copies ----------------------------------------------------------------
+
+class RowSplit(nn.Module):
+    """The definition of a split module, from two unspecialized timm modules: `shared` on every
+    row, then the rows `rows` recomputed by `copy` (written out here, not taken from clsvit)."""
+
+    def __init__(self, shared: nn.Module, copy_: nn.Module, rows: slice):
+        super().__init__()
+        self.shared, self.copy, self.rows = shared, copy_, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared(x)
+        out[:, self.rows] = self.copy(x[:, self.rows])
+        return out
+
+
+def hand_built(model: nn.Module, rows: slice) -> nn.Module:
+    """timm's unspecialized model with `model`'s shared weights, each specialized module replaced
+    by a RowSplit of timm's module and the copy (itself a plain timm module)."""
+    with torch.device("meta"):
+        reference = timm.create_model("deit3_small_patch16_224", **model.tiny_kwargs)
+    reference = reference.to_empty(device="cpu")
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if ".global_copy." not in k}, strict=True)
+    for name, module in specialized_modules(model).items():
+        parent, _, child = name.rpartition(".")
+        owner = reference.get_submodule(parent) if parent else reference
+        setattr(owner, child, RowSplit(getattr(owner, child), copy.deepcopy(module.global_copy), rows))
+    assert all(type(m).__module__.startswith(("timm.", "torch.")) for m in reference.modules()  # timm's own modules
+               if not isinstance(m, RowSplit))
+    return reference.eval()
+
+
+def tokens_vit(tokens, selection=PAPER_DEFAULT, seed: int = 11, **kwargs) -> nn.Module:
+    """A tiny ViT with a 4x4 patch grid (patch 8 at 32 px), specialized for `tokens`, its copies
+    randomised apart from the shared weights."""
+    tiny_kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "num_classes": 10,
+                   "init_values": 0.1, **kwargs}
+    model = randomize_(specialize(timm.create_model("deit3_small_patch16_224", **tiny_kwargs), tokens=tokens,
+                                  **selection), seed).eval()
+    model.tiny_kwargs = tiny_kwargs
+    return model
+
+
+def patch_row(model: nn.Module, row: int, col: int) -> int:
+    """The sequence row of the patch at (row, col), found the way a user would: the one row of
+    timm's embedded sequence that changes when only that patch's pixels change."""
+    x = images()
+    moved = x.clone()
+    p = model.patch_embed.patch_size[0]
+    moved[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p] += 1.0
+    with torch.no_grad():
+        changed = (model._pos_embed(model.patch_embed(moved)) - model._pos_embed(model.patch_embed(x))).abs().amax(dim=(0, 2))
+    assert (changed > 0).sum() == 1
+    return int(changed.argmax())
+
+
+@pytest.mark.parametrize("tokens, reg_tokens", [("global", 0), ("global", 4), ("cls", 4), ("registers", 4),
+                                                ([2, 1], 0), ([3, 3], 4), ([0, 0], 0)])
+def test_the_copies_act_on_the_chosen_rows_as_the_hand_built_split_does(tokens, reg_tokens):
+    """Bit for bit what timm's unspecialized modules compute with the copy's output written over the
+    chosen rows: the [CLS] + registers (global), [CLS] (row 0), the registers (rows 1-4), or the patch
+    at (row, col) (the one row whose input depends on that patch's pixels)."""
+    selection = {**EVERYTHING_NO_FINAL, "final_norm": True}
+    model = tokens_vit(tokens, selection, reg_tokens=reg_tokens)
+    n = model.num_prefix_tokens
+    rows = ({"global": slice(0, n), "cls": slice(0, 1), "registers": slice(1, n)}[tokens] if isinstance(tokens, str)
+            else slice(patch_row(model, *tokens), patch_row(model, *tokens) + 1))
+    assert rows.stop > rows.start and rows.stop <= n + 16
+    reference = hand_built(model, rows)
+    x = images()
+    for grad in (True, False):  # LayerScale: a per-token gamma with autograd, an overwrite without
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(model(x), reference(x))
+            assert torch.equal(model.forward_features(x), reference.forward_features(x))
+
+
+def test_global_is_the_default_and_its_state_dict_is_timms_plus_the_copies():
+    """`tokens="global"` is what `specialize` does without `tokens`: the same module classes, the
+    same state dict (timm's keys plus `<module>.global_copy.<key>` of every selected module), the
+    same outputs."""
+    timm_model = tiny_vit(reg_tokens=2)
+    default = specialize(copy.deepcopy(timm_model), **PAPER_DEFAULT)
+    named = specialize(copy.deepcopy(timm_model), tokens="global", **PAPER_DEFAULT)
+    timm_state = timm_model.state_dict()
+    selected = [f"blocks.{i}.{m}" for i in range(4) for m in ("norm1", "norm2", "ls1", "ls2")] + ["blocks.0.attn.qkv"]
+    expected = {**timm_state, **{f"{name}.global_copy.{key.removeprefix(name + '.')}": value
+                                 for name in selected for key, value in timm_state.items() if key.startswith(name + ".")}}
+    for model in (default, named):
+        state = model.state_dict()
+        assert list(state) == list(default.state_dict()) and state.keys() == expected.keys()
+        assert all(torch.equal(state[key], value) for key, value in expected.items())
+        assert {name: type(m).__name__ for name, m in model.named_modules()} == {
+            name: type(m).__name__ for name, m in default.named_modules()}
+        assert specialized_tokens(model) == "global"
+    x = images()
+    assert torch.equal(named(x), default(x))
+
+
+def test_patch_copies_leave_every_other_row_of_that_block_alone():
+    """A copy for the patch at (1, 2) in block 1's MLP changes that patch's row there and nothing
+    else; block 2 then sees it through attention."""
+    model = tokens_vit([1, 2], {"mlp": [1]}, reg_tokens=4)
+    row = patch_row(model, 1, 2)
+    assert row == model.num_prefix_tokens + 1 * 4 + 2
+    x = images()
+    before = block_outputs(model, x)
+    with torch.no_grad():
+        model.blocks[1].mlp.global_copy.fc2.bias.add_(1.0)
+    after = block_outputs(model, x)
+    assert_unchanged(after[0], before[0])
+    others = [i for i in range(after[1].shape[1]) if i != row]
+    assert_changed(after[1][:, row], before[1][:, row])
+    assert_unchanged(after[1][:, others], before[1][:, others])  # [CLS], registers and the other patches
+    assert_changed(after[2], before[2])
+    assert ((after[2] - before[2]).abs().amax(dim=(0, 2)) > 0).all()  # every token attends to that patch
+
+
+def test_final_norm_copy_of_a_patch_changes_that_patch_feature_and_not_the_class_logits():
+    """`final_norm` with a patch position: the norm after the last block normalises that patch's
+    row with the copy (its dense feature changes), while the [CLS]-pooled logits see the shared norm."""
+    model = tokens_vit([3, 0], {"norm": 1.0, "final_norm": True})
+    row = patch_row(model, 3, 0)
+    x = images()
+    with torch.no_grad():
+        features, logits = model.forward_features(x), model(x)
+        model.norm.global_copy.bias.add_(0.5)
+        moved_features, moved_logits = model.forward_features(x), model(x)
+    assert_changed(moved_features[:, row], features[:, row])
+    assert torch.equal(moved_features[:, [i for i in range(features.shape[1]) if i != row]],
+                       features[:, [i for i in range(features.shape[1]) if i != row]])
+    assert torch.equal(moved_logits, logits)
+
+
+def forward_flops(model: nn.Module, size: int = 32) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("arch, kwargs", [("deit3_small_patch16_224", {}), ("deit3_small_patch16_224", {"reg_tokens": 4})])
+def test_tokens_change_neither_the_parameters_nor_more_flops_than_their_rows(arch, kwargs):
+    """Every choice has the paper default's copies (the same state-dict keys and shapes); its
+    forward costs the baseline's plus the copies' products on its own rows (torch's FlopCounterMode):
+    one patch costs what [CLS] alone costs, so on a model without registers a patch position costs
+    exactly the paper default's FLOPs."""
+    kwargs = {"img_size": 64, **kwargs}
+    base = meta_model(arch, **kwargs)
+    d = base.embed_dim
+    qkv_products = 2 * d * 3 * d * round(len(base.blocks) / 3)  # the QKV copies in the first third, per row
+    base_flops = forward_flops(base, 64)
+    shapes = {}
+    for tokens, rows in (("global", base.num_prefix_tokens), ("cls", 1), ("registers", 4), ([3, 3], 1), ([0, 0], 1)):
+        if tokens in ("cls", "registers") and not kwargs.get("reg_tokens"):
+            continue
+        model = specialize(meta_model(arch, **kwargs), tokens=tokens, **PAPER_DEFAULT)
+        shapes[str(tokens)] = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        assert forward_flops(model, 64) == base_flops + rows * qkv_products, tokens
+    assert len({repr(s) for s in shapes.values()}) == 1
+
+
+@pytest.mark.parametrize("tokens, kwargs, selection, message", [
+    ("registers", {}, PAPER_DEFAULT, r"^tokens: registers, but the model has no registers"),
+    ("registers", {"arch": "deit_tiny_distilled_patch16_224", "init_values": None}, {"norm": 1.0},
+     r"^tokens: registers, but the model has no registers"),  # [CLS] + distillation token: no register
+    ("cls", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT, r"^tokens: cls, but the model has no \[CLS\]"),
+    ("cls", {}, PAPER_DEFAULT, r"^tokens: cls chooses every global token of this model \(\[CLS\] is its only"),
+    ("registers", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT,
+     r"^tokens: registers chooses every global token of this model \(it has no \[CLS\]"),
+    ([2, 0], {}, PAPER_DEFAULT, r"^tokens: patch position \[2, 0\] is outside the 2x2 patch grid"),
+    ([0, 5], {}, PAPER_DEFAULT, r"^tokens: patch position \[0, 5\] is outside the 2x2"),
+    ([1, 1], {"dynamic_img_size": True}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model built with dynamic_img_size"),
+    ([1, 1], {"patch_drop_rate": 0.25}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model with patch dropout"),
+    ([1, 1], {}, NO_SPECIALIZATION, r"^tokens: \[1, 1\] chooses the tokens that get the copies, but no component"),
+    ("patch", {}, PAPER_DEFAULT, r"^tokens: 'patch' is none of global, cls, registers"),
+    ("registres", {}, PAPER_DEFAULT, r"did you mean 'registers'\?"),
+    ([1], {}, PAPER_DEFAULT, r"^tokens: expected global, cls, registers or a patch position \[row, col\]"),
+    ([1, True], {}, PAPER_DEFAULT, r"^tokens: expected"),
+    ([-1, 0], {}, PAPER_DEFAULT, r"^tokens: expected"),
+    ([1.0, 0], {}, PAPER_DEFAULT, r"^tokens: expected"),
+])
+def test_tokens_a_model_cannot_give_are_refused_and_the_model_is_left_untouched(tokens, kwargs, selection, message):
+    kwargs = dict(kwargs)
+    model = tiny_vit(kwargs.pop("arch", "deit3_small_patch16_224"), **kwargs)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        specialize(model, **{**selection, "tokens": tokens})
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    assert specialized_tokens(model) is None
+
+
+def test_a_specialized_model_keeps_the_tokens_of_its_copies():
+    model = specialize(tiny_vit(patch_size=8), tokens=[1, 1], norm=1.0)
+    specialize(model, tokens=[1, 1], qkv=[0])  # more copies for the same token
+    assert specialized_tokens(model) == [1, 1] and "blocks.0.attn.qkv" in specialized_modules(model)
+    assert {(m.row_start, m.row_stop) for m in specialized_modules(model).values()} == {(6, 7)}  # 1 + 1 * 4 + 1
+    state = copy.deepcopy(model.state_dict())
+    for other in ("global", [1, 2]):
+        with pytest.raises(ValueError, match=rf"^tokens: the model's copies are for tokens \[1, 1\]; it cannot also "):
+            specialize(model, tokens=other, mlp=[0])
+    assert model.state_dict().keys() == state.keys() and specialized_tokens(model) == [1, 1]
+    assert specialize(tiny_vit(), tokens=(0, 1), norm=1.0).specialized_tokens == [0, 1]  # one spelling: a list
+
+
 # --- parameter counts --------------------------------------------------------------------------
 
 def meta_model(arch: str, **kwargs) -> nn.Module:
@@ -238,12 +445,12 @@ def test_specialize_is_idempotent():
 
 # --- gradients ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("reg_tokens", [0, 4])
-def test_gradients_split_exactly_between_shared_weights_and_copies(reg_tokens):
-    """With clone init, d(loss)/d(shared) + d(loss)/d(copy) is the timm model's gradient (the patch
-    rows' part and the global rows' part of the same sum), and each copy gets a gradient."""
+@pytest.mark.parametrize("reg_tokens, tokens", [(0, "global"), (4, "global"), (4, [1, 0])])
+def test_gradients_split_exactly_between_shared_weights_and_copies(reg_tokens, tokens):
+    """With clone init, d(loss)/d(shared) + d(loss)/d(copy) is the timm model's gradient (the other
+    rows' part and the chosen rows' part of the same sum), and each copy gets a gradient."""
     vanilla = tiny_vit(reg_tokens=reg_tokens)
-    model = specialize(copy.deepcopy(vanilla), **EVERYTHING)
+    model = specialize(copy.deepcopy(vanilla), tokens=tokens, **EVERYTHING)
     x = images()
     head_weights = torch.randn(10, generator=torch.Generator().manual_seed(3))
     for m in (vanilla, model):
@@ -251,9 +458,13 @@ def test_gradients_split_exactly_between_shared_weights_and_copies(reg_tokens):
     vanilla_grads = {name: p.grad for name, p in vanilla.named_parameters()}
     specialized = global_copy_modules(model)
     assert len(specialized) == 7 * 4 + 1
+    # a patch's row after the last attention never reaches the [CLS]-pooled loss: those copies get 0
+    unreached = set() if tokens == "global" else {"norm", *(f"blocks.3.{m}" for m in ("attn.proj", "ls1", "norm2",
+                                                                                        "mlp", "ls2"))}
     for name, param in model.named_parameters():
         if ".global_copy." in name:
-            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            reached = name.split(".global_copy.")[0] not in unreached
+            assert param.grad is not None and (param.grad.abs().sum() > 0) == reached, name
             continue
         owner = name.rsplit(".", 1)[0]
         if owner in specialized:  # shared weights of a specialized module
@@ -418,6 +629,8 @@ TRACE_CASES = [
     pytest.param("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, EVERYTHING_NO_FINAL, id="reg4-avgpool"),
     pytest.param("deit_tiny_distilled_patch16_224", {"init_values": None}, {"norm": 1.0, "qkv": 0.5},
                  id="distilled-no-layerscale"),
+    pytest.param("deit3_small_patch16_224", {"reg_tokens": 2, "patch_size": 8}, {**EVERYTHING, "tokens": [2, 1]},
+                 id="patch-everything"),
 ]
 
 
@@ -550,6 +763,10 @@ def test_describe_specialization_and_is_specialized():
     assert describe_specialization(PAPER_DEFAULT) == "norm=1 layerscale=1 qkv=0.333"
     assert describe_specialization({**NO_SPECIALIZATION, "qkv": [0, 1], "final_norm": True}) == "qkv=[0, 1] final_norm"
     assert describe_specialization(NO_SPECIALIZATION) == "none" and describe_specialization(None) == "none"
+    assert describe_specialization({**PAPER_DEFAULT, "tokens": "global"}) == "norm=1 layerscale=1 qkv=0.333"
+    assert describe_specialization({"norm": 1.0, "tokens": [7, 7]}) == "norm=1 tokens=[7, 7]"
+    assert describe_specialization({"qkv": [0], "tokens": "cls"}) == "qkv=[0] tokens=cls"
+    assert describe_specialization({**NO_SPECIALIZATION, "tokens": [7, 7]}) == "none"
     assert not is_specialized(NO_SPECIALIZATION) and not is_specialized({"qkv": []}) and not is_specialized(None)
     assert is_specialized(PAPER_DEFAULT) and is_specialized({"qkv": [3]}) and is_specialized({"final_norm": True})
     assert specialized_modules(specialize(tiny_vit(), qkv=[2])).keys() == {"blocks.2.attn.qkv"}

@@ -8,14 +8,19 @@ from clsvit.model.specialization import (
     NO_SPECIALIZATION,
     OPTIONS,
     PAPER_DEFAULT,
+    TOKEN_GROUPS,
     GlobalTokenLayerScale,
     GlobalTokenSplit,
     block_indices,
+    check_tokens,
     describe_specialization,
+    describe_tokens,
     is_specialized,
     specialize,
     specialized_modules,
+    specialized_tokens,
     split_class,
+    token_rows,
 )
 from clsvit.model.loading import (  # noqa: I001 — after specialization, which it imports
     baseline_model_config,
@@ -36,11 +41,11 @@ from clsvit.model.loading import (  # noqa: I001 — after specialization, which
 from clsvit.model.registry import paper_default_for, specialized_name  # registers the twins in timm
 
 __all__ = [
-    "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "GlobalTokenLayerScale",
-    "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained",
+    "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "TOKEN_GROUPS", "GlobalTokenLayerScale",
+    "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained", "check_tokens",
     "count_parameters", "create_model",
-    "describe_specialization", "feature_extractor", "is_specialized", "locate_pretrained",
+    "describe_specialization", "describe_tokens", "feature_extractor", "is_specialized", "locate_pretrained",
     "normalisation_note", "paper_default_for", "param_overhead_pct", "pretrained_normalisation",
     "read_pretrained", "set_uniform_drop_path", "specialize", "specialized_modules", "specialized_name",
-    "split_class", "timm_vit", "weights_path",
+    "specialized_tokens", "split_class", "timm_vit", "token_rows", "weights_path",
 ]

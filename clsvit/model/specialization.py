@@ -6,14 +6,23 @@ Marouani et al. ("Revisiting [CLS] and Patch Token Interaction in Vision Transfo
 give the global tokens their own copy of selected token-wise modules — LayerNorms, LayerScale,
 the QKV projection of early blocks — while attention stays one joint softmax over all tokens.
 
+Which tokens get the copies (`tokens`): the global tokens (`"global"`, the paper's), the [CLS]
+token alone (`"cls"`), the registers alone (`"registers"`), or one patch token (`[row, col]` in the
+patch grid: the control that gives the same copies, at the same cost, to a token that is not
+global). Each is one contiguous run of rows of timm's sequence ([CLS], registers, patches in
+row-major order), `row_start:row_stop` (`token_rows`), so the split below is the same whichever
+tokens get the copies. The copy keeps its name, `global_copy`, whichever tokens get it (the
+state-dict names of the paper's setting).
+
 How it is done here: a specialized module keeps its shared weights under its usual name
 (`blocks.0.norm1.weight`, so vanilla timm / DeiT-III checkpoints still load) and gains a child
 `global_copy` (`blocks.0.norm1.global_copy.weight`). Its class becomes a subclass of its own
 (`GlobalTokenLayerNorm`, `GlobalTokenLinear`, ...; `split_class`) whose forward recomputes the
-output rows of the global tokens with that copy:
+output rows of the chosen tokens with that copy:
 
-    out = self.shared_forward(x)                             # the timm module's forward, every token
-    return with_global_rows(out, self.global_copy(x[:, :n]))  # out[:, :n] overwritten in place
+    out = self.shared_forward(x)                   # the timm module's forward, every token
+    rows = self.global_copy(x[:, start:stop])      # start:stop = 0:n, the n global tokens, by default
+    return with_global_rows(out, rows, start)      # out[:, start:stop] overwritten in place
 
 Because the split sits in token-wise modules only (norms, LayerScale, Linear, Mlp), timm's
 `Block.forward` and `Attention.forward` run unchanged: attention is still one
@@ -21,7 +30,7 @@ Because the split sits in token-wise modules only (norms, LayerScale, Linear, Ml
 (`forward_features`, `forward_intermediates`, grad checkpointing, `no_weight_decay`,
 `group_matcher`, `features_only`) keeps working. The shared op also runs on the n global rows and
 is then overwritten: n/N of one op (1/197 for ViT-S/16 at 224) is cheaper than slicing the patch
-rows out, which would copy the whole activation. Autograd routes the prefix rows' gradient to the
+rows out, which would copy the whole activation. Autograd routes the chosen rows' gradient to the
 copy only (the overwritten rows contribute nothing to the shared weights).
 
 The same code runs under TorchScript and torch.fx. `shared_forward` is the base class's own
@@ -40,7 +49,8 @@ only), and a baseline compiled first in the same process would run in place of a
 With a class per split each structure gets its own graph (tests/test_performance_paths.py).
 
 LayerScale is split differently: `GlobalTokenLayerScale` multiplies by a per-token gamma
-(`cat([copy.gamma] * n + [gamma] * (N - n))`, shape (N, D)) instead of overwriting rows.
+(`cat([gamma] * start + [copy.gamma] * (stop - start) + [gamma] * (N - stop))`, shape (N, D))
+instead of overwriting rows.
 
 Why (one module's forward + backward at ViT-S/16 shapes, B=16 N=197 D=384, 1 CPU thread, as a
 multiple of the timm module's time; the measurements are recorded in benchmarks/README.md): the in-place
@@ -68,6 +78,12 @@ Whole model (`python benchmarks/bench_model.py`): see benchmarks/README.md.
 
 Components the architecture lacks are refused, never skipped: `specialize` checks every selected
 module before it changes the first one, and a model it refuses is left exactly as it was.
+
+A patch position counts patches from the top-left of the grid the model is built at
+(`patch_embed.grid_size`): at another `img_size` it is the cell (row, col) of that grid (refused
+outside it), not the same point of the image. Inputs whose grid changes per call (timm's
+`dynamic_img_size`) or patches dropped at random (timm's `patch_drop_rate`, which reorders the
+patch rows) would move the copy from patch to patch, so a patch position refuses them.
 """
 
 from __future__ import annotations
@@ -100,44 +116,136 @@ COMPONENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 PAPER_DEFAULT: Mapping[str, float] = MappingProxyType(
     {"norm": 1.0, "layerscale": 1.0, "qkv": 1 / 3, "proj": 0.0, "mlp": 0.0})
 
+# The tokens that can get the copies, besides one patch position `[row, col]`.
+TOKEN_GROUPS = ("global", "cls", "registers")
+
 # Nothing specialized: the keyword arguments of `specialize` for a baseline model.
 NO_SPECIALIZATION: Mapping[str, Any] = MappingProxyType(
-    {**dict.fromkeys(COMPONENTS, 0.0), "final_norm": False, "init": "clone"})
+    {"tokens": "global", **dict.fromkeys(COMPONENTS, 0.0), "final_norm": False, "init": "clone"})
 
 INITS = ("clone", "fresh")
-OPTIONS = (*COMPONENTS, "final_norm", "init")  # every keyword argument of `specialize`
+OPTIONS = ("tokens", *COMPONENTS, "final_norm", "init")  # every keyword argument of `specialize`
 
 
 def is_specialized(selection: Mapping[str, Any] | None) -> bool:
-    """Whether `specialize(model, **selection)` gives the global tokens any weights of their own
-    (a non-zero fraction or a non-empty block list for some component, or `final_norm`)."""
+    """Whether `specialize(model, **selection)` gives some tokens weights of their own (a non-zero
+    fraction or a non-empty block list for some component, or `final_norm`)."""
     if not selection:
         return False
     return any(bool(selection.get(component)) for component in COMPONENTS) or bool(selection.get("final_norm"))
 
 
 def describe_specialization(selection: Mapping[str, Any] | None) -> str:
-    """'norm=1 layerscale=1 qkv=0.333', 'qkv=[0, 1] final_norm', or 'none'."""
+    """'norm=1 layerscale=1 qkv=0.333', 'qkv=[0, 1] final_norm', 'norm=1 tokens=[7, 7]' (tokens
+    other than the global ones), or 'none'."""
     selection = selection or {}
     parts = [f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
              for key, value in ((key, selection.get(key)) for key in COMPONENTS) if value]
     if selection.get("final_norm"):
         parts.append("final_norm")
+    tokens = selection.get("tokens", "global")
+    if parts and tokens != "global":
+        parts.append(f"tokens={describe_tokens(tokens)}")
     return " ".join(parts) or "none"
 
 
-def with_global_rows(out: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
-    """`out` with its first rows (dim 1) replaced, in place, by `global_rows`."""
-    out[:, :global_rows.shape[1]] = global_rows
+def check_tokens(tokens: Any) -> str | list[int]:
+    """A `tokens` value in its one spelling: "global", "cls", "registers", or a patch position
+    [row, col] (a list or tuple of two ints >= 0); anything else is a one-line error."""
+    if isinstance(tokens, str):
+        if tokens in TOKEN_GROUPS:
+            return tokens
+        close = difflib.get_close_matches(tokens, TOKEN_GROUPS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"tokens: {tokens!r} is none of {', '.join(TOKEN_GROUPS)} or a patch position "
+                         f"[row, col]{hint}")
+    if (isinstance(tokens, (list, tuple)) and len(tokens) == 2
+            and all(type(i) is int and i >= 0 for i in tokens)):  # `type is`: a bool is no index
+        return list(tokens)
+    raise InputError(f"tokens: expected global, cls, registers or a patch position [row, col] of two "
+                     f"integers >= 0, got {tokens!r}")
+
+
+def describe_tokens(tokens: Any) -> str:
+    """"global", "cls", "registers" or "[7, 7]": a `tokens` value as a recipe writes it."""
+    tokens = check_tokens(tokens)
+    return tokens if isinstance(tokens, str) else f"[{tokens[0]}, {tokens[1]}]"
+
+
+def token_rows(model: VisionTransformer, tokens: Any) -> tuple[int, int]:
+    """(start, stop): the rows (dim 1 of the token sequence, [CLS], registers, then the patches
+    row by row) of the tokens that `tokens` chooses in `model`. One line refuses a choice the
+    model cannot give: `cls` without a [CLS] token, `registers` without registers, `cls` or
+    `registers` where they are all the global tokens (that is `global`), a patch position outside
+    the grid or on a model whose patch rows move (dynamic_img_size, patch dropout)."""
+    tokens = check_tokens(tokens)
+    num_global = model.num_prefix_tokens
+    has_cls = model.cls_token is not None
+    num_registers = getattr(model, "num_reg_tokens", 0)
+    if tokens == "global":
+        if num_global == 0:
+            raise InputError("model: it has no global tokens (no [CLS] and no registers) to specialize; "
+                             "a patch position (tokens: [row, col]) can be")
+        return 0, num_global
+    if tokens == "cls":
+        if not has_cls:
+            raise InputError(f"tokens: cls, but the model has no [CLS] token (class_token=False; "
+                             f"{num_registers} registers, global_pool={model.global_pool!r})")
+        rows = 0, 1
+    elif tokens == "registers":
+        if not num_registers:
+            raise InputError("tokens: registers, but the model has no registers (build it with "
+                             "model.reg_tokens / timm's reg_tokens, or a *_reg* architecture)")
+        start = int(has_cls)
+        rows = start, start + num_registers
+    else:
+        return _patch_row(model, tokens)
+    if rows == (0, num_global):
+        which = "[CLS] is its only global token" if tokens == "cls" else "it has no [CLS] token"
+        raise InputError(f"tokens: {tokens} chooses every global token of this model ({which}): that is "
+                         f"tokens global; write global")
+    return rows
+
+
+def _patch_row(model: VisionTransformer, position: list[int]) -> tuple[int, int]:
+    if getattr(model, "dynamic_img_size", False):
+        raise InputError(f"tokens: patch position {describe_tokens(position)} on a model built with "
+                         f"dynamic_img_size: its grid changes with each input, so no row is that patch")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        raise InputError(f"tokens: patch position {describe_tokens(position)} on a model with patch dropout "
+                         f"(patch_drop_rate): it drops and reorders the patch rows; build it without")
+    rows, cols = model.patch_embed.grid_size
+    row, col = position
+    if row >= rows or col >= cols:
+        raise InputError(f"tokens: patch position {describe_tokens(position)} is outside the {rows}x{cols} "
+                         f"patch grid (rows and columns count from 0)")
+    index = model.num_prefix_tokens + row * cols + col
+    return index, index + 1
+
+
+def specialized_tokens(model: nn.Module) -> str | list[int] | None:
+    """The `tokens` a specialized model gives its copies to (None: not specialized)."""
+    return getattr(model, "specialized_tokens", None)
+
+
+def with_global_rows(out: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """`out` with its rows (dim 1) from `start` on replaced, in place, by `rows`."""
+    out[:, start:start + rows.shape[1]] = rows
     return out
 
 
-def scale_global_rows(x: torch.Tensor, gamma: torch.Tensor, global_gamma: torch.Tensor, n: int) -> torch.Tensor:
-    """LayerScale with `global_gamma` on the first n rows (dim 1) and `gamma` on the others."""
+def scale_global_rows(x: torch.Tensor, gamma: torch.Tensor, global_gamma: torch.Tensor, start: int,
+                      stop: int) -> torch.Tensor:
+    """LayerScale with `global_gamma` on the rows start:stop (dim 1) and `gamma` on the others."""
     if torch.is_grad_enabled():  # one multiply by a per-token gamma: a backward without an overwrite
-        return x * torch.cat([global_gamma.expand(n, -1), gamma.expand(x.shape[1] - n, -1)])
-    out = x * gamma  # no backward: overwriting n rows is cheaper than building an (N, D) gamma
-    out[:, :n] = x[:, :n] * global_gamma
+        gammas = [global_gamma.expand(stop - start, -1)]
+        if start > 0:
+            gammas.insert(0, gamma.expand(start, -1))
+        if stop < x.shape[1]:
+            gammas.append(gamma.expand(x.shape[1] - stop, -1))
+        return x * torch.cat(gammas)
+    out = x * gamma  # no backward: overwriting the chosen rows is cheaper than building an (N, D) gamma
+    out[:, start:stop] = x[:, start:stop] * global_gamma
     return out
 
 
@@ -156,7 +264,7 @@ def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
 
 class GlobalTokenSplit(nn.Module):
     """Mixin of every specialized module but LayerScale: the module's own forward on every token,
-    then the first `num_global_tokens` output rows overwritten by `global_copy`.
+    then the output rows `row_start:row_stop` (the chosen tokens) overwritten by `global_copy`.
 
     `specialize()` changes the class of the module in place to `GlobalToken<Class>` (this mixin +
     the module's class, made once per class by `split_class`), so parameters, buffers, state-dict
@@ -171,7 +279,8 @@ class GlobalTokenSplit(nn.Module):
         cls.shared_forward = _renamed(vars(base)["forward"], "shared_forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return with_global_rows(self.shared_forward(x), self.global_copy(x[:, :self.num_global_tokens]))
+        return with_global_rows(self.shared_forward(x), self.global_copy(x[:, self.row_start:self.row_stop]),
+                                self.row_start)
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time, so pickle cannot find it by name: rebuild it from the base
@@ -181,12 +290,13 @@ class GlobalTokenSplit(nn.Module):
 
 
 class GlobalTokenLayerScale(LayerScale):
-    """A specialized timm LayerScale: one multiply by a per-token gamma, the copy's for the global
-    rows — element for element the multiplies of the shared and the copy's LayerScale, without the
-    overwrite (whose backward clones the output gradient; see the module docstring)."""
+    """A specialized timm LayerScale: one multiply by a per-token gamma, the copy's for the rows
+    `row_start:row_stop` — element for element the multiplies of the shared and the copy's
+    LayerScale, without the overwrite (whose backward clones the output gradient; see the module
+    docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return scale_global_rows(x, self.gamma, self.global_copy.gamma, self.num_global_tokens)
+        return scale_global_rows(x, self.gamma, self.global_copy.gamma, self.row_start, self.row_stop)
 
 
 _SPLIT_CLASSES: dict[type, type] = {LayerScale: GlobalTokenLayerScale}
@@ -214,14 +324,13 @@ def _fill_missing_global_copies(module: nn.Module, state_dict: dict, prefix: str
             state_dict[copy_key] = state_dict[shared_key]
 
 
-def _add_global_copy(module: nn.Module, name: str, num_global_tokens: int, init: str,
-                     init_mode: str) -> None:
+def _add_global_copy(module: nn.Module, name: str, rows: tuple[int, int], init: str, init_mode: str) -> None:
     global_copy = copy.deepcopy(module)
     if init == "fresh":
         init_fn = get_init_weights_vit(init_mode, needs_reset=True)
         named_apply(init_fn, global_copy, name=f"{name}.global_copy", include_root=True)
     module.global_copy = global_copy
-    module.num_global_tokens = num_global_tokens
+    module.row_start, module.row_stop = rows
     module.__class__ = split_class(type(module))
     module.register_load_state_dict_pre_hook(_fill_missing_global_copies)
 
@@ -243,11 +352,15 @@ def block_indices(value: float | Sequence[int], depth: int, name: str) -> list[i
     raise InputError(f"{name}: expected a fraction in [0, 1] or a list of block indices, got {value!r}")
 
 
-def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscale: float | Sequence[int] = 0.0,
-               qkv: float | Sequence[int] = 0.0, proj: float | Sequence[int] = 0.0,
-               mlp: float | Sequence[int] = 0.0, final_norm: bool = False, init: str = "clone",
-               **unknown: Any) -> nn.Module:
+def specialize(model: nn.Module, *, tokens: str | Sequence[int] = "global", norm: float | Sequence[int] = 0.0,
+               layerscale: float | Sequence[int] = 0.0, qkv: float | Sequence[int] = 0.0,
+               proj: float | Sequence[int] = 0.0, mlp: float | Sequence[int] = 0.0, final_norm: bool = False,
+               init: str = "clone", **unknown: Any) -> nn.Module:
     """Give the global tokens ([CLS] + registers) their own copy of the selected modules, in place.
+
+    `tokens` chooses other tokens to get the copies: "cls" ([CLS] alone), "registers" (the
+    registers alone) or a patch position [row, col] in the patch grid (the module docstring; one
+    row, at the cost of the paper's default on a model whose only global token is [CLS]).
 
     Each component (`norm`: norm1+norm2, `layerscale`: ls1+ls2, `qkv`, `proj`, `mlp`: the whole
     MLP) is a fraction of the depth counted from the input, or a list of block indices.
@@ -258,9 +371,10 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
     rounding); `init="fresh"` re-initialises the copies the way timm initialises the model.
 
     Atomic: every argument and every selected module is checked first; a component the
-    architecture lacks (no LayerScale, no `attn.qkv`, no final norm) raises a ValueError naming
-    it, and the model is left untouched. Modules already specialized are kept as they are.
-    Returns the same model.
+    architecture lacks (no LayerScale, no `attn.qkv`, no final norm), tokens it does not have
+    (`token_rows`), `tokens` other than "global" with nothing selected, or copies for tokens other
+    than those of the copies it already has, raise a ValueError naming the argument, and the model
+    is left untouched. Modules already specialized are kept as they are. Returns the same model.
     """
     if unknown:
         name = next(iter(unknown))
@@ -271,23 +385,30 @@ def specialize(model: nn.Module, *, norm: float | Sequence[int] = 0.0, layerscal
         raise InputError(f"model: specialize() needs a timm VisionTransformer, got {type(model).__name__}")
     if init not in INITS:
         raise InputError(f"init: expected one of {INITS}, got {init!r}")
+    tokens = check_tokens(tokens)
     selected = {"norm": norm, "layerscale": layerscale, "qkv": qkv, "proj": proj, "mlp": mlp}
     plan = {component: block_indices(value, len(model.blocks), component)
             for component, value in selected.items()}
     targets = [(f"blocks.{i}.{path}", component) for component, indices in plan.items()
                for i in indices for path in COMPONENTS[component]]
     if not targets and not final_norm:
+        if tokens != "global":
+            raise InputError(f"tokens: {describe_tokens(tokens)} chooses the tokens that get the copies, but no "
+                             f"component is specialized; leave tokens global or select a component")
         return model
-    num_global = model.num_prefix_tokens
-    if num_global == 0:
-        raise InputError("model: it has no global tokens (no [CLS] and no registers) to specialize")
+    rows = token_rows(model, tokens)
+    already = specialized_tokens(model)
+    if already is not None and already != tokens:
+        raise InputError(f"tokens: the model's copies are for tokens {describe_tokens(already)}; it cannot also "
+                         f"have copies for {describe_tokens(tokens)}")
     modules = [(name, _token_wise_module(model, name, component)) for name, component in targets]
     if final_norm:
         modules.append(("norm", _final_norm(model)))
 
     for name, module in modules:  # every check passed: nothing below raises on a bad argument
         if not hasattr(module, "global_copy"):
-            _add_global_copy(module, name, num_global, init, model.weight_init_mode)
+            _add_global_copy(module, name, rows, init, model.weight_init_mode)
+    model.specialized_tokens = tokens
     return model
 
 
