@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -37,7 +37,8 @@ from clsvit.model import (baseline_model_config, build_model, check_pretrained, 
 from clsvit.runlock import hold_run_directory
 from clsvit.tracking import RunLog, accelerate_trackers, hparams_first_keys, parse_trackers, provenance
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, TrainingError,
-                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch)
+                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch,
+                             use_deterministic_algorithms)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shapes" / "specialized.yaml"
 # Keys that define the optimisation trajectory: a resume with any of them changed is refused.
@@ -67,6 +68,8 @@ def main() -> None:
     train_cfg, data_cfg = cfg["train"], cfg["data"]
 
     # ---- accelerator --------------------------------------------------------------------------
+    if train_cfg["deterministic"]:  # before CUDA starts: sets CUBLAS_WORKSPACE_CONFIG
+        use_deterministic_algorithms()
     compile_flag = train_cfg["compile"]
     accelerator = Accelerator(
         mixed_precision=train_cfg["mixed_precision"],  # None: `accelerate config` / launch flags decide
@@ -74,6 +77,8 @@ def main() -> None:
         step_scheduler_with_optimizer=False,
         log_with=accelerate_trackers(cfg["log"]["trackers"]) or None,  # tensorboard: RunLog writes it itself
         project_dir=str(run_dir),
+        # the prepared eval loader's copies to the device: asynchronous from its pinned batches
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     world = accelerator.num_processes
     mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
@@ -82,8 +87,6 @@ def main() -> None:
     hold_run_directory(run_dir, accelerator)  # one launch per run directory: a second one stops here, untouched
     main_proc = accelerator.is_main_process
     say = tqdm.write if main_proc else (lambda *a, **k: None)
-    if train_cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
     set_seed(cfg["run"]["seed"])  # same on every process: identical init; data seeds come from the sampler
 
     # ---- data ---------------------------------------------------------------------------------
@@ -132,7 +135,10 @@ def main() -> None:
     mixup = build_mixup(cfg["aug"], num_classes)
     criterion = build_loss(train_cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
+    # The bare ViT, unwrapped once. keep_torch_compile=False: accelerate's default (True) rebinds the
+    # compiled wrapper's _orig_mod to the bare model in place, which drops DDP, and with it no_sync.
+    bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = ModelEmaV3(bare_model, decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress, undecodable, sampler)  # sampler: its layout
     if ema is not None:
@@ -167,7 +173,7 @@ def main() -> None:
     log = RunLog(run_dir, enabled=main_proc, tensorboard="tensorboard" in parse_trackers(cfg["log"]["trackers"]),
                  resume_step=progress.step if resume_from is not None else None,
                  accelerator=accelerator, config=flatten(cfg))
-    log.start_session(cfg, depth=len(accelerator.unwrap_model(model).blocks), params=num_params,
+    log.start_session(cfg, depth=len(bare_model.blocks), params=num_params,
                       param_overhead_pct=overhead_pct)
     if main_proc:
         (run_dir / "provenance.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -180,7 +186,16 @@ def main() -> None:
 
     # ---- step loop ----------------------------------------------------------------------------
     preemption = PreemptionSignals()  # SIGTERM / SIGUSR1: checkpoint at the next log step, exit cleanly
-    batches = MicroBatchStream(train_loader, sampler, progress, batch.micro_batch, epoch_samples)
+    def to_device(loader_batch):
+        """A loader batch -> the model's input and the labels on the device (data.augment_on: device
+        decodes and augments it here)."""
+        images, labels, problems = loader_batch
+        return to_model_input(images), labels.to(accelerator.device, non_blocking=True), problems
+
+    # data.augment_on: device prepares the next micro-batch on a background thread (CUDA: its own
+    # stream) while the step runs on the current one
+    batches = MicroBatchStream(train_loader, sampler, progress, batch.micro_batch, epoch_samples, prepare=to_device,
+                               ahead=data_cfg["augment_on"] == "device", device=accelerator.device)
     window = LogWindow(accelerator)
     display = ProgressDisplay(total_steps, progress.step, enabled=main_proc and cfg["log"]["progress_bar"])
     model.train()
@@ -188,8 +203,6 @@ def main() -> None:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(batch.accumulation):
             images, labels = window.next_batch(batches)
-            images = to_model_input(images)
-            labels = labels.to(accelerator.device, non_blocking=True)
             if mixup is not None:
                 images, targets = mixup(images, labels)
             else:
@@ -221,7 +234,7 @@ def main() -> None:
         progress.step += 1
         scheduler.step_update(num_updates=progress.step)
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model), step=progress.step)
+            ema.update(bare_model, step=progress.step)
         display.step()
 
         if log_now:  # the only host-device sync of a normal step: one all-reduce
@@ -274,7 +287,7 @@ def main() -> None:
                                         prefix="val_ema", to_input=to_val_input))
     report(progress.step, final, log, say)
     if main_proc:
-        save_weights(accelerator.unwrap_model(model, keep_torch_compile=False), run_dir / "model.safetensors")
+        save_weights(bare_model, run_dir / "model.safetensors")
         if ema is not None:
             save_weights(ema.module, run_dir / "model_ema.safetensors")
     log.end_session(progress.step)

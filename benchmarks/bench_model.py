@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from clsvit import PAPER_DEFAULT, create_model  # noqa: E402
 from clsvit.model import count_parameters  # noqa: E402
+from clsvit.tracking import hardware  # noqa: E402
 
 VARIANTS = {
     "baseline": None,
@@ -80,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--compile", nargs="?", const="full", default=None, choices=("full", "regional"),
                         help="torch.compile every model first (full), or each of its blocks (regional)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of --compile (eager: Dynamo's capture only, a quick check)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda runs under bf16 autocast")
     parser.add_argument("--grad-checkpointing", action="store_true",
@@ -140,10 +143,10 @@ class Bench:
         self.optimizer = create_optimizer_v2(model, args.optimizer, lr=1e-4, weight_decay=0.05)
         if args.compile == "regional":
             for block in model.blocks:
-                block.compile()
+                block.compile(backend=args.compile_backend)
             self.forward = model
         else:
-            self.forward = torch.compile(model) if args.compile else model
+            self.forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
         self.loss_fn = nn.BCEWithLogitsLoss()  # DeiT-III's loss
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     config = {k: v for k, v in vars(args).items() if k != "json"} | {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **hardware()}
     report = {"config": config}
     timed = [mode for mode in args.modes if mode in ("train", "infer")]
     if timed:
@@ -335,6 +338,8 @@ def print_table(report: dict) -> None:
     print(f"{config['arch']}  batch {config['batch']}  {config['img_size']} px  {config['device_name']}  "
           f"threads {config['threads']}  reps {config['reps']}  compile {config['compile']}  "
           f"grad ckpt {config['grad_checkpointing']}  optimizer {config['optimizer']}  torch {config['torch']}")
+    print(f"CPU {config['cpu']} ({config['cpu_capability']}, {config['cpu_count']} cores)"
+          + (f", {config['gpu_count']} x {config['gpu']}" if config["gpu_count"] else ""))
     if "results" in report:
         print_timing(report["results"], config)
     if "memory" in report:

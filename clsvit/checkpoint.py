@@ -103,7 +103,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, k
             failure = caught
             error = (f"process {accelerator.process_index}: {type(caught).__name__}: {caught}",
                      isinstance(caught, OSError))
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+        failed = accelerator.reduce(torch.tensor(float(error is not None)).to(accelerator.device, non_blocking=True),
+                                    "sum")
         if failed.item() == 0:
             return
         errors = [e for e in gather_object([error]) if e]

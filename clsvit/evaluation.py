@@ -17,7 +17,8 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to
     model.eval()
     device = accelerator.device
     valid = getattr(getattr(loader, "batch_sampler", None), "valid", None)
-    hits = torch.zeros(4, dtype=torch.long, device=device)  # top-1, top-5, images, undecodable
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
+    seen, undecodable = 0, 0  # on the host: a batch builds no tensor from host values
     for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
@@ -25,10 +26,13 @@ def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to
         with accelerator.autocast():
             logits = model(images)
         count = len(labels) if valid is None else valid[index]
-        top = logits[:count].topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:count].to(device)[:, None])
-        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(count, device=device),
-                             torch.tensor(len(problems), device=device)])
-    top1, top5, seen, undecodable = accelerator.reduce(hits, reduction="sum").tolist()
+        labels = labels[:count].to(device, non_blocking=True)
+        top = logits[:count].topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+        seen += count
+        undecodable += len(problems)
+    counts = torch.cat([hits, torch.tensor([seen, undecodable]).to(device, non_blocking=True)])
+    top1, top5, seen, undecodable = accelerator.reduce(counts, reduction="sum").tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
             "undecodable": int(undecodable)}
 

@@ -437,8 +437,36 @@ def write_eval_events(run_dir: Path, results: Mapping[str, Any], figures: Mappin
 # ============================================================================ provenance
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform.processor()` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# The environment variables that choose torch's CPU kernels and thread count (docs/reproducibility.md).
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+              "ONEDNN_MAX_CPU_ISA")
+
+
+def hardware() -> dict:
+    """The machine a number came from: the CPU model, the instruction set torch's CPU kernels
+    dispatch to (`torch.backends.cpu.get_cpu_capability()`: CPU results are bit-identical per
+    capability only), the logical cores, torch's threads and the kernel settings of the environment
+    (`KERNEL_ENV`: what a CPU result's bits depend on), and the GPUs' name and count."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+            "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus}
+
+
 def provenance(accelerator, **extra: Any) -> dict:
-    """Where a result came from: code version, libraries, hardware, parallelism."""
+    """Where a result came from: code version, libraries, hardware (:func:`hardware`), parallelism."""
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
@@ -463,26 +491,7 @@ def provenance(accelerator, **extra: Any) -> dict:
         "device_type": device.type,
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        # what a CPU result's bits depend on (docs/reproducibility.md)
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+        **hardware(),
         **extra,
     }
 
-
-# The environment variables that choose torch's CPU kernels and thread count (docs/reproducibility.md).
-KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
-              "ONEDNN_MAX_CPU_ISA")
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -4,13 +4,15 @@
   gradient accumulation, with ``train.batch_per_device`` as the memory cap.
 - :class:`Progress`: the loop position saved in every checkpoint.
 - :func:`is_due`: whether a step is one to log, evaluate or checkpoint at.
-- :class:`MicroBatchStream`: the training batches, epoch after epoch, resuming mid-epoch.
+- :class:`MicroBatchStream`: the training batches, epoch after epoch, resuming mid-epoch, each
+  prepared for the model (on the device) one batch ahead when asked (:class:`PreparedAhead`).
 - :class:`LogWindow`: what is measured between two log steps (loss, throughput, data wait, broken
   files), reduced over the processes with one all-reduce.
 - :class:`PreemptionSignals`: SIGTERM / SIGUSR1 -> "checkpoint at the next log step and exit".
 - :class:`ProgressDisplay`: the progress on the console, a bar on a terminal, else a line per log step.
 - :func:`gradient_norm`: the logged (and clipped) gradient norm, unscaled under fp16.
 - :func:`nonfinite_on_any_process`: the collective decision to skip an update.
+- :func:`use_deterministic_algorithms`: ``train.deterministic``, with the cuBLAS workspace CUDA needs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from clsvit.config import ConfigError
@@ -94,35 +98,89 @@ def is_due(step: int, every: int, total: int, *, at_last: bool) -> bool:
 
 
 class MicroBatchStream:
-    """``(images, labels, problems)`` micro-batches forever, epoch after epoch, resuming mid-epoch.
+    """Micro-batches forever, epoch after epoch, resuming mid-epoch: each loader batch through
+    ``prepare`` (the move to the device and the batched device transform; None: as it comes).
 
     A batch counts as consumed when it is handed out, so a checkpoint taken after an optimizer
     step records exactly where the next step starts. An epoch is ``epoch_samples`` samples of this
-    process's order (whole optimizer steps); the samples left over after them are dropped."""
+    process's order (whole optimizer steps); the samples left over after them are dropped.
 
-    def __init__(self, loader, sampler, progress: Progress, micro_batch: int, epoch_samples: int):
+    ``ahead``: the next batch is prepared while the caller's step runs on the current one, on a
+    background thread, and on CUDA on that thread's own stream (:class:`PreparedAhead`): the
+    device decode and augmentation of ``data.augment_on: device`` overlap the step before them.
+    The batches and the loop position are the same as without it."""
+
+    def __init__(self, loader, sampler, progress: Progress, micro_batch: int, epoch_samples: int,
+                 prepare=None, ahead: bool = False, device=None):
         self.loader, self.sampler, self.progress = loader, sampler, progress
         self.micro_batch, self.epoch_samples = micro_batch, epoch_samples
-        self._batches = self._stream()
+        prepare = prepare or (lambda batch: batch)
+        positioned = lambda item: (prepare(item[0]), item[1])  # noqa: E731
+        stream = self._stream()
+        self._batches = PreparedAhead(stream, positioned, device) if ahead else map(positioned, stream)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return next(self._batches)
+        batch, (self.progress.epoch, self.progress.samples_in_epoch) = next(self._batches)
+        return batch
 
     def _stream(self):
-        progress, epoch_samples = self.progress, self.epoch_samples
+        """(loader batch, loop position once it is consumed)."""
+        epoch, samples = self.progress.epoch, self.progress.samples_in_epoch
         while True:
-            if progress.samples_in_epoch >= epoch_samples:
-                progress.epoch, progress.samples_in_epoch = progress.epoch + 1, 0
-            self.sampler.set_epoch(progress.epoch)
-            self.sampler.set_start(progress.samples_in_epoch)
+            if samples >= self.epoch_samples:
+                epoch, samples = epoch + 1, 0
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(samples)
             for batch in self.loader:
-                progress.samples_in_epoch += self.micro_batch
-                yield batch
-                if progress.samples_in_epoch >= epoch_samples:
+                samples += self.micro_batch
+                yield batch, (epoch, samples)
+                if samples >= self.epoch_samples:
                     break
+
+
+class PreparedAhead:
+    """``prepare(item)`` for each item of ``items``, one item ahead: while the caller uses item k,
+    a background thread prepares item k+1 (the items themselves are drawn on the caller's thread).
+    On CUDA the thread works on its own stream; the caller's stream waits for an event recorded
+    after the preparation before it touches the result, and the result's tensors are recorded as
+    used on the caller's stream (so the caching allocator does not reuse them early). An error in
+    the preparation is raised by the ``next`` that would have returned the item."""
+
+    def __init__(self, items, prepare, device=None):
+        self.items, self.prepare = iter(items), prepare
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clsvit-prepare-ahead")
+        self.pending = None
+
+    def __iter__(self):
+        return self
+
+    def _prepare(self, item):
+        if self.stream is None:
+            return self.prepare(item), None
+        with torch.cuda.stream(self.stream):
+            prepared = self.prepare(item)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return prepared, done
+
+    def __next__(self):
+        if self.pending is None:
+            self.pending = self.pool.submit(self._prepare, next(self.items))
+        prepared, done = self.pending.result()
+        self.pending = self.pool.submit(self._prepare, next(self.items))  # runs while the caller uses `prepared`
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            for tensor in tree_flatten(prepared)[0]:
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                    tensor.record_stream(stream)
+        return prepared
 
 
 class LogWindow:
@@ -156,9 +214,8 @@ class LogWindow:
 
     def reduce(self, stop_requested: bool) -> dict:
         """Every process calls this at the same step; returns the window's global figures."""
-        device = self.accelerator.device
-        local = torch.stack([self.loss_sum, torch.tensor(float(stop_requested), device=device),
-                             torch.tensor(float(len(self.problems)), device=device)])
+        counts = torch.tensor([float(stop_requested), float(len(self.problems))])  # host -> device without blocking
+        local = torch.cat([self.loss_sum.view(1), counts.to(self.accelerator.device, non_blocking=True)])
         loss_total, stop_votes, problems = self.accelerator.reduce(local, reduction="sum").tolist()
         elapsed = time.perf_counter() - self.start
         return {"mean_loss": loss_total / self.accelerator.num_processes / max(self.steps, 1),
@@ -205,6 +262,22 @@ def nonfinite_on_any_process(loss: torch.Tensor, accelerator) -> bool:
     collectives would part."""
     flag = (~torch.isfinite(loss)).float().reshape(())
     return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the workspaces torch accepts (aten Context.cpp, checkCuBLASConfigDeterministic)
+
+
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True)`` for ``train.deterministic``. On CUDA a
+    deterministic cuBLAS matmul needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read by cuBLAS when
+    it starts; NVIDIA's cuBLAS docs, "Results reproducibility"), else every matmul raises: set to
+    ``:4096:8`` here unless the environment chose one of torch's accepted values; another value is
+    refused in one line. Call it before the first CUDA matmul (train.py: before the accelerator)."""
+    value = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+    if value not in CUBLAS_DETERMINISTIC:
+        raise ConfigError(f"train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG={' or '.join(CUBLAS_DETERMINISTIC)} "
+                          f"(deterministic cuBLAS matmuls), the environment sets {value!r}: unset it or choose one")
+    torch.use_deterministic_algorithms(True)
 
 
 class PreemptionSignals:

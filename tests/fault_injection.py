@@ -17,13 +17,23 @@ train.py` would run it), so the training code carries no test hooks. FAULT is on
                           same path names another file on each process, as a path on each node's local
                           disk does (a node's own copy of a dataset, its own datasets cache)
 
+    none                  no fault (the environment variables below still apply)
+
 With CLSVIT_TEST_WEIGHTS_DIR set, every process saves its own final model weights there
 (`rank<R>.pt`) when the run ends, so tests can compare the processes' copies of the model.
+With CLSVIT_TEST_ALLREDUCE_DIR set, DDP's gradient all-reduces are counted by a comm hook (torch's
+own `allreduce_hook` does the reduction) and every process writes `rank<R>.json` when the run ends:
+one `[optimizer step, bucket index]` pair per all-reduce, the step counted from 0.
+With CLSVIT_TEST_TRANSFERS_DIR set, every process writes `rank<R>.json` when the run ends: the
+blocking host-to-device transfers (tests/host_transfers.py) made from the end of the first optimizer
+step on, outside checkpoint writes (which copy to the host on purpose), on the training thread and
+on the thread that prepares batches ahead, as `[function, call site]` pairs.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import runpy
 import signal
@@ -31,13 +41,13 @@ import sys
 
 import accelerate
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 
 def parse(fault: str) -> tuple[str, int, int | None]:
     kind, _, value = fault.partition(":")
     count, _, rank = value.partition("@")
-    return kind, int(count), int(rank) if rank else None
+    return kind, int(count or 0), int(rank) if rank else None
 
 
 def this_rank() -> int:
@@ -90,7 +100,7 @@ def inject(kind: str, count: int, rank: int | None) -> None:
 
         for loss_class in (timm.loss.BinaryCrossEntropy, timm.loss.SoftTargetCrossEntropy):
             loss_class.forward = _nan_at_call(loss_class.forward, count)
-    else:
+    elif kind != "none":
         raise SystemExit(f"fault_injection.py: unknown fault {kind!r}")
 
 
@@ -125,11 +135,92 @@ def save_weights_per_process(directory: str) -> None:
     accelerate.Accelerator.prepare, accelerate.Accelerator.end_training = prepare, end_training
 
 
+def count_allreduces(directory: str) -> None:
+    """Register a counting comm hook on the DDP model that accelerate prepares (under a torch.compile
+    wrapper when the launch compiles); write the (step, bucket) pairs at end_training."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    calls, steps = [], [0]
+    original_prepare, original_end = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
+
+    def hook(state, bucket):
+        calls.append((steps[0], bucket.index()))
+        return allreduce_hook(state, bucket)
+
+    def prepare(self, *args, **kwargs):
+        prepared = original_prepare(self, *args, **kwargs)
+        for module in prepared if isinstance(prepared, tuple) else (prepared,):
+            ddp = getattr(module, "_orig_mod", module)
+            if isinstance(ddp, DistributedDataParallel):
+                ddp.register_comm_hook(None, hook)
+        return prepared
+
+    def end_training(self):
+        with open(os.path.join(directory, f"rank{this_rank()}.json"), "w") as file:
+            json.dump(calls, file)
+        return original_end(self)
+
+    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.__setitem__(0, steps[0] + 1))
+    accelerate.Accelerator.prepare, accelerate.Accelerator.end_training = prepare, end_training
+
+
+def count_blocking_transfers(directory: str) -> None:
+    import clsvit.training
+    from host_transfers import BlockingTransfers
+
+    state = {}
+    original_prepare, original_end = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
+    original_save, original_ahead = accelerate.Accelerator.save_state, clsvit.training.PreparedAhead._prepare
+
+    def prepare(self, *args, **kwargs):
+        state.setdefault("device", self.device)
+        return original_prepare(self, *args, **kwargs)
+
+    def after_first_step(optimizer, args, kwargs):
+        if "mode" not in state:
+            state["mode"] = BlockingTransfers(state["device"]).__enter__()
+
+    def save_state(self, *args, **kwargs):
+        mode = state.get("mode")
+        if mode is None:
+            return original_save(self, *args, **kwargs)
+        mode.__exit__(None, None, None)
+        try:
+            return original_save(self, *args, **kwargs)
+        finally:
+            mode.__enter__()
+
+    def prepare_ahead(self, item):
+        mode = state.get("mode")
+        if mode is None:
+            return original_ahead(self, item)
+        with mode:  # this thread's own mode stack
+            return original_ahead(self, item)
+
+    def end_training(self):
+        mode = state.pop("mode", None)
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        with open(os.path.join(directory, f"rank{this_rank()}.json"), "w") as file:
+            json.dump(mode.calls if mode is not None else None, file)
+        return original_end(self)
+
+    register_optimizer_step_post_hook(after_first_step)
+    accelerate.Accelerator.prepare, accelerate.Accelerator.end_training = prepare, end_training
+    accelerate.Accelerator.save_state = save_state
+    clsvit.training.PreparedAhead._prepare = prepare_ahead
+
+
 if __name__ == "__main__":
     fault, script, *rest = sys.argv[1:]
+    sys.argv = [script, *rest]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     inject(*parse(fault))
     if os.environ.get("CLSVIT_TEST_WEIGHTS_DIR"):
         save_weights_per_process(os.environ["CLSVIT_TEST_WEIGHTS_DIR"])
-    sys.argv = [script, *rest]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if os.environ.get("CLSVIT_TEST_ALLREDUCE_DIR"):
+        count_allreduces(os.environ["CLSVIT_TEST_ALLREDUCE_DIR"])
+    if os.environ.get("CLSVIT_TEST_TRANSFERS_DIR"):
+        count_blocking_transfers(os.environ["CLSVIT_TEST_TRANSFERS_DIR"])
     runpy.run_path(script, run_name="__main__")

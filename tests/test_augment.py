@@ -22,11 +22,14 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clsvit.data import augment as A
 from clsvit import data as D
 from clsvit.data.images import seeded_rngs
+from clsvit.training import MicroBatchStream, Progress
 from clsvit.data.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
+from host_transfers import BlockingTransfers
 from test_data import broken_images, class_dataset, png_bytes, random_image
 from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
@@ -266,6 +269,82 @@ def test_eval_transform_matches_timm():
     assert (levels(denormalised(ours)) - levels(denormalised(reference))).abs().max() <= 1.01
 
 
+def test_batched_resize_equals_torchvisions_resize_of_each_crop():
+    """resize_boxes (one batched pass for every box size) against torchvision's antialiased resize
+    of each crop on its own, the op the device path ran per image: within one level, for crops
+    smaller and larger than the output, bicubic and bilinear, flipped or not, and for the eval
+    geometry (shorter side resized, centre crop) against torchvision's resize + centre_crop."""
+    generator = np.random.default_rng(5)
+    crops = []
+    for index in range(12):
+        height, width = generator.integers(12, 150, 2)
+        row = torch.zeros(A.NUM_PARAMS, dtype=torch.float64)
+        row[A.BOX] = torch.tensor([0, 0, height, width], dtype=torch.float64)
+        row[A.FLIP] = index % 2
+        crops.append((torch.from_numpy(np.array(random_image(index, size=(int(width), int(height))))), row))
+    batch = CropBatch.collate(crops)
+    boxes = batch.params[:, A.BOX].numpy()
+    for mode in (T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR):
+        support, kernel = A.RESAMPLING[mode]
+        plan = A.ResizePlan(boxes, resized=[[40, 56]], first=[[0, 0]], count=(40, 56), support=support,
+                            flip=batch.params[:, A.FLIP].numpy() > 0)
+        ours = A.resize_boxes(*batch.flat_images(plan.pad_bytes), plan, kernel)
+        for (pixels, row), image in zip(crops, ours):
+            reference = F.resize(pixels.permute(2, 0, 1), [40, 56], mode, antialias=True)
+            reference = reference.flip(-1) if row[A.FLIP] else reference
+            assert (image.int() - reference.int()).abs().max() <= 1, (mode, pixels.shape)
+    evaluate = A.EvalTransform(D.build_eval_transform(recipe(img_size=32, eval_crop_pct=0.875)))
+    ours = evaluate.normalize.host[1] * evaluate(batch) + evaluate.normalize.host[0]
+    for (pixels, _), image in zip(crops, ours):
+        reference = F.center_crop(F.resize(pixels.permute(2, 0, 1), 36, T.InterpolationMode.BICUBIC, antialias=True), 32)
+        assert (levels(image) - levels(reference)).abs().max() <= 1.01
+
+
+class DispatchedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_device_path_ops_per_batch_do_not_grow_with_the_batch(monkeypatch, train):
+    """On a GPU every dispatched op costs host time: the batch transform of 64 images dispatches at
+    most 1.2x the ops of 16 (no loop over images). CPU_CHUNK is lifted so the whole batch goes
+    through at once, as on an accelerator."""
+    monkeypatch.setattr(A, "CPU_CHUNK", 1 << 20)
+    images = [{"bytes": jpeg(random_image(i, size=(40 + 7 * (i % 9), 36 + 5 * (i % 7)))), "path": None} for i in range(64)]
+    dataset = D.build_image_dataset(class_dataset(images, [0] * 64), recipe(img_size=32), train=train, num_classes=3)
+    transform = dataset.batch_transform("cpu")
+    counts = {}
+    for size in (16, 64):
+        batch = dataset.collate([dataset[(i, i) if train else i] for i in range(size)])[0]
+        assert not train or set(batch.params[:, A.THREE_AUG].tolist()) == {0, 1, 2}  # every branch runs at both sizes
+        with DispatchedOps() as ops:
+            transform(batch)
+        counts[size] = ops.count
+    assert counts[64] <= 1.2 * counts[16], counts
+
+
+@pytest.mark.parametrize("decode_on", ["cpu", "device"])
+def test_device_path_builds_no_tensor_from_python_data_on_the_device(decode_on):
+    """The train and eval batch transforms copy nothing to the device that would block a GPU's host:
+    no tensor built from Python numbers there, no copy without non_blocking (tests/host_transfers.py)."""
+    images = [{"bytes": jpeg(random_image(i, size=(50 + 3 * i, 40 + i))), "path": None} for i in range(12)]
+    cfg = recipe(img_size=32)
+    cfg["data"]["decode_on"] = decode_on
+    for train in (True, False):
+        dataset = D.build_image_dataset(class_dataset(images, [1] * 12), cfg, train=train, num_classes=3)
+        batch = dataset.collate([dataset[(i, i) if train else i] for i in range(12)])[0]
+        assert (batch.params[:, A.JPEG] > 0).all() == (decode_on == "device")
+        with BlockingTransfers("cpu") as transfers:
+            dataset.batch_transform("cpu")(batch)
+        assert transfers.calls == [], transfers.calls
+
+
 def test_rand_augment_recipe_names_both_keys():
     with pytest.raises(ValueError, match="aug.rand_augment.*data.augment_on=cpu"):
         D.build_image_dataset(class_dataset([png_bytes(random_image(0))], [0]),
@@ -316,8 +395,11 @@ def test_crop_batch_packs_and_cuts():
     batch = CropBatch.collate(crops)
     assert batch.pixels.shape == (5 * 7 * 3 + 9 * 4 * 3,) and batch.sizes.tolist() == [[5, 7], [9, 4]]
     assert batch.files.numel() == 0
-    for (pixels, box), view in zip(crops, batch.crops(batch.params[:, A.BOX])):
-        assert torch.equal(view, pixels.permute(2, 0, 1)[:, 1:1 + int(box[2]), 2:2 + int(box[3])])
+    buffer, offsets, widths = batch.flat_images(pad_bytes=6)
+    assert buffer.shape == (5 * 7 * 3 + 9 * 4 * 3 + 6,) and not buffer[-6:].any()
+    assert offsets.tolist() == [0, 5 * 7 * 3] and widths.tolist() == [7, 4]
+    for (pixels, _), offset in zip(crops, offsets):
+        assert torch.equal(buffer[offset:offset + pixels.numel()].view(pixels.shape), pixels)
     assert len(batch.to("cpu")) == 2
 
 
@@ -370,6 +452,28 @@ def test_loader_batches_do_not_depend_on_workers():
 
     for (ours, our_labels), (theirs, their_labels) in zip(batches(2), batches(0), strict=True):
         assert torch.equal(ours, theirs) and torch.equal(our_labels, their_labels)
+
+
+def test_device_decoding_prepared_ahead_equals_in_line():
+    """data.decode_on=device through train.py's stream: the JPEGs decoded and augmented one batch
+    ahead on the background thread give the very tensors, in the same order and at the same loop
+    positions, as decoding in line (a real DataLoader with a worker process, over an epoch end)."""
+    images = [{"bytes": jpeg(random_image(i, size=(48 + i, 40 + 2 * i))), "path": None} for i in range(14)]
+    cfg = recipe(img_size=32)
+    cfg["data"].update(decode_on="device", num_workers=1)
+    dataset = D.build_image_dataset(class_dataset(images, [i % 3 for i in range(14)]), cfg, train=True, num_classes=3)
+    transform = dataset.batch_transform("cpu")
+
+    def run(ahead: bool) -> list:
+        sampler, progress = D.TrainSampler(len(dataset), num_replicas=1, rank=0, seed=3), Progress()
+        stream = MicroBatchStream(D.build_train_loader(dataset, sampler, 4, cfg["data"]), sampler, progress, 4,
+                                  epoch_samples=12, prepare=lambda batch: (transform(batch[0]), batch[1]), ahead=ahead)
+        return [(next(stream), progress.epoch, progress.samples_in_epoch) for _ in range(5)]
+
+    expected, ahead = run(ahead=False), run(ahead=True)
+    assert [position for *_, position in expected][2:4] == [12, 4]  # across the epoch end
+    for ((x, labels), *position), ((y, their_labels), *their_position) in zip(ahead, expected, strict=True):
+        assert torch.equal(x, y) and torch.equal(labels, their_labels) and position == their_position
 
 
 @pytest.mark.slow

@@ -4,11 +4,16 @@ local file store after a train.py run."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
 
 from clsvit.config import ConfigError
-from clsvit.tracking import accelerate_trackers
+from clsvit.tracking import accelerate_trackers, provenance
 from trainer_utils import read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
 ABSENT = next((name for name, module in (("comet_ml", "comet_ml"), ("swanlab", "swanlab"), ("aim", "aim"))
@@ -55,3 +60,16 @@ def test_mlflow_gets_the_recipe_and_the_metrics_at_their_steps(tmp_path, monkeyp
         assert logged and [step for step, _ in sorted(history)] == [step for step, _ in logged], key
         assert [value for _, value in sorted(history)] == pytest.approx([value for _, value in logged]), key
     assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard stays on
+
+
+def test_provenance_names_the_hardware():
+    """The CPU model as the kernel reports it, torch's CPU kernel capability (results are
+    bit-identical per capability), and the GPUs (none here)."""
+    accelerator = Accelerator(cpu=True)
+    found = provenance(accelerator)
+    model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")]
+    assert found["cpu"] == model_names[0] and found["cpu_count"] == os.cpu_count()
+    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+    assert (found["gpu"], found["gpu_count"]) == (None, torch.cuda.device_count())
+    json.dumps(found)  # written to provenance.json as it is

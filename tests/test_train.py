@@ -146,6 +146,47 @@ def test_two_processes_match_one_process_eval(tmp_path, env):
     assert (one["val/top1"], one["val/top5"], one["val/images"]) == (two["val/top1"], two["val/top5"], 50)
 
 
+def test_compiled_two_processes_all_reduce_once_per_bucket_per_optimizer_step(tmp_path, env):
+    """`accelerate launch --dynamo_backend eager` (torch.compile, no code generation), 2 processes,
+    accumulation 2: DDP all-reduces each gradient bucket once per optimizer step, on the last
+    micro-batch (counted by a comm hook around torch's allreduce_hook), so the set-up's and the
+    EMA's unwrapping leaves the compiled model's DDP wrapper in place; the EMA weights are saved
+    without wrapper prefixes."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    counts = tmp_path / "allreduce"
+    counts.mkdir()
+    steps = 6
+    run_train(recipe, f"train.max_steps={steps}", "train.batch_per_device=8", "train.ema=true",
+              env={**env, "CLSVIT_TEST_ALLREDUCE_DIR": str(counts)}, processes=2, fault="none",
+              dynamo_backend="eager")
+    run_dir = tmp_path / "tiny"
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert (provenance["world_size"], provenance["accum_steps"], provenance["dynamo_backend"]) == (2, 2, "EAGER")
+    for rank in (0, 1):
+        calls = json.loads((counts / f"rank{rank}.json").read_text())
+        buckets = sorted({bucket for _, bucket in calls})
+        assert buckets and len(calls) == steps * len(buckets), calls
+        for step in range(steps):
+            assert sorted(bucket for at, bucket in calls if at == step) == buckets, (step, calls)
+    ema_keys, model_keys = (set(load_file(run_dir / name)) for name in ("model_ema.safetensors", "model.safetensors"))
+    assert ema_keys == model_keys and not any("_orig_mod" in key or key.startswith("module.") for key in ema_keys)
+
+
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_the_step_loop_builds_no_tensor_from_python_data_on_the_device(tmp_path, env, augment_on):
+    """From the end of the first optimizer step to the end of the run (steps with EMA, log steps,
+    an evaluation in between and at the end; checkpoint writes left out), no tensor is built from
+    Python numbers on the accelerator's device and nothing is copied to it without non_blocking:
+    each would stall a GPU's host (counted on the CPU, where the device is `cpu`:
+    tests/host_transfers.py)."""
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    transfers = tmp_path / "transfers"
+    transfers.mkdir()
+    run_train(recipe, "train.max_steps=6", "eval.every=3", "train.ema=true", f"data.augment_on={augment_on}",
+              env={**env, "CLSVIT_TEST_TRANSFERS_DIR": str(transfers)}, fault="none")
+    assert json.loads((transfers / "rank0.json").read_text()) == []
+
+
 @pytest.mark.parametrize("override, recipe_text, message", [
     ("optim.lrr=1", "", "unknown key 'optim.lrr' in override 'optim.lrr=1'; did you mean 'optim.lr'?"),
     ("", "train:\n  max_steps: 3\n  max_steps: 4\n", "duplicate key 'max_steps' in {recipe} line 4"),

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from accelerate.state import AcceleratorState
 
 from clsvit.config import ConfigError
 from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm,
-                             is_due, nonfinite_on_any_process, split_global_batch)
+                             is_due, nonfinite_on_any_process, split_global_batch, use_deterministic_algorithms)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -97,6 +98,50 @@ def test_micro_batch_stream_drops_the_incomplete_step_and_resumes_mid_epoch():
     assert next(again) == [102, 103] and sampler.calls[-1] == (1, 2)
 
 
+def test_prepared_ahead_overlaps_the_step_and_keeps_order_and_position():
+    """With ahead=True batch k+1 is prepared, on another thread, while the caller's step runs on
+    batch k: each step waits for that preparation to start (prepared on the caller's thread, it
+    would only start at the next `next` and the wait would time out). The batches, their order and
+    the loop position after each are those of the stream without it, across an epoch boundary."""
+    started, threads = [], []
+
+    def prepare(batch):
+        threads.append(threading.current_thread())
+        started[len(threads) - 1].set()
+        return [10 * value for value in batch]
+
+    def run(ahead: bool) -> list:
+        started[:], threads[:] = [threading.Event() for _ in range(9)], []
+        sampler, progress = _Sampler(size=10), Progress()
+        stream = MicroBatchStream(_Batches(sampler, 2), sampler, progress, micro_batch=2, epoch_samples=8,
+                                  prepare=prepare, ahead=ahead)
+        seen = []
+        for step in range(7):
+            seen.append((next(stream), progress.epoch, progress.samples_in_epoch))
+            if ahead:  # the step on batch `step`: the next batch's preparation is under way meanwhile
+                assert started[step + 1].wait(timeout=30), step
+        return seen
+
+    expected = run(ahead=False)
+    assert expected[4] == ([1000, 1010], 1, 2)  # 8 and 9 dropped, epoch 1 begins
+    assert run(ahead=True) == expected
+    assert threading.current_thread() not in threads
+
+
+def test_prepared_ahead_raises_a_preparation_error_at_its_batch():
+    def prepare(batch):
+        if batch[0] == 4:
+            raise ValueError("broken batch")
+        return batch
+
+    sampler = _Sampler(size=10)
+    stream = MicroBatchStream(_Batches(sampler, 2), sampler, Progress(), micro_batch=2, epoch_samples=8, prepare=prepare,
+                              ahead=True)
+    assert next(stream) == [0, 1] and next(stream) == [2, 3]
+    with pytest.raises(ValueError, match="broken batch"):
+        next(stream)
+
+
 class _Batches:
     def __init__(self, sampler, size):
         self.sampler, self.size = sampler, size
@@ -104,6 +149,23 @@ class _Batches:
     def __iter__(self):
         items = list(self.sampler)
         return iter([items[i:i + self.size] for i in range(0, len(items) - self.size + 1, self.size)])
+
+
+def test_deterministic_training_sets_the_cublas_workspace_or_refuses_another(monkeypatch):
+    """train.deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) before cuBLAS
+    starts, else every matmul raises: it is set when absent, kept when valid, refused otherwise."""
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda flag: calls.append(flag))
+    calls = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_algorithms()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [True]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    use_deterministic_algorithms()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(ConfigError, match=r"CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8 .* sets ':0:0'"):
+        use_deterministic_algorithms()
+    assert calls == [True, True]
 
 
 def test_nonfinite_decision_on_one_process():

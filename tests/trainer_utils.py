@@ -51,24 +51,25 @@ def subprocess_env(cache: Path) -> dict:
 
 
 def train_command(recipe: Path, *overrides: str, env: dict, processes: int = 1,
-                  fault: str | None = None) -> tuple[list[str], dict]:
-    """(command, environment) of train.py, under `accelerate launch` for several processes; `fault`
-    runs it through tests/fault_injection.py with that fault."""
+                  fault: str | None = None, dynamo_backend: str = "no") -> tuple[list[str], dict]:
+    """(command, environment) of train.py, under `accelerate launch` for several processes (with
+    `--dynamo_backend`); `fault` runs it through tests/fault_injection.py with that fault."""
     script = [str(REPO / "tests" / "fault_injection.py"), fault, str(REPO / "train.py")] if fault else [str(REPO / "train.py")]
     if processes == 1:
         return [sys.executable, *script, "--config", str(recipe), *overrides], env
     # accelerate 1.15: `--cpu` starts ONE process; several CPU processes (gloo) are torchrun's
     # `--multi_gpu` launcher with ACCELERATE_USE_CPU=1, which the Accelerator reads.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", dynamo_backend,
             "--main_process_port", str(free_port()), *script, "--config", str(recipe), *overrides], \
         {**env, "ACCELERATE_USE_CPU": "1"}
 
 
 def run_train(recipe: Path, *overrides: str, env: dict, processes: int = 1, check: bool = True,
-              timeout: int = 600, fault: str | None = None) -> subprocess.CompletedProcess:
+              timeout: int = 600, fault: str | None = None, dynamo_backend: str = "no") -> subprocess.CompletedProcess:
     """train.py run to its end (see train_command)."""
-    command, env = train_command(recipe, *overrides, env=env, processes=processes, fault=fault)
+    command, env = train_command(recipe, *overrides, env=env, processes=processes, fault=fault,
+                                 dynamo_backend=dynamo_backend)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

@@ -11,16 +11,19 @@ paths follow one recipe:
   same numbers (the tests compare the generator states after both), so a sample's augmentation stays
   a pure function of its seed, i.e. of (sample, seed, epoch, rank), and a resume stays bit-identical.
   The draws travel with the sample as one row of :data:`NUM_PARAMS` numbers.
-- :meth:`TrainAugment.__call__` applies a batch's rows on the accelerator with
-  torchvision.transforms.v2 functional ops: each crop resized to the output size (antialiased,
-  like PIL's resize), then for the whole batch at once the flip, 3-Augment (timm's ``3a``:
-  grayscale | solarize | Gaussian blur), colour jitter and normalisation. Mixup/CutMix (timm, batch
-  mode) follows in the training loop as on the CPU path.
+- :meth:`TrainAugment.__call__` applies a batch's rows on the accelerator, for the whole batch at
+  once, in a fixed number of operations whatever the batch size (no loop over images: on a GPU
+  each dispatched op costs host time, and a loop per image would set the pace): every crop resized
+  to the output size with PIL's antialiased filter and flipped (:func:`resize_boxes`), then
+  3-Augment (timm's ``3a``: grayscale | solarize | Gaussian blur), colour jitter and
+  normalisation. Mixup/CutMix (timm, batch mode) follows in the training loop as on the CPU path.
 
-Where torchvision has no batched form of an op with per-sample parameters (a jitter factor, a blur
-radius per image), the op is written here over the batch with torchvision's definition (``_blend``)
-or PIL's (the box-blur kernel of Pillow's GaussianBlur). The differences to the PIL ops are stated
-and tested in tests/test_augment.py.
+Where torchvision has no batched form of an op with per-sample parameters (a crop size, a jitter
+factor, a blur radius per image), the op is written here over the batch with torchvision's
+definition (``_blend``) or PIL's (the resampling filters of Pillow's resize, the box-blur kernel of
+its GaussianBlur). The differences to the PIL ops are stated and tested in tests/test_augment.py.
+Nothing here builds a tensor from Python numbers on the accelerator (a blocking copy on a GPU):
+per-sample values travel from the host with ``non_blocking=True``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as nnf
 from timm.data.auto_augment import AutoAugment
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from clsvit.errors import InputError
@@ -82,10 +86,11 @@ class TrainAugment:
         self.three_augment, self.jitter, normalize = find(AutoAugment), find(T.ColorJitter), find(T.Normalize)
         if isinstance(self.crop.interpolation, (tuple, list)):
             raise InputError("data.augment_on=device needs one aug.interpolation, not a random choice")
+        self.resample = _resampling_filter(self.crop.interpolation)
         if self.jitter is not None and self.jitter.hue is not None:
             raise InputError("data.augment_on=device has no hue jitter (DeiT-III uses none): set data.augment_on=cpu")
         self.size = list(self.crop.size)
-        self.mean, self.std = normalize.mean.tolist(), normalize.std.tolist()
+        self.normalize = Normalize(normalize.mean, normalize.std)
         self.solarize_threshold, self.desaturate_keep, self.blur_factor = 256, 1.0, 1.0
         if self.three_augment is not None:
             for sub_policy in self.three_augment.policy:
@@ -136,10 +141,13 @@ class TrainAugment:
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
         """A :class:`clsvit.data.crops.CropBatch` -> normalised float32 images ``B x 3 x size x size``.
-        On a CPU the batch goes through in chunks that stay in the cache (results are the same)."""
+        On a CPU the ops after the resize go through in chunks that stay in the cache (results are
+        the same)."""
         params = batch.params  # stays on the host: choosing what to run never waits for the device
-        x = torch.stack([F.resize(crop, self.size, self.crop.interpolation, antialias=True)
-                         for crop in batch.crops(params[:, BOX])])
+        size = np.array([self.size], dtype=np.float64)
+        plan = ResizePlan(params[:, BOX].numpy(), resized=size, first=np.zeros_like(size), count=self.size,
+                          support=self.resample[0], flip=params[:, FLIP].numpy() > 0)
+        x = resize_boxes(*batch.flat_images(plan.pad_bytes), plan, self.resample[1])
         if x.device.type != "cpu":
             return self._augment(x, params)
         out = torch.empty(x.shape, dtype=torch.float32)
@@ -148,11 +156,9 @@ class TrainAugment:
         return out
 
     def _augment(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Flip, 3-Augment, colour jitter, normalisation of resized uint8 images ``x`` with their draws."""
+        """3-Augment, colour jitter, normalisation of resized (and flipped) uint8 images ``x`` with their draws."""
         device = x.device
         index = lambda mask: torch.nonzero(mask).flatten().to(device, non_blocking=True)  # noqa: E731
-        flipped = index(params[:, FLIP] > 0)
-        x[flipped] = x[flipped].flip(-1)
         op = params[:, THREE_AUG]
         if (op == SOLARIZE).any():  # on uint8 levels, as PIL's ImageOps.solarize
             chosen = index(op == SOLARIZE)
@@ -166,14 +172,15 @@ class TrainAugment:
             x[index(chosen)] = gaussian_blur(x[index(chosen)], params[chosen, BLUR_SIGMA],
                                              BLUR_RADIUS_RANGE[1] * self.blur_factor)
         x = color_jitter(x, params[:, JITTER_OPS], params[:, JITTER_FACTORS])
-        return F.normalize(x, self.mean, self.std, inplace=True)
+        return self.normalize(x)
 
 
 class EvalTransform:
     """The evaluation transform (resize the shorter side, centre crop, normalise) on the accelerator,
-    with the timm eval transform's resize size, interpolation and crop: each image resized and
-    cropped with torchvision's ops, then normalised as a batch. Images are decoded at full size, so
-    top-1 follows the published protocol up to torchvision's resize vs PIL's (at most one level)."""
+    with the timm eval transform's resize size, interpolation and crop, as a batch: the output pixels
+    of the centre crop of each resized image, computed with PIL's resampling filter from the rows and
+    columns of the image they need (:func:`resize_boxes`). Images are decoded at full size, so top-1
+    follows the published protocol up to the resize's rounding (at most one level)."""
 
     def __init__(self, transform: T.Compose):
         steps = transform.transforms
@@ -183,8 +190,12 @@ class EvalTransform:
         if not (isinstance(resize, T.Resize) and isinstance(centre_crop, T.CenterCrop)
                 and isinstance(resize.size, int)):
             raise InputError(f"data.augment_on=device expects timm's centre-crop eval transform, got {transform}")
-        self.resize_to, self.interpolation, self.crop_size = resize.size, resize.interpolation, list(centre_crop.size)
-        self.mean, self.std = normalize.mean.tolist(), normalize.std.tolist()
+        self.resize_to, self.crop_size = resize.size, list(centre_crop.size)
+        if self.resize_to < max(self.crop_size):
+            raise InputError(f"data.augment_on=device crops the resized image; aug.eval_crop_pct > 1 pads it instead "
+                             f"(resize to {self.resize_to}, crop {self.crop_size}): set data.augment_on=cpu")
+        self.resample = _resampling_filter(resize.interpolation)
+        self.normalize = Normalize(normalize.mean, normalize.std)
 
     decode_min_side = None  # decoded at full size: the published protocol resizes the full-resolution image
 
@@ -197,13 +208,151 @@ class EvalTransform:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        resized = [F.resize(crop, self.resize_to, self.interpolation, antialias=True)
-                   for crop in batch.crops(batch.params[:, BOX])]
-        x = torch.stack([F.center_crop(image, self.crop_size) for image in resized])
-        return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        boxes = batch.params[:, BOX].numpy()
+        height, width = boxes[:, 2], boxes[:, 3]
+        short, long = np.minimum(height, width), np.maximum(height, width)
+        # torchvision's resize of the shorter side and its centre-crop anchor (functional.py
+        # _compute_resized_output_size, v2 _center_crop_compute_crop_anchor: Python's round)
+        new_long = np.floor(self.resize_to * long / short)
+        resized = np.where((height <= width)[:, None], np.stack([np.full_like(short, self.resize_to), new_long], 1),
+                           np.stack([new_long, np.full_like(short, self.resize_to)], 1))
+        first = np.round((resized - np.array(self.crop_size)) / 2.0)
+        plan = ResizePlan(boxes, resized=resized, first=first, count=self.crop_size, support=self.resample[0])
+        x = resize_boxes(*batch.flat_images(plan.pad_bytes), plan, self.resample[1])
+        return self.normalize(F.to_dtype(x, torch.float32, scale=True))
 
 
 # ---------------------------------------------------------------------- batched ops
+
+class Normalize:
+    """torchvision's normalize (``image.sub_(mean).div_(std)``) with the mean and std held as host
+    tensors and copied to the device once (``non_blocking``): torchvision builds them from Python
+    lists on the device at every call, a blocking copy per batch on a GPU."""
+
+    def __init__(self, mean, std):
+        self.host = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1), \
+            torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self.on_device:
+            self.on_device[x.device] = tuple(t.to(x.device, non_blocking=True) for t in self.host)
+        mean, std = self.on_device[x.device]
+        return x.sub_(mean).div_(std)
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution with a = -0.5, PIL's (and aten's antialiased) bicubic filter, support 2."""
+    x = x.abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear filter, support 1."""
+    return (1 - x.abs()).clamp_(min=0)
+
+
+RESAMPLING = {InterpolationMode.BICUBIC: (2.0, _bicubic), InterpolationMode.BILINEAR: (1.0, _triangle)}
+
+
+def _resampling_filter(mode):
+    if mode not in RESAMPLING:
+        raise InputError(f"data.augment_on=device resizes with PIL's bilinear or bicubic filter, not "
+                         f"{getattr(mode, 'value', mode)} (aug.interpolation): set data.augment_on=cpu")
+    return RESAMPLING[mode]
+
+
+class ResizePlan:
+    """What :func:`resize_boxes` computes for a batch, decided on the host from the draws: per image,
+    its ``boxes`` (top, left, height, width, in its pixels) are resized to ``resized`` (B x 2:
+    height, width) and the ``count`` (height, width) output pixels from ``first`` (B x 2) on are
+    kept; ``flip`` mirrors an image's output horizontally. PIL's resampling geometry (Pillow
+    src/libImaging/Resample.c, ``precompute_coeffs``; aten's ``_compute_indices_min_size_weights_aa``
+    is the same): output pixel i of an axis scaled by s = box / resized has its centre at
+    s * (i + 0.5) and reads the box pixels within ``support * max(s, 1)`` of it. ``region`` (B x 4:
+    top, left, height, width within the box) is what the kept outputs read."""
+
+    def __init__(self, boxes: np.ndarray, *, resized: np.ndarray, first: np.ndarray, count, support: float,
+                 flip: np.ndarray | None = None):
+        boxes = np.asarray(boxes, dtype=np.float64)
+        resized = np.broadcast_to(np.asarray(resized, dtype=np.float64), (len(boxes), 2))
+        first = np.broadcast_to(np.asarray(first, dtype=np.float64), (len(boxes), 2))
+        self.boxes, self.resized, self.first, self.count = boxes, resized, first, tuple(int(c) for c in count)
+        self.support = support
+        self.flip = np.zeros(len(boxes), dtype=bool) if flip is None else np.asarray(flip, dtype=bool)
+        source = boxes[:, 2:]
+        scale = source / resized
+        reach = support * np.maximum(scale, 1.0)
+        last = first + np.array(self.count) - 1
+        start = np.maximum(np.trunc(scale * (first + 0.5) - reach + 0.5), 0)
+        end = np.minimum(np.trunc(scale * (last + 0.5) + reach + 0.5), source)
+        self.region = np.concatenate([start, end - start], axis=1)
+        self.padded = (int(self.region[:, 2].max()), int(self.region[:, 3].max()))
+
+    @property
+    def pad_bytes(self) -> int:
+        """Bytes an image buffer needs after its last image: one padded row of pixels."""
+        return 3 * self.padded[1]
+
+
+def _resampling_weights(source, resized, first, start, count: int, length: int, support: float, kernel,
+                        device) -> torch.Tensor:
+    """B x count x length weights of one axis: output pixels first..first+count-1 of each image's
+    box of ``source`` pixels resized to ``resized``, over box pixels start..start+length-1 (beyond
+    the box: 0). PIL's coefficients: the filter at (pixel - centre + 0.5) / max(s, 1), on the pixels
+    [trunc(centre - reach + 0.5), trunc(centre + reach + 0.5)) clipped to the box, normalised to sum
+    1. ``source`` ... ``start``: B x 1 float64 tensors on ``device``."""
+    scale = source / resized
+    stretch = scale.clamp(min=1.0)
+    reach = support * stretch
+    centre = scale * (first + torch.arange(count, device=device, dtype=torch.float64) + 0.5)  # B x count
+    low = torch.trunc(centre - reach + 0.5).clamp_(min=0)
+    high = torch.minimum(torch.trunc(centre + reach + 0.5), source)
+    pixel = start + torch.arange(length, device=device, dtype=torch.float64)  # B x length
+    taps = kernel(((pixel[:, None, :] - centre[..., None] + 0.5) / stretch[..., None]).float())
+    inside = (pixel[:, None, :] >= low[..., None]) & (pixel[:, None, :] < high[..., None])
+    taps = taps.where(inside, 0.0)
+    return taps / taps.sum(-1, keepdim=True)
+
+
+def resize_boxes(pixels: torch.Tensor, offsets: np.ndarray, widths: np.ndarray, plan: ResizePlan,
+                 kernel) -> torch.Tensor:
+    """uint8 images B x 3 x count: every image's box resized as ``plan`` says, antialiased with
+    PIL's filter ``kernel`` (:data:`RESAMPLING`) in PIL's two passes: horizontal, rounded to uint8
+    levels, then vertical, rounded (PIL's fixed-point sums round the same way, up to ties). That is
+    the order of torchvision's uint8 kernel and of Pillow up to 12; Pillow 13 runs the vertical pass
+    first for some shapes, which changes a level only where the first pass clips. ``pixels``: the images' H x W x 3 uint8 values in one buffer on the device, each from
+    ``offsets`` (bytes) with ``widths`` pixels per row, followed by ``plan.pad_bytes`` bytes.
+
+    Batched for any box sizes: each image's region (its rows, ``plan.padded`` pixels wide from the
+    region's left edge) is gathered as rows of a sliding-window view of the buffer into one
+    B x H x W x 3 tensor, and each pass is one batched matrix product with per-image weights that
+    are 0 outside the image's own region, so whatever lies past it in the buffer contributes
+    nothing. The op count does not depend on the batch size."""
+    device = pixels.device
+    boxes, region = plan.boxes, plan.region
+    rows, cols = plan.padded
+    # per image, in one host tensor (one copy): first byte of the region's top row, bytes per row,
+    # region height, then per axis (vertical, horizontal) the box size, resized size, first output, region start
+    per_image = np.column_stack([
+        offsets + ((boxes[:, 0] + region[:, 0]) * widths + boxes[:, 1] + region[:, 1]) * 3, widths * 3,
+        region[:, 2], boxes[:, 2], plan.resized[:, 0], plan.first[:, 0], region[:, 0],
+        boxes[:, 3], plan.resized[:, 1], plan.first[:, 1], region[:, 1], plan.flip])
+    values = torch.from_numpy(per_image).to(device, non_blocking=True).unbind(1)
+    top_row, row_bytes, height, *vertical, source_w, resized_w, first_w, start_w, flip = (v[:, None] for v in values)
+    row = torch.arange(rows, device=device, dtype=torch.float64).minimum(height - 1)  # B x rows
+    x = pixels.unfold(0, 3 * cols, 1)[(top_row + row * row_bytes).long()]  # B x rows x 3*cols
+    x = x.view(len(boxes), rows, cols, 3).permute(0, 3, 1, 2).float()  # B x 3 x rows x cols
+    horizontal = _resampling_weights(source_w, resized_w, first_w, start_w, plan.count[1], cols, plan.support,
+                                     kernel, device)
+    horizontal = torch.where(flip[..., None] > 0, horizontal.flip(1), horizontal)  # B x width x cols
+    x = (x @ horizontal.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # B x 3 x rows x width
+    vertical = _resampling_weights(*vertical, plan.count[0], rows, plan.support, kernel, device)  # B x height x rows
+    x = (vertical[:, None] @ x).add_(0.5).floor_().clamp_(0, 255)
+    return x.to(torch.uint8)
 
 def _column(mask: torch.Tensor, device) -> torch.Tensor:
     """A host boolean per sample -> a B x 1 x 1 x 1 mask on ``device``."""

@@ -147,7 +147,8 @@ class CropBatch:
     uint8 values one after the other (it moves to the accelerator in one copy); ``sizes`` (B x 2:
     height, width), the draws ``params`` (B x NUM_PARAMS) and ``files``, the JPEG files to decode on
     the accelerator one after the other (``sizes``: length, 0), stay on the host, so deciding what to
-    run never waits for the accelerator."""
+    run never waits for the accelerator. The augmentation reads the crops in place
+    (:meth:`flat_images`, :func:`clsvit.data.augment.resize_boxes`)."""
 
     pixels: torch.Tensor
     sizes: torch.Tensor
@@ -174,25 +175,29 @@ class CropBatch:
     def pin_memory(self) -> CropBatch:
         return replace(self, pixels=self.pixels.pin_memory())
 
-    def crops(self, boxes) -> list[torch.Tensor]:
-        """Each crop as a 3 x H x W uint8 image on the device of ``pixels``, cut to its row of
-        ``boxes`` (top, left, height, width): views of ``pixels``, or the decoded JPEG files."""
-        images, pixel_offset, file_offset, files = [], 0, 0, []
-        for index, (height, width) in enumerate(self.sizes.tolist()):
-            if self.params[index, JPEG]:
-                files.append(self.files[file_offset:file_offset + height])
-                images.append(None)
-                file_offset += height
-            else:
-                images.append(self.pixels[pixel_offset:pixel_offset + height * width * 3].view(height, width, 3)
-                              .permute(2, 0, 1))
-                pixel_offset += height * width * 3
-        if files:
-            rows = self.params[self.params[:, JPEG] > 0, ROW].long().tolist()
-            decoded = iter(decode_jpegs(files, rows, self.pixels.device))
-            images = [next(decoded) if image is None else image for image in images]
-        return [image[:, top:top + height, left:left + width]
-                for image, (top, left, height, width) in zip(images, boxes.long().tolist())]
+    def flat_images(self, pad_bytes: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """``(buffer, offsets, widths)``: every image's H x W x 3 uint8 pixels one after the other in
+        one buffer on the device of ``pixels``, then ``pad_bytes`` zero bytes; each image's first
+        byte and pixels per row (host arrays). A crop is its pixels as they came (its box is the
+        whole crop); a JPEG file is decoded here (:func:`decode_jpegs`), whole (its box is the
+        drawn one)."""
+        device = self.pixels.device
+        sizes = self.sizes.numpy()
+        is_file = self.params[:, JPEG].numpy() > 0
+        lengths = np.where(is_file, 0, sizes[:, 0] * sizes[:, 1] * 3)
+        offsets, widths = np.cumsum(lengths) - lengths, sizes[:, 1].copy()
+        parts = [self.pixels]
+        if is_file.any():
+            ends = np.cumsum(sizes[is_file, 0])
+            files = list(torch.tensor_split(self.files, ends[:-1].tolist()))
+            decoded = decode_jpegs(files, self.params[is_file, ROW].long().tolist(), device)
+            position = int(lengths.sum())
+            for index, image in zip(np.flatnonzero(is_file), decoded):
+                offsets[index], widths[index] = position, image.shape[2]
+                parts.append(image.permute(1, 2, 0).reshape(-1))
+                position += image.numel()
+        parts.append(torch.zeros(pad_bytes, dtype=torch.uint8, device=device))
+        return torch.cat(parts), offsets, widths
 
 
 def decode_jpegs(files: list[torch.Tensor], rows: list[int], device) -> list[torch.Tensor]:
@@ -209,7 +214,7 @@ def decode_jpegs(files: list[torch.Tensor], rows: list[int], device) -> list[tor
             try:
                 images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as error:
-                images.append(_decode_on_host(data.numpy().tobytes(), row, error).to(device))
+                images.append(_decode_on_host(data.numpy().tobytes(), row, error).to(device, non_blocking=True))
         return images
 
 
