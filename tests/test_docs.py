@@ -25,7 +25,7 @@ FILE_SUFFIXES = {".py", ".yaml", ".md", ".sh", ".toml", ".txt", ".cff", ".png", 
                  ".ipynb", ".conf"}
 # Files of other projects, of a run or of a dataset that the docs name by their bare name.
 ELSEWHERE = {"README_revenge.md", "DATASETS.md", "MODEL_CARD.md", "iterable_dataset.py", "valprep.sh",
-             "sitecustomize.py", "grace_hopper.jpg", "LOC_val_solution.csv", "config.yaml", "config.json",
+             "sitecustomize.py", "grace_hopper.jpg", "LOC_val_solution.csv", "config.yaml", "config.json", "model_ema.safetensors",
              "eval.json", "metrics.jsonl", "provenance.json", "model.safetensors", "sweep.json", "train.log",
              "compare.csv", "compare.md", "compare.png", "metadata.csv", "metadata.jsonl", "metadata.parquet",
              "nyu_train.txt", "nyu_test.txt", "kitti_eigen_train.txt", "kitti_eigen_test.txt", "ADEChallengeData2016.zip", "ILSVRC2012_img_train.tar",

@@ -322,5 +322,7 @@ def test_a_shard_truncated_under_a_worker_is_an_error_not_a_bus_error(tmp_path):
     assert next(loader) == [i % len(NAMES) for i in range(10)]
     with open(paths[0], "r+b") as file:
         file.truncate(200)
-    with pytest.raises(InputError, match=rf"parquet shard {paths[0]}, row group [1-5]: the shard changed after the launch"):
+    # the worker may be reading the next batch's row group as the shard is cut: then the read fails
+    with pytest.raises(InputError, match=rf"parquet shard {paths[0]}, row group [1-5](: the shard changed after the "
+                                         rf"launch| cannot be read \(OSError: File too short)"):
         list(loader)
