@@ -51,7 +51,8 @@ from clsvit import analysis, cli, dense
 from clsvit.checkpoint import eval_snapshot, same_snapshot_on_every_process
 from clsvit.compare import compare
 from clsvit.config import CHOICE_LISTS, DEFAULT_RECIPE, load_config, save_config
-from clsvit.data import build_eval_loader, build_eval_transform, load_splits
+from clsvit.data import build_eval_loader, build_eval_transform, load_splits_on_every_process
+from clsvit.data.agreement import on_every_process
 from clsvit.dense.engine import DEPTH_METRICS
 from clsvit.errors import InputError
 from clsvit.evaluation import topk_accuracy
@@ -163,17 +164,17 @@ def parse_tasks(text: str) -> list[str]:
 
 def _classification_val_set(cfg: dict, accelerator):
     data_cfg = cfg["data"]
-    with accelerator.main_process_first():  # the main process generates / caches the dataset first
-        _, val_hf, found_classes = load_splits(data_cfg)
+    _, val_hf, found_classes, _ = load_splits_on_every_process(data_cfg, accelerator)  # the same on every process
     return ImageClassDataset(val_hf, build_eval_transform(cfg),
                              num_classes=cfg["model"]["num_classes"] or found_classes,
-                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"])
+                             image_column=data_cfg["image_column"], label_column=data_cfg["label_column"],
+                             max_pixels=data_cfg["max_image_pixels"])
 
 
 def classification(model, cfg: dict, accelerator) -> dict:
     """Top-1/top-5 (%) over the validation split (exact under several processes)."""
-    loader = accelerator.prepare(build_eval_loader(_classification_val_set(cfg, accelerator),
-                                                   cfg["eval"]["batch_per_device"], cfg["data"]))
+    loader = build_eval_loader(_classification_val_set(cfg, accelerator), cfg["eval"]["batch_per_device"], cfg["data"],
+                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     accuracy = topk_accuracy(model, loader, accelerator, cfg["eval"]["max_batches"])
     undecodable = accuracy.pop("undecodable")
     if undecodable and accelerator.is_main_process:
@@ -192,8 +193,13 @@ def _dense_probe(model, cfg: dict, task: str, seed: int, accelerator) -> dict:
         section["num_classes"] = cfg["data"]["shapes"]["num_classes"] + 1
     settings = dense.resolve(section, task, mean=cfg["data"]["mean"], std=cfg["data"]["std"])
     target = section["mask_column"] if task == "seg" else section["depth_column"]
-    with accelerator.main_process_first():  # the main process generates / caches the dataset first
-        train, val = dense.load_dense_splits(section, cfg["data"], f"eval.{task}", target)
+
+    def load(listings):  # the main process first; the same rows on every process, else one line
+        splits = dense.load_dense_splits(section, cfg["data"], f"eval.{task}", target, listings)
+        return splits, dict(zip(("train", "val"), splits)), None
+
+    (train, val), _ = on_every_process(accelerator, load,
+                                       f"eval.{task}.source={section['source']} eval.{task}.path={section['path']!r}")
     options = dict(image_column=section["image_column"], target_column=target, name=f"eval.{task}")
     if task == "seg":
         options.update(num_classes=settings.num_classes, reduce_zero_label=section["reduce_zero_label"])

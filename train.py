@@ -27,7 +27,8 @@ from clsvit import cli
 from clsvit.checkpoint import (checkpoint_step, complete_checkpoints, latest_checkpoint,
                                remove_partial_checkpoints, save_checkpoint, save_weights)
 from clsvit.config import ConfigError, diff, flatten, load_config, save_config
-from clsvit.data import TrainSampler, build_eval_loader, build_image_dataset, build_train_loader, load_splits
+from clsvit.data import (build_eval_loader, build_image_dataset, build_train_loader, build_train_sampler,
+                         load_splits_on_every_process)
 from clsvit.deit3 import build_loss, build_mixup, build_optimizer, build_scheduler, one_hot_targets
 from clsvit.evaluation import format_metrics, validation_metrics
 from clsvit.data.images import UndecodableImages
@@ -89,8 +90,10 @@ def main() -> None:
     set_seed(cfg["run"]["seed"])  # same on every process: identical init; data seeds come from the sampler
 
     # ---- data ---------------------------------------------------------------------------------
-    with accelerator.main_process_first():  # the main process generates/caches first, the rest reuse it
-        train_hf, val_hf, num_classes = load_splits(data_cfg)
+    # the main process loads (scans, caches) first and hands its listing over; every process checks
+    # that all of them hold the same rows, else the launch stops here in one line
+    train_hf, val_hf, num_classes, data_identity = load_splits_on_every_process(data_cfg, accelerator)
+    say(f"data: {data_identity.describe()}")
     if cfg["model"]["num_classes"] is None:
         cfg["model"]["num_classes"] = num_classes
     num_classes = cfg["model"]["num_classes"]
@@ -100,12 +103,13 @@ def main() -> None:
     to_model_input = train_set.batch_transform(accelerator.device)  # loader batch -> model input on the device
     to_val_input = val_set.batch_transform(accelerator.device)
     undecodable = UndecodableImages(len(train_set), data_cfg["max_bad_fraction"])  # broken files: skipped, counted
-    # The train loader is NOT passed to accelerator.prepare: the sampler is already rank-aware
-    # (repeated augmentation), and preparing would shard it a second time (accelerate #4075).
-    sampler = TrainSampler(len(train_set), num_replicas=world, rank=accelerator.process_index,
-                           seed=cfg["run"]["seed"], repeats=cfg["aug"]["repeated_aug"])
+    # Neither loader is passed to accelerator.prepare: both samplers are already rank-aware (data.order,
+    # repeated augmentation; every validation row once), and preparing would shard again (accelerate #4075).
+    sampler = build_train_sampler(train_set, cfg, num_replicas=world, rank=accelerator.process_index,
+                                  micro_batch=batch.micro_batch)
     train_loader = build_train_loader(train_set, sampler, batch.micro_batch, data_cfg)
-    val_loader = accelerator.prepare(build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg))
+    val_loader = build_eval_loader(val_set, cfg["eval"]["batch_per_device"], data_cfg, num_replicas=world,
+                                   rank=accelerator.process_index)
     steps_per_epoch = sampler.steps_per_epoch(batch.micro_batch, batch.accumulation)  # an error when none
     epoch_samples = steps_per_epoch * batch.accumulation * batch.micro_batch  # per process; the rest is dropped
     if sampler.note():
@@ -136,7 +140,7 @@ def main() -> None:
     bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = ModelEmaV3(bare_model, decay=train_cfg["ema_decay"]) if train_cfg["ema"] else None
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, undecodable)
+    accelerator.register_for_checkpointing(scheduler, progress, undecodable, sampler)  # sampler: its layout
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -165,7 +169,7 @@ def main() -> None:
                           param_overhead_pct=overhead_pct,
                           micro_batch=batch.micro_batch, accum_steps=batch.accumulation,
                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                          dynamo_backend=str(accelerator.state.dynamo_plugin.backend))
+                          dynamo_backend=str(accelerator.state.dynamo_plugin.backend), data=data_identity.as_dict())
     log = RunLog(run_dir, enabled=main_proc, tensorboard="tensorboard" in parse_trackers(cfg["log"]["trackers"]),
                  resume_step=progress.step if resume_from is not None else None,
                  accelerator=accelerator, config=flatten(cfg))

@@ -26,7 +26,7 @@ after one batch. Peak memory is the largest VmHWM (peak RSS) among the launch's 
 
 In this process, at full size: the parquet shards' footers (all a parquet launch reads before its
 first batch), the TrainSampler's per-epoch index (repeated augmentation 3 on rank 0
-of 8, and one process), the set-up of a validation pass (the eval dataset and loader to the first
+of 8, and one process; random and grouped order), the set-up of a validation pass (the eval dataset and loader to the first
 batch), the save time and size of a ViT-L/16 checkpoint with its full training state (LAMB, through
 clsvit.checkpoint.save_checkpoint), resume discovery among 1,000 checkpoints, and, at real bytes
 (one shard of 4,358 rows of 110 KB incompressible payloads, ImageNet's mean JPEG size), parquet reading in
@@ -259,12 +259,20 @@ def timed(function, reps: int = 3):
 
 
 def sampler_index(train_rows: int) -> dict:
+    """The random order's epoch, and the grouped order's first epoch of a cycle (which deals the
+    cycle's row groups: 100-row groups, 10 loader workers per process, micro-batch 256)."""
     from clsvit.data import TrainSampler
     out = {}
     for label, replicas in (("rank 0 of 8, repeated_aug 3", 8), ("1 process", 1)):
         sampler = TrainSampler(train_rows, num_replicas=replicas, rank=0, seed=0, repeats=3)
         sampler.set_epoch(1)
         out[label], _ = timed(lambda: list(iter(sampler)))
+    groups = [100] * (train_rows // 100) + ([train_rows % 100] if train_rows % 100 else [])
+    for label, replicas in (("grouped, rank 0 of 8 x 10 workers, repeated_aug 3", 8), ("grouped, 1 process x 10 workers", 1)):
+        def cycle(replicas=replicas):
+            return list(TrainSampler(train_rows, num_replicas=replicas, rank=0, seed=0, repeats=3, row_groups=groups,
+                                     workers=10, batch_size=256))
+        out[label], _ = timed(cycle)
     return out
 
 

@@ -40,11 +40,12 @@ from torch import nn
 
 from clsvit.config import load_config, save_config
 from clsvit.errors import InputError
-from clsvit.model import build_model, weights_path
+from clsvit.model import build_model, is_specialized, specialized_tokens, tokens_metadata, weights_path
 from clsvit.runlock import Owner, RunDirectoryInUse, live_owner
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -156,10 +157,11 @@ def _remove(checkpoint: Path) -> None:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """A model's weights as float32 safetensors, written to a hidden name and renamed into place
-    (never half-written): the run's exported `model.safetensors`."""
+    (never half-written): the run's exported `model.safetensors`. Its metadata records the tokens a
+    specialized model's copies are for (clsvit.model.TOKENS_METADATA)."""
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata=tokens_metadata(specialized_tokens(model)))
     os.replace(tmp, path)
 
 
@@ -246,18 +248,22 @@ def eval_snapshot(run_dir: Path) -> EvalSnapshot:
 def _copy_checkpoint_weights(checkpoint: Path) -> Path:
     """config.yaml and the model's weights of an accelerate checkpoint, in a private temporary
     directory (removed at exit), with the wrappers' key prefixes (DDP `module.`, torch.compile
-    `_orig_mod.`) removed so that load_run reads it like a finished run."""
+    `_orig_mod.`, in either order: accelerate compiles the DDP-wrapped model) removed and the tokens
+    of its copies recorded (as `save_weights` records them), so that load_run reads it like a
+    finished run."""
     config = (checkpoint / "config.yaml").read_bytes()
+    spec = load_config(checkpoint / "config.yaml")["model"]["specialize"]
     state = load((checkpoint / "model.safetensors").read_bytes())
     clean = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
         clean[key] = value
     directory = Path(tempfile.mkdtemp(prefix=f"clsvit-eval-{checkpoint.name}-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     (directory / "config.yaml").write_bytes(config)
-    save_file(clean, str(directory / "model.safetensors"))
+    save_file(clean, str(directory / "model.safetensors"),
+              metadata=tokens_metadata(spec["tokens"] if is_specialized(spec) else None))
     return directory
 
 

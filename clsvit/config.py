@@ -10,6 +10,7 @@ for days, hence strict keys, strict types and duplicate-key detection.
 """
 
 import difflib
+import functools
 import os
 import re
 import tempfile
@@ -19,9 +20,13 @@ import yaml
 from timm.data import create_transform
 
 from clsvit.errors import InputError
-from clsvit.model.specialization import COMPONENTS
+from clsvit.model.specialization import COMPONENTS, check_tokens
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+# The recipes: the checkout's recipes/ (also under `pip install -e .`), or clsvit/recipes/ in an installed wheel
+# (pyproject.toml ships recipes/ there as package data).
+_PACKAGE = Path(__file__).resolve().parent
+RECIPES = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "default.yaml"
 
 # Keys that accept null, with the type of their non-null values. Every null default must be
 # listed (its type cannot be read from the default); a non-null default listed here may be nulled.
@@ -36,6 +41,7 @@ NULLABLE_TYPES = {
     "train.mixed_precision": str,
     "train.compile": bool,
     "eval.max_batches": int,
+    "data.max_image_pixels": int,
     **{f"eval.{task}.{key}": kind for task in ("seg", "depth")  # null = the protocol's published value
        for key, kind in (("iterations", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
                          ("warmup_iters", int))},
@@ -46,6 +52,7 @@ CHOICES = {
     "data.val_layout": ("class_folders", "ilsvrc_csv"),
     "data.augment_on": ("cpu", "device"),
     "data.decode_on": ("cpu", "device"),
+    "data.order": ("auto", "grouped", "random"),
     "optim.name": ("lamb", "adamw"),
     "schedule.name": ("cosine", "constant"),
     "train.loss": ("bce", "soft_ce"),
@@ -73,6 +80,10 @@ FREE_MAPPINGS = {"model.timm_kwargs"}
 # A fraction of the blocks counted from the input, or explicit block indices (checked against
 # the depth by the model, which knows it): one key per specializable component.
 BLOCK_SELECTION_KEYS = {f"model.specialize.{c}" for c in COMPONENTS}
+
+# The tokens that get the copies: global, cls, registers or a patch position [row, col] (checked against
+# the patch grid by the model, which knows it).
+TOKENS_KEY = "model.specialize.tokens"
 
 # Lists of any length >= 1 (other lists keep the length of their default), with their element type.
 VARIABLE_LISTS = {"eval.seg.test_ratios": float}
@@ -125,10 +136,37 @@ CROSS_KEY_RULES = [
     (("aug.rand_augment",),
      lambda c: c["aug.rand_augment"] is not None and _timm_rejects(c["aug.rand_augment"]),
      "timm cannot parse this augmentation policy (RandAugment: e.g. rand-m9-mstd0.5-inc1)"),
+    (("data.max_image_pixels",), lambda c: c["data.max_image_pixels"] is not None and c["data.max_image_pixels"] < 1,
+     "images above this many pixels are replaced as broken files: it must be positive (or null: Pillow's own "
+     "limit only)"),
+    (("data.order", "data.source"), lambda c: c["data.order"] == "grouped" and c["data.source"] == "imagefolder",
+     "the grouped order reads parquet row groups; a folder is read one file per image, in the random order "
+     "(data.order=auto or random)"),
+    (("data.window", "data.source"),
+     lambda c: c["data.window"] != _default("data.window") and c["data.source"] == "imagefolder",
+     "the window shapes the grouped order of parquet sources; a folder is read in the random order"),
+    (("data.window", "data.order"), lambda c: c["data.window"] != _default("data.window") and c["data.order"] == "random",
+     "the window shapes the grouped order; the random order permutes all rows (data.order=grouped or auto)"),
+    (("data.window",), lambda c: c["data.window"] < 1, "a loader worker shuffles at least one row at a time"),
     (("data.std",), lambda c: any(value <= 0 for value in c["data.std"]),
      "the inputs are divided by these standard deviations: each must be positive (ImageNet's: "
      "[0.229,0.224,0.225])"),
+    (("train.keep_checkpoints",), lambda c: c["train.keep_checkpoints"] < 1,
+     "the run keeps this many newest checkpoints and resumes from the newest: at least 1"),
+    *(((key,), lambda c, key=key: c[key] < 1, f"{what}: at least 1") for key, what in (
+        ("train.global_batch", "images per optimizer step"),
+        ("train.batch_per_device", "images per forward pass"),
+        ("eval.batch_per_device", "images per evaluation forward pass"),
+        ("train.checkpoint_every", "optimizer steps between checkpoints"),
+        ("eval.every", "optimizer steps between validation passes"),
+        ("log.every", "optimizer steps between logs"))),
 ]
+
+
+@functools.cache
+def _default(key):
+    """A key's value in default.yaml (for the rules that refuse a key set where it means nothing)."""
+    return dict(flatten(_read_recipe(DEFAULT_RECIPE), stringify=False))[key]
 
 
 def check_rules(config):
@@ -235,6 +273,11 @@ def _check_value(key, value, default, where):
             return float(value)
         raise ConfigError(f"'{key}' must be a fraction in [0, 1] or a list of block indices >= 0, "
                           f"got {value!r} (in {where})")
+    if key == TOKENS_KEY:
+        try:
+            return check_tokens(value)
+        except InputError as error:  # "tokens: <why>"
+            raise ConfigError(f"'{key}': {str(error).partition(': ')[2]} (in {where})") from None
     if key in VARIABLE_LISTS:
         if not isinstance(value, list) or not value:
             raise ConfigError(f"'{key}' must be a non-empty list like {default}, got {value!r} (in {where})")
@@ -303,7 +346,8 @@ def _check_schema(schema):
     """default.yaml and the tables above must agree; catches editing one without the other."""
     flat = flatten(schema, stringify=False)
     rule_keys = [key for keys, _, _ in CROSS_KEY_RULES for key in keys]
-    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, *VARIABLE_LISTS, *rule_keys]:
+    for key in [*NULLABLE_TYPES, *CHOICES, *CHOICE_LISTS, *BLOCK_SELECTION_KEYS, TOKENS_KEY, *VARIABLE_LISTS,
+                *rule_keys]:
         if key not in flat and key not in FREE_MAPPINGS:
             raise ConfigError(f"config.py's tables name '{key}', which is not a key of {DEFAULT_RECIPE}")
     for key, value in flat.items():

@@ -8,29 +8,31 @@ import torch
 @torch.no_grad()
 def topk_accuracy(model, loader, accelerator, max_batches: int | None = None, to_input=None) -> dict[str, float]:
     """Top-1/top-5 (%), the number of images seen and of undecodable images replaced (the
-    `clsvit.data.images.UndecodableImage` records of `clsvit.data.images.ImageClassDataset`), over a loader of
-    `(images, labels, problems)` prepared by `accelerator`. `to_input` turns a loader batch into the
-    model's input (the dataset's `batch_transform`: the batched eval transform with
-    `data.augment_on: device`); None takes the images as they come. Exact under several processes:
-    `gather_for_metrics` drops the samples duplicated to pad an uneven split. Hits are counted on
-    the device and read once at the end (no host sync per batch)."""
+    `clsvit.data.images.UndecodableImage` records of `clsvit.data.images.ImageClassDataset`), over this
+    process's share of an evaluation pass (`clsvit.data.build_eval_loader`: every row once over the
+    processes, the same number of batches on each; a batch's rows beyond its sampler's ``valid``
+    count repeat a row and are not counted). `to_input` turns a loader batch into the model's input
+    on the device (the dataset's `batch_transform`); None moves the images as they come. Hits are
+    counted on the device and summed over the processes once at the end (no host sync per batch)."""
     model.eval()
-    hits = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # top-1, top-5
-    seen, undecodable = 0, 0  # on the host: a batch builds no tensor on the device
+    device = accelerator.device
+    valid = getattr(getattr(loader, "batch_sampler", None), "valid", None)
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
+    seen, undecodable = 0, 0  # on the host: a batch builds no tensor from host values
     for index, (images, labels, problems) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        if to_input is not None:
-            images = to_input(images)
+        images = to_input(images) if to_input is not None else images.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
-        top1, top5 = accelerator.gather_for_metrics((top[:, 0], top.any(dim=1)))
-        hits += torch.stack([top1.sum(), top5.sum()])
-        seen += top1.numel()  # the gathered length: a shape, known on the host
+        count = len(labels) if valid is None else valid[index]
+        labels = labels[:count].to(device, non_blocking=True)
+        top = logits[:count].topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+        seen += count
         undecodable += len(problems)
-    undecodable = accelerator.reduce(torch.tensor(undecodable).to(hits.device, non_blocking=True), reduction="sum")
-    top1, top5 = hits.tolist()
+    counts = torch.cat([hits, torch.tensor([seen, undecodable]).to(device, non_blocking=True)])
+    top1, top5, seen, undecodable = accelerator.reduce(counts, reduction="sum").tolist()
     return {"top1": 100.0 * top1 / max(seen, 1), "top5": 100.0 * top5 / max(seen, 1), "images": seen,
             "undecodable": int(undecodable)}
 

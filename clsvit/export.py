@@ -4,8 +4,9 @@
 
 OUT_DIR receives what timm's `save_for_hf` writes — `config.json` (`architecture`, `num_classes`,
 `pretrained_cfg` with the input size, interpolation, crop and mean/std the run was evaluated with,
-`model_args` that rebuild the model, the specialization among them) and `model.safetensors` —
-plus a model card `README.md` (recipe, metrics from the run's eval.json, parameter overhead,
+`model_args` that rebuild the model, the specialization among them, `tokens` included) and
+`model.safetensors` (written as a run's, its metadata recording the tokens of the copies) — plus a
+model card `README.md` (recipe, metrics from the run's eval.json, parameter overhead,
 citation) and the run's `eval.json`. config.json also holds a `clsvit` section (specialization,
 recipe, parameter counts).
 
@@ -32,12 +33,13 @@ import torch
 import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from timm.models._hub import save_config_for_hf
 
 from clsvit import cli
-from clsvit.checkpoint import load_run
+from clsvit.checkpoint import load_run, save_weights
 from clsvit.errors import InputError
-from clsvit.model import (baseline_model_config, build_model, count_parameters, describe_specialization,
-                          is_specialized, param_overhead_pct, specialized_name)
+from clsvit.model import (baseline_model_config, build_model, check_tokens, count_parameters,
+                          describe_specialization, is_specialized, param_overhead_pct, specialized_name)
 
 PAPER_CITATION = """\
 @inproceedings{marouani2026revisiting,
@@ -93,9 +95,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
-        timm.models.save_for_hf(model, str(partial), model_config={"architecture": architecture, "clsvit": summary},
-                                model_args={"specialize": dict(spec)} if specialized else None,
-                                safe_serialization=True, data_config=data_config)
+        save_weights(model, partial / "model.safetensors")  # timm's save_for_hf, with the tokens in the metadata
+        save_config_for_hf(model, partial / "config.json",
+                           model_config={"architecture": architecture, "clsvit": summary},
+                           model_args={"specialize": dict(spec)} if specialized else None, data_config=data_config)
         (partial / "README.md").write_text(model_card(repo_id or f"USER/{out_dir.name}", architecture, cfg, summary,
                                                       results, json.loads((partial / "config.json").read_text())))
         if results:
@@ -107,6 +110,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out_dir
+
+
+def copies_owner(tokens) -> str:
+    """Who has the copies (`model.specialize.tokens`), as the model card says it."""
+    tokens = check_tokens(tokens)
+    if isinstance(tokens, list):
+        return (f"One patch token (row {tokens[0]}, column {tokens[1]} of the patch grid, counted from the top-left "
+                "from 0: a control, the copies given to a patch instead of the [CLS] token) has")
+    return {"global": "The [CLS] and register tokens have", "cls": "The [CLS] token has",
+            "registers": "The register tokens have"}[tokens]
 
 
 def model_card(repo_id: str, architecture: str, cfg: dict, summary: dict, results: dict, hf_config: dict) -> str:
@@ -131,7 +144,7 @@ def model_card(repo_id: str, architecture: str, cfg: dict, summary: dict, result
         f"# {repo_id.split('/')[-1]}",
         "",
         f"A `{cfg['model']['arch']}` Vision Transformer trained with clsvit (recipe `{summary['recipe']}`). "
-        + ("The [CLS] and register tokens have their own copy of selected token-wise weights "
+        + (f"{copies_owner(cfg['model']['specialize']['tokens'])} their own copy of selected token-wise weights "
            "(Marouani et al., *Revisiting [CLS] and Patch Token Interaction in Vision Transformers*, ICLR 2026): "
            f"`{summary['specialization_text']}`." if specialized else "Not specialized (the baseline)."),
         "",

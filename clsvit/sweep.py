@@ -358,6 +358,9 @@ def main(argv=None) -> int:
             command, _ = sbatch_command(sweep_dir, todo, cells, args.parallel, shlex.split(args.sbatch))
             print(f"  {shlex.join(command)}")
         return 0
+    if not TRAIN.is_file():  # an installed clsvit (pip install .) has no train.py: sweeps run from a checkout
+        raise InputError(f"clsvit.sweep launches train.py from a clsvit checkout, and {TRAIN} does not exist; "
+                         f"run it from a clone (pip install -e . there)")
     write_manifest(sweep_dir, cells, [sys.executable, "-m", "clsvit.sweep", *(argv if argv is not None else sys.argv[1:])])
     if not todo:
         return 0

@@ -59,7 +59,7 @@ import torch
 from accelerate.tracking import get_available_trackers
 
 from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, load_config, recipe_leaves
-from clsvit.model import COMPONENTS, block_indices
+from clsvit.model import COMPONENTS, block_indices, describe_tokens
 
 # TensorBoard's modules are imported inside the functions that write events, for start-up time: they
 # add 0.1-0.2 s to every program that imports this one (eval.py --compare, a run without TensorBoard).
@@ -146,9 +146,10 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
       `differs` group (ticked first): the columns of `log.hparams_first` (of a model.specialize key:
              its fraction), by default the five fractions
       01-05  model.specialize.<component>         fraction of the `depth` blocks (a list: its length / depth)
-      06     model.specialize.final_norm          bool
-      07-11  model.specialize.<component> blocks  the block indices as text: "0-3", "0,2,5", "none"
-      12-16  model.arch, run.name, run.seed, train.global_batch, schedule.epochs
+      06     model.specialize.tokens              who gets the copies, as text: "global", "cls", "registers", "[7, 7]"
+      07     model.specialize.final_norm          bool
+      08-12  model.specialize.<component> blocks  the block indices as text: "0-3", "0,2,5", "none"
+      13-17  model.arch, run.name, run.seed, train.global_batch, schedule.epochs
       then   every other recipe key, by name (its type from recipes/default.yaml; null numbers empty)
     """
     specialize = cfg["model"]["specialize"]
@@ -159,6 +160,8 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
         fraction = len(blocks[c]) / depth if isinstance(value, list) else float(value)
         compare.append((f"model.specialize.{c}", f"specialized {c}", fraction,
                         f"model.specialize.{c} as a fraction of the {depth} blocks"))
+    compare.append(("model.specialize.tokens", "specialized tokens", describe_tokens(specialize["tokens"]),
+                    "the tokens that get the copies: global ([CLS] + registers), cls, registers or a patch [row, col]"))
     compare.append(("model.specialize.final_norm", "specialized final_norm", bool(specialize["final_norm"]),
                     "the final norm has a global-token copy"))
     for c in COMPONENTS:
@@ -445,13 +448,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The environment variables that choose torch's CPU kernels and thread count (docs/reproducibility.md).
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+              "ONEDNN_MAX_CPU_ISA")
+
+
 def hardware() -> dict:
     """The machine a number came from: the CPU model, the instruction set torch's CPU kernels
     dispatch to (`torch.backends.cpu.get_cpu_capability()`: CPU results are bit-identical per
-    capability only), the logical cores, and the GPUs' name and count."""
+    capability only), the logical cores, torch's threads and the kernel settings of the environment
+    (`KERNEL_ENV`: what a CPU result's bits depend on), and the GPUs' name and count."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+            "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus}
 
 
 def provenance(accelerator, **extra: Any) -> dict:
@@ -483,3 +494,4 @@ def provenance(accelerator, **extra: Any) -> dict:
         **hardware(),
         **extra,
     }
+

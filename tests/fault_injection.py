@@ -12,6 +12,10 @@ train.py` would run it), so the training code carries no test hooks. FAULT is on
     nan-loss:N[@RANK]     the N-th loss computed is NaN (on process RANK only)
     pause:N[@RANK]        before the optimizer step N, the process writes its pid to
                           $CLSVIT_TEST_PAUSE_DIR/rank<R> and stops itself (SIGSTOP; SIGCONT resumes it)
+    node-local:0          every process works in the folder $CLSVIT_TEST_NODES/node<R> (its current
+                          directory), so that a path under /proc/self/cwd/ names that folder's files: the
+                          same path names another file on each process, as a path on each node's local
+                          disk does (a node's own copy of a dataset, its own datasets cache)
 
     none                  no fault (the environment variables below still apply)
 
@@ -89,6 +93,8 @@ def inject(kind: str, count: int, rank: int | None) -> None:
                 os.kill(os.getpid(), signal.SIGSTOP)
 
         register_optimizer_step_pre_hook(pause_at_step)
+    elif kind == "node-local":
+        os.chdir(os.path.join(os.environ["CLSVIT_TEST_NODES"], f"node{this_rank()}"))
     elif kind == "nan-loss":
         import timm.loss
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from clsvit.checkpoint import save_weights
 from clsvit.config import DEFAULT_RECIPE, load_config, save_config
 from clsvit.model import build_model
 
@@ -59,5 +59,5 @@ def make_run(run_dir: Path, specialize: dict, seed: int, overrides: tuple[str, .
     model = randomize_(build_model(cfg["model"]), seed).eval()  # the copies differ from the shared weights
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
-    save_file(model.state_dict(), run_dir / "model.safetensors")
+    save_weights(model, run_dir / "model.safetensors")
     return model, cfg

@@ -27,7 +27,7 @@ from clsvit.config import DEFAULT_RECIPE, load_config
 from clsvit.errors import InputError
 from clsvit.checkpoint import load_run
 from clsvit.model import (block_indices, build_model, is_specialized, normalisation_note, paper_default_for,
-                          read_pretrained, specialized_name)
+                          read_pretrained, specialized_modules, specialized_name)
 from model_utils import TINY, images, make_run, randomize_
 
 def random_model(arch: str, img_size: int, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -251,6 +251,11 @@ def test_every_timm_vit_has_a_specialized_twin_in_timm_registry():
         "norm1", "norm2", "qkv"}
     chosen = timm.create_model("vit_tiny_patch16_224_clsvit", specialize={"mlp": [2]}, **kwargs)
     assert [name for name, m in chosen.named_modules() if hasattr(m, "global_copy")] == ["blocks.2.mlp"]
+    for tokens, rows in (("cls", (0, 1)), ("registers", (1, 5)), ([1, 0], (5 + 2, 5 + 3))):  # [CLS], 4 registers, 2x2
+        twin = timm.create_model("vit_small_patch14_reg4_dinov2_clsvit", specialize={**PAPER_DEFAULT, "tokens": tokens},
+                                 img_size=28, **TINY)
+        assert twin.specialized_tokens == tokens
+        assert {(m.row_start, m.row_stop) for m in specialized_modules(twin).values()} == {rows}
     with pytest.raises(TypeError):  # timm's contract: unknown arguments raise TypeError
         timm.create_model("deit3_small_patch16_224_clsvit", not_a_model_arg=1)
 
@@ -280,11 +285,15 @@ def test_retrofit_recipes_pair_the_paper_default_with_an_unspecialized_twin():
         model_cfg = load_config(recipe)["model"]
         # timm's copy of the public weights of exactly this architecture
         assert model_cfg["pretrained"].startswith(f"hf-hub:timm/{model_cfg['arch']}."), recipe.name
-        spec = model_cfg["specialize"]
-        if not recipe.stem.endswith("_specialized"):
+        spec, stem = model_cfg["specialize"], recipe.stem
+        if spec["tokens"] != "global":  # `<twin>_specialized_cls` / `_registers`: the copies for those tokens alone
+            assert spec["tokens"] in ("cls", "registers") and stem.endswith(f"_specialized_{spec['tokens']}")
+            stem = stem.removesuffix(f"_{spec['tokens']}")
+            assert stem in names and model_cfg["reg_tokens"] is None and "_reg" in model_cfg["arch"], recipe.name
+        if not stem.endswith("_specialized"):
             assert not is_specialized(spec), recipe.name
             continue
-        assert recipe.stem.removesuffix("_specialized") in names
+        assert stem.removesuffix("_specialized") in names
         with torch.device("meta"):
             depth = len(timm.create_model(model_cfg["arch"]).blocks)
         for component, value in PAPER_DEFAULT.items():

@@ -111,3 +111,24 @@ def test_single_runs_and_an_explicit_baseline(tmp_path):
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| 80.00 | -1.50 |" in table and "n.r." not in table and "bootstrap" not in table
     assert a.is_dir()
+
+
+def test_the_token_control_is_its_own_group_named_in_the_specialization_column(tmp_path):
+    """The paper default and the same copies on a patch differ in model.specialize.tokens alone: two
+    groups, told apart in the specialization column, each compared with the baseline or with the
+    specialized arm as --baseline."""
+    runs = tmp_path / "grid"
+    paper = ["model.specialize.norm=1.0", "model.specialize.layerscale=1.0", "model.specialize.qkv=0.25"]
+    for seed in range(2):
+        fake_run(runs, "baseline", seed, top1=70.0 + seed)
+        fake_run(runs, "specialized", seed, paper, top1=74.0 + seed)
+        fake_run(runs, "patch_control", seed, [*paper, "model.specialize.tokens=[7,7]"], top1=71.0 + 2 * seed)
+    groups = {g["recipe"]: g for g in compare([str(runs / "*")])["rows"]}
+    assert groups["specialized"]["specialization"] == "norm=1 layerscale=1 qkv=0.25"
+    assert groups["patch_control"]["specialization"] == "norm=1 layerscale=1 qkv=0.25 tokens=[7, 7]"
+    assert groups["baseline"]["baseline"] and groups["patch_control"]["d_top1"] == pytest.approx(1.5)
+    against = {g["recipe"]: g for g in compare([str(runs / "*")], baseline=str(runs / "specialized_seed0"),
+                                               out=str(tmp_path / "against_specialized"))["rows"]}
+    assert against["patch_control"]["d_top1"] == pytest.approx(-2.5)  # (71 - 74 + 73 - 75) / 2
+    assert "| patch_control | norm=1 layerscale=1 qkv=0.25 tokens=[7, 7] |" in (
+        tmp_path / "against_specialized" / "compare.md").read_text()

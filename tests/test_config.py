@@ -242,6 +242,13 @@ def test_enumerations_of_the_eval_sections():
      "aug.rand_augment='rand-m9-mstd0.5-inc1x': timm cannot parse this augmentation policy"),
     (["data.std=[0.229,0,0.225]"],
      "data.std=[0.229, 0.0, 0.225]: the inputs are divided by these standard deviations: each must be positive"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints=0: the run keeps this many newest checkpoints"),
+    (["train.global_batch=0"], "train.global_batch=0: images per optimizer step: at least 1"),
+    (["train.batch_per_device=-1"], "train.batch_per_device=-1: images per forward pass: at least 1"),
+    (["eval.batch_per_device=0"], "eval.batch_per_device=0: images per evaluation forward pass: at least 1"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every=0: optimizer steps between checkpoints: at least 1"),
+    (["eval.every=0"], "eval.every=0: optimizer steps between validation passes: at least 1"),
+    (["log.every=0"], "log.every=0: optimizer steps between logs: at least 1"),
 ])
 def test_cross_key_rules(tmp_path, overrides, message):
     expect_error(message, DEFAULT_RECIPE, overrides)
@@ -258,7 +265,9 @@ def test_cross_key_rules_accept_the_valid_combinations():
           ["aug.three_augment=false", "aug.rand_augment=rand-m9-mstd0.5-inc1"],
           ["train.finetune=true", "model.pretrained=runs/vit_s"],
           ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
-          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"]]
+          ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"],
+          ["train.keep_checkpoints=1"], ["log.every=1", "eval.every=1", "train.checkpoint_every=1"],
+          ["train.global_batch=1", "train.batch_per_device=1", "eval.batch_per_device=1"]]
     for overrides in ok:
         load_config(DEFAULT_RECIPE, overrides)
     # a fine-tune recipe inherits train.finetune; dropping its model.pretrained is refused
@@ -279,6 +288,39 @@ def test_specialize_accepts_fraction_or_block_list(value, expected):
 def test_specialize_rejects_bad_values(value):
     expect_error("'model.specialize.norm' must be a fraction in [0, 1] or a list of block indices >= 0",
                  DEFAULT_RECIPE, [f"model.specialize.norm={value}"])
+
+
+@pytest.mark.parametrize("value, expected", [("global", "global"), ("cls", "cls"), ("registers", "registers"),
+                                             ("[7, 7]", [7, 7]), ("[0,13]", [0, 13])])
+def test_tokens_take_a_group_or_a_patch_position(value, expected, tmp_path):
+    config = load_config(DEFAULT_RECIPE, [f"model.specialize.tokens={value}"])
+    assert config["model"]["specialize"]["tokens"] == expected
+    save_config(config, tmp_path / "config.yaml")  # and read back as written
+    assert load_config(tmp_path / "config.yaml")["model"]["specialize"]["tokens"] == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("patch", "'model.specialize.tokens': 'patch' is none of global, cls, registers or a patch position [row, col]"),
+    ("registres", "did you mean 'registers'?"),
+    ("[7]", "'model.specialize.tokens': expected global, cls, registers or a patch position [row, col] of two "
+            "integers >= 0, got [7]"),
+    ("[-1, 0]", "got [-1, 0]"), ("[1.5, 0]", "got [1.5, 0]"), ("[true, 0]", "got [True, 0]"), ("7", "got 7"),
+    ("null", "'model.specialize.tokens' cannot be null"),
+])
+def test_tokens_refuse_what_names_no_token(value, message):
+    expect_error(message, DEFAULT_RECIPE, [f"model.specialize.tokens={value}"])
+
+
+def test_a_resume_with_other_tokens_is_refused():
+    """train.py's resume check covers model.specialize.tokens (RESUME_LOCKED holds model.specialize)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", DEFAULT_RECIPE.parent.parent / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    specialized = load_config(DEFAULT_RECIPE, ["model.specialize.norm=1.0"])
+    patch = load_config(DEFAULT_RECIPE, ["model.specialize.norm=1.0", "model.specialize.tokens=[7,7]"])
+    assert diff(specialized, patch, train.RESUME_LOCKED) == ["model.specialize.tokens"]
 
 
 # --- overrides ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import random
 import shutil
 import struct
 import threading
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -403,7 +404,7 @@ def test_undecodable_records_travel_through_loader_workers():
 
 def test_evaluation_counts_undecodable_records():
     """clsvit.evaluation counts the records (one per broken file, whatever its name) over an
-    accelerate-prepared loader, for both data paths."""
+    evaluation pass of build_eval_loader, for both data paths."""
     from accelerate import Accelerator
 
     from clsvit.evaluation import topk_accuracy
@@ -419,7 +420,7 @@ def test_evaluation_counts_undecodable_records():
         cfg = recipe()
         cfg["data"]["augment_on"] = augment_on
         dataset = D.build_image_dataset(hf, cfg, train=False, num_classes=3)
-        loader = accelerator.prepare(D.build_eval_loader(dataset, 3, data_cfg()))
+        loader = D.build_eval_loader(dataset, 3, data_cfg())
         result = topk_accuracy(model, loader, accelerator, to_input=dataset.batch_transform(accelerator.device))
         assert (result["images"], result["undecodable"]) == (7, 4), augment_on  # rows 1, 2 (for 1 and 2), 5
 
@@ -438,6 +439,94 @@ def test_undecodable_policy_counts_distinct_files_and_stops_beyond_the_fraction(
                                          r"data.max_bad_fraction=0.002 allows; first: x: a.jpg \(row 3\), "
                                          r"x: a.jpg \(row 4\), row 9"):
         restored.check()
+
+
+def constant_png(width: int, height: int, rgb: tuple[int, int, int], rows_per_block: int = 100) -> bytes:
+    """A real RGB PNG of one colour (every row filtered "Up" from the first, so all but the first
+    pixel are zeros), built in well under a second at 100 Mpx: the deflate stream is a block of
+    ``rows_per_block`` rows compressed once and repeated (each block ends in a full flush, so no
+    block refers to another), with the zlib checksum of the whole."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    first, up = b"\x01" + bytes(rgb) + bytes(3 * width - 3), b"\x02" + bytes(3 * width)
+    blocks, rest = divmod(height - 1, rows_per_block)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = deflate.compress(first) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(up * rows_per_block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.compress(up * rest) + deflate.flush()
+    checksum = zlib.adler32(first)
+    for rows in [rows_per_block] * blocks + [rest]:
+        checksum = zlib.adler32(up * rows, checksum)
+    stream = b"\x78\xda" + head + block * blocks + tail + struct.pack(">I", checksum)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def test_constant_png_is_the_image_it_says():
+    png = constant_png(130, 250, (128, 64, 32), rows_per_block=16)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.full((250, 130, 3), (128, 64, 32), np.uint8))
+
+
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_an_image_above_the_pixel_limit_is_replaced_and_counted(augment_on):
+    """A 100-Mpx PNG (Pillow's own limit, 2 x 89.5 Mpx, lets it through with a warning) is a broken
+    file under data.max_image_pixels' default, on both data paths, read no further than its header."""
+    huge = constant_png(10_000, 10_000, (128, 64, 32))
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow would decode it, with a warning
+        Image.open(io.BytesIO(huge)).verify()  # a whole, valid PNG
+    images = [{"bytes": huge, "path": "big/huge.png"}, png_bytes(random_image(1, size=(100, 100))),
+              png_bytes(random_image(2, size=(100, 100)))]
+    cfg = recipe(img_size=32, augment_on=augment_on)
+    assert cfg["data"]["max_image_pixels"] == Image.MAX_IMAGE_PIXELS == 89_478_485
+    dataset = D.build_image_dataset(class_dataset(images, [0, 1, 2]), cfg, train=False, num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # no second report of the same file
+        _, label, problems = dataset[0]
+    assert label == 1 and [(p.path, p.row, p.error) for p in problems] == [
+        ("big/huge.png", 0, "DecompressionBombError: 10000x10000 = 100,000,000 pixels, above "
+                            "data.max_image_pixels=89,478,485")]
+    cfg["data"]["max_image_pixels"] = 100 * 100  # the limit is the key's: 100 x 100 images are at it
+    assert D.build_image_dataset(class_dataset(images[1:], [1, 2]), cfg, train=False, num_classes=3)[0][2] == ()
+    cfg["data"]["max_image_pixels"] -= 1
+    above = D.build_image_dataset(class_dataset(images[1:], [1, 2]), cfg, train=False, num_classes=3)
+    with pytest.raises(ValueError, match=r"first: row 0: DecompressionBombError: 100x100 = 10,000 pixels, above "
+                                         r"data.max_image_pixels=9,999"):
+        above[0]
+
+
+def test_max_image_pixels_must_be_positive_or_null(tmp_path):
+    from clsvit.config import load_config
+
+    assert load_config(ROOT / "recipes" / "default.yaml", ["data.max_image_pixels=null"])["data"]["max_image_pixels"] is None
+    with pytest.raises(ValueError, match=r"data.max_image_pixels=0: images above this many pixels"):
+        load_config(ROOT / "recipes" / "default.yaml", ["data.max_image_pixels=0"])
+
+
+@pytest.mark.parametrize("mode, dtype", [("I;16", "<u2"), ("I;16B", ">u2"), ("I", "<i4")])
+def test_sixteen_bit_greyscale_keeps_its_high_byte_without_wide_copies(mode, dtype):
+    """The 8-bit value of a 16-bit pixel is its high byte (value // 256, clipped to [0, 65535]
+    first): by hand, 0 -> 0, 255 -> 0, 256 -> 1, 0x1234 -> 0x12, 32768 -> 128, 65535 -> 255 (and
+    for 32-bit, -5 -> 0, 70000 -> 255). Converting 2 Mpx allocates under 5 bytes a pixel (9 for
+    32-bit; NumPy's and Python's allocations, traced, the pixels Pillow hands to NumPy included): no
+    int64 copy."""
+    import tracemalloc
+
+    from clsvit.data.images import to_rgb
+
+    values = [0, 255, 256, 0x1234, 32768, 65535] + ([-5, 70000] if mode == "I" else [])
+    expected = [0, 0, 1, 0x12, 128, 255] + ([0, 255] if mode == "I" else [])
+    image = Image.frombytes(mode, (len(values), 1), np.array([values], dtype=dtype).tobytes())
+    if mode == "I;16":  # as a 16-bit greyscale PNG opens
+        image = Image.open(io.BytesIO(png_bytes(image)["bytes"]))
+        assert image.mode == "I;16"
+    assert np.asarray(to_rgb(image)).tolist() == [[[v, v, v] for v in expected]]
+    big = Image.frombytes(mode, (2000, 1000), np.random.default_rng(0).integers(0, 65536, (1000, 2000))
+                          .astype(dtype).tobytes())
+    tracemalloc.start()
+    to_rgb(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < (5 if mode != "I" else 9) * big.width * big.height, peak / (big.width * big.height)  # int64: 16
 
 
 # ---------------------------------------------------------------- TrainSampler

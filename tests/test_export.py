@@ -3,6 +3,7 @@ from an offline Hugging Face cache, plain timm without clsvit for a baseline), a
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import clsvit  # noqa: F401 — registers the specialized twins in timm
 from clsvit.errors import InputError
 from clsvit.export import main as export_main
-from clsvit.model import count_parameters
+from clsvit.checkpoint import load_run
+from clsvit.model import count_parameters, create_model, recorded_tokens, specialized_tokens
 from model_utils import images, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +87,50 @@ def test_a_specialized_export_is_rebuilt_by_timm_with_the_runs_logits(tmp_path, 
     hub = timm.create_model("hf-hub:someone/vit_s_retrofit", pretrained=True).eval()
     assert torch.equal(hub(x), expected)
     assert type(hub.blocks[0].attn.qkv).__name__ == "GlobalTokenLinear"
+
+
+def test_a_patch_control_keeps_its_token_through_run_export_and_timm_and_refuses_other_tokens(tmp_path):
+    """The token choice travels with the weights: the run's and the export's model.safetensors record
+    it, config.json's model_args rebuild it in timm (`local-dir:`), and weights whose copies are for
+    one token are refused, in one line naming both, by a model that gives them to another."""
+    model, cfg, out = exported(tmp_path, {**SPECIALIZED, "tokens": "[1, 0]"}, "patch_control")
+    run = tmp_path / "runs" / "patch_control"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["specialize"]["tokens"] == [1, 0] == cfg["model"]["specialize"]["tokens"]
+    assert config["clsvit"]["specialization_text"] == "norm=1 layerscale=1 qkv=[0] tokens=[1, 0]"
+    assert recorded_tokens(out / "model.safetensors") == [1, 0] == recorded_tokens(run / "model.safetensors")
+    assert "One patch token (row 1, column 0 of the patch grid" in (out / "README.md").read_text()
+    x = images()
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert specialized_tokens(local) == [1, 0] and torch.equal(local(x), model(x))
+    loaded, _ = load_run(run)
+    assert specialized_tokens(loaded) == [1, 0] and torch.equal(loaded(x), model(x))
+
+    refusal = (r"^model.pretrained: {source} has copies for tokens \[1, 0\], this model for tokens {ours} "
+               r"\(model.specialize.tokens\); build it with tokens \[1, 0\], or start from unspecialized weights$")
+    for ours in ("global", "[0, 1]"):
+        with pytest.raises(InputError, match=refusal.format(source=re.escape(str(run / "model.safetensors")),
+                                                           ours=re.escape(ours))):
+            load_run(run, [f"model.specialize.tokens={ours}"])
+    with pytest.raises(InputError, match=rf"^pretrained: {re.escape(str(out))} has copies for tokens \[1, 0\], this "
+                                         r"model for tokens global \(model.specialize.tokens\)"):
+        create_model("deit3_small_patch16_224", pretrained=out, specialize={"norm": 1.0, "layerscale": 1.0, "qkv": [0]},
+                     img_size=32, embed_dim=32, depth=3, num_heads=2, report=None)
+    bare = tmp_path / "bare.safetensors"  # the same tensors, saved by hand: no record, so taken as the paper's
+    save_file(load_file(run / "model.safetensors"), bare)
+    with pytest.raises(InputError, match=r"^pretrained: .*bare.safetensors has copies for tokens global, this model "
+                                         r"for tokens \[1, 0\]"):
+        create_model("deit3_small_patch16_224", pretrained=bare, img_size=32, embed_dim=32, depth=3, num_heads=2,
+                     specialize={"norm": 1.0, "layerscale": 1.0, "qkv": [0], "tokens": [1, 0]}, report=None)
+    # the paper's weights into a patch control: refused the other way round; a baseline's: the copies are cloned
+    make_run(tmp_path / "runs" / "specialized", SPECIALIZED, seed=6)
+    with pytest.raises(InputError, match=r"has copies for tokens global, this model for tokens \[1, 0\]"):
+        load_run(tmp_path / "runs" / "specialized", ["model.specialize.tokens=[1,0]"])
+    baseline, _ = make_run(tmp_path / "runs" / "baseline", {}, seed=7)
+    retrofit, _ = load_run(tmp_path / "runs" / "baseline", [f"model.specialize.{k}={v}" for k, v in SPECIALIZED.items()]
+                           + ["model.specialize.tokens=[1,0]"])
+    assert specialized_tokens(retrofit) == [1, 0]
+    assert (retrofit(x) - baseline(x)).abs().max() <= 1e-5
 
 
 @pytest.mark.slow

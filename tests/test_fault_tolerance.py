@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from trainer_utils import REPO, read_jsonl, run_train, subprocess_env, write_tiny_recipe
+from trainer_utils import REPO, free_port, read_jsonl, run_train, subprocess_env, write_tiny_recipe
 
 pytestmark = pytest.mark.slow  # train.py as a subprocess, end to end
 
@@ -286,3 +286,47 @@ def test_label_out_of_range_is_an_error_naming_the_file(tmp_path, env):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert re.match(rf"train\.py: error: sample {data}/train/c/\S+ \(row \d+\): label 2 is outside \[0, 2\)", last), last
+
+
+# ---------------------------------------------------------------- every process the same data
+
+def test_processes_that_see_different_trees_stop_in_one_line(tmp_path, env):
+    """Each of 2 processes has its own tree at data.path and its own datasets cache, as nodes with
+    local copies do; process 1's tree is one image longer: the launch stops before any step, one
+    line naming both processes and what each loaded, on train.py and on eval.py."""
+    import timm
+    from PIL import Image
+
+    for node, extra in ((0, 0), (1, 1)):
+        for split, per_class in (("train", 4), ("val", 2)):
+            for name in "abc":
+                folder = tmp_path / "nodes" / f"node{node}" / "imagenet" / split / name
+                folder.mkdir(parents=True)
+                for i in range(per_class + (extra if (split, name) == ("train", "b") else 0)):
+                    Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    recipe = write_tiny_recipe(tmp_path, tmp_path)
+    data = ["data.source=imagefolder", "data.path=/proc/self/cwd/imagenet"]  # each process: its own node's
+    nodes = {**env, "CLSVIT_TEST_NODES": str(tmp_path / "nodes"), "HF_DATASETS_CACHE": "/proc/self/cwd/hf_cache"}
+    trained = run_train(recipe, *data, "train.max_steps=4", env=nodes, processes=2, check=False,
+                        fault="node-local:0", timeout=300)
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("deit3_small_patch16_224", img_size=32, num_classes=3, patch_size=8, depth=2,
+                                 embed_dim=32, num_heads=2).state_dict(), weights)
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
+         "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(REPO / "tests" / "fault_injection.py"), "node-local:0", str(REPO / "eval.py"), "--weights", str(weights),
+         "--arch", "deit3_small_patch16_224", "--config", str(recipe), "--out", str(tmp_path / "evaluated"),
+         "--tasks", "cls", *data, *(f"model.specialize.{c}=0.0" for c in ("norm", "layerscale", "qkv"))],
+        cwd=REPO, env={**nodes, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    expected = re.compile(
+        r"(train|eval)\.py: error \(process 0 of 2\): the processes loaded different data from data\.source="
+        r"imagefolder data\.path='/proc/self/cwd/imagenet': process 0: train 12 images \(digest \w{12}\), "
+        r"validation 6 images \(digest \w{12}\), 3 classes; process 1: train 13 images \(digest \w{12}\), "
+        r"validation 6 images \(digest \w{12}\), 3 classes; every process must see the same files \(.*\)")
+    for result in (trained, evaluated):
+        assert result.returncode != 0
+        lines = [line for line in result.stderr.splitlines() if "loaded different data" in line]
+        assert len(lines) == 1 and expected.fullmatch(lines[0]), result.stderr[-3000:]
+        assert "Traceback" not in result.stderr.split("loaded different data")[0], result.stderr[-3000:]
+    assert not list((tmp_path / "tiny").glob("checkpoints/step_*")) and not (tmp_path / "evaluated" / "eval.json").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import datasets.config
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from timm.data import ImageNetInfo
@@ -214,6 +215,102 @@ def test_a_folder_modified_just_before_the_scan_is_listed_again(tmp_path, source
     assert train_index.stat().st_mtime_ns > written[0] and val_index.stat().st_mtime_ns == written[1]
 
 
+def test_a_validation_split_missing_a_training_class_is_refused(tmp_path, sources):
+    """Labelled by its own class list, a validation split without class b would give c the label 1."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=2)
+    class_tree(root, sources, ["a", "c"], per_class=1, split="val")
+    with pytest.raises(InputError, match=r"differ from the training split's: 1 missing \(e.g. b\)$"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+
+
+def test_a_flat_validation_index_follows_a_training_class_added(tmp_path, sources):
+    """The flat validation folder and its CSV do not change when a training class is added, but
+    every label after the new class moves: its index must not be served."""
+    root = class_tree(tmp_path / "tree", sources, ["n2", "n3"], per_class=2)
+    flat_val(root, sources, {"ILSVRC2012_val_00000001": "n3 0 0 1 1", "ILSVRC2012_val_00000002": "n2 0 0 1 1"})
+    settle(root)
+    os.utime(root / "LOC_val_solution.csv", (time.time() - 3600,) * 2)  # its time is recorded too
+    load = lambda: load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")["validation"]  # noqa: E731
+    assert [label for _, label in samples(load())] == [1, 0]
+    link(sources[0], root / "train" / "n1" / "n1_0.JPEG")  # sorts first: n2 -> 1, n3 -> 2; val/ is untouched
+    val = load()
+    assert val.features["label"].names == ["n1", "n2", "n3"] and [label for _, label in samples(val)] == [2, 1]
+
+
+def rebatch(index: Path, rows_per_batch: int) -> list[int]:
+    """Rewrite an index as the writer writes a large tree's, in record batches of ``rows_per_batch``
+    rows (schema and metadata kept); returns the offset at which each batch ends."""
+    reader = pa.ipc.open_stream(index.read_bytes())
+    table, schema = reader.read_all(), reader.schema
+    with pa.OSFile(str(index), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table, max_chunksize=rows_per_batch)
+    ends = []
+    with pa.memory_map(str(index)) as source:
+        for _ in pa.ipc.open_stream(source):
+            ends.append(source.tell())
+    return ends
+
+
+def cut_between_batches(index: Path, ends: list[int]):
+    os.truncate(index, ends[0])  # a crash before the second batch reached the disk
+
+
+def cut_inside_a_batch(index: Path, ends: list[int]):
+    os.truncate(index, (ends[0] + ends[1]) // 2)
+
+
+def cut_short(index: Path, ends: list[int]):
+    os.truncate(index, ends[-1] - 9)  # the last batch's last bytes and the end-of-stream marker lost
+
+
+def zeros_inside_a_batch(index: Path, ends: list[int]):
+    data = bytearray(index.read_bytes())  # the file keeps its size and header: a damaged disk block
+    start = data.index(b"/train/", ends[0])  # within the second batch's paths
+    data[start:start + 100] = bytes(100)
+    index.write_bytes(bytes(data))
+
+
+def garbage(index: Path, ends: list[int]):
+    index.write_bytes(np.random.default_rng(0).bytes(index.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, cut_short, zeros_inside_a_batch,
+                                    garbage])
+def test_an_index_that_is_not_whole_is_listed_again(tmp_path, sources, hf_cache, damage):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
+    class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
+    settle(root)
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
+    damage(index, rebatch(index, rows_per_batch=50))  # 120 rows in 3 batches
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert samples(train) == ImageFolder(str(root / "train")).samples
+    again = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]  # whole again: served
+    assert samples(again) == samples(train) and len(again) == 120
+
+
+def test_an_unwritable_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sources, monkeypatch):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    (tmp_path / "not_a_folder").write_text("a file where the cache should be")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "not_a_folder" / "cache")
+    with pytest.raises(InputError, match=r"cannot write the folder index .*NotADirectoryError.*: HF_DATASETS_CACHE "
+                                         r"\(.*not_a_folder/cache\) must be a writable directory") as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_a_read_only_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sources, hf_cache):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    (hf_cache / "clsvit_imagefolder").mkdir(parents=True)
+    (hf_cache / "clsvit_imagefolder").chmod(0o555)
+    with pytest.raises(InputError, match=r"cannot write the folder index .*PermissionError.*HF_DATASETS_CACHE"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert list((hf_cache / "clsvit_imagefolder").iterdir()) == []
+
+
 def test_labels_follow_imagenet_1k_order(tmp_path, sources):
     """Sorted synset folders are timm's ImageNetInfo order, the order of public checkpoints' classifiers."""
     synsets = list(ImageNetInfo().label_names())
@@ -247,10 +344,25 @@ from clsvit.data.imagefolder import load_folder_splits
 logging.basicConfig(level=logging.INFO, format="rank %(rank)s %(message)s")
 state = PartialState(cpu=True)
 logging.getLogger().handlers[0].addFilter(lambda record: setattr(record, "rank", state.process_index) or True)
-with state.main_process_first():  # as train.py and eval.py load their data
+with state.main_process_first():  # the other process finds the main process's index current
     splits = load_folder_splits(sys.argv[1], "train", "validation", "class_folders")
 print("rank", state.process_index, "rows", len(splits["train"]), len(splits["validation"]), flush=True)
 """
+
+
+def two_processes(script: str, *args: str, cache: Path, timeout: int = 300) -> list[str]:
+    """``script`` run by 2 processes (gloo) as ``accelerate launch`` starts them; their outputs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    processes = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, text=True,
+                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    return outputs
 
 
 @pytest.mark.slow
@@ -258,19 +370,47 @@ def test_two_processes_scan_once(tmp_path, sources, hf_cache):
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
     class_tree(root, sources, ["a", "b", "c"], per_class=5, split="val")
     settle(root)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "HF_DATASETS_CACHE": str(hf_cache), "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    processes = [subprocess.Popen([sys.executable, "-c", SCAN_ONCE, str(root)], cwd=ROOT, text=True,
-                                  env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs
+    outputs = two_processes(SCAN_ONCE, str(root), cache=hf_cache)
     scans = [line for output in outputs for line in output.splitlines() if " scanned " in line]
     assert len(scans) == 2 and all(line.startswith("rank 0 scanned ") for line in scans), outputs  # train, val
     assert all(f"rows {3 * 40} {3 * 5}" in output for output in outputs), outputs
+
+
+LISTING_HANDED_OVER = """
+import os, sys
+from accelerate import PartialState
+import clsvit.data.imagefolder as imagefolder
+from clsvit.data import load_splits_on_every_process
+state = PartialState(cpu=True)
+scan = imagefolder.scan_class_folders
+def scan_then_add_a_file(root, folder, classes=None):  # the tree changes right after the main process's scan
+    listed = scan(root, folder, classes)
+    open(os.path.join(root, folder, "b", "late.jpg"), "wb").close()
+    return listed
+if state.is_main_process:
+    imagefolder.scan_class_folders = scan_then_add_a_file
+else:
+    imagefolder.scan_class_folders = lambda *args: sys.exit("process 1 scanned")
+data_cfg = dict(source="imagefolder", path=sys.argv[1], train_split="train", val_split="validation",
+                val_layout="class_folders", image_column="image", label_column="label")
+train, val, num_classes, identity = load_splits_on_every_process(data_cfg, state)
+paths = [row["path"] for row in train.cast_column("image", imagefolder.ImageFeature(decode=False))["image"]]
+late = sum(path.endswith("late.jpg") for path in paths)
+print("rank", state.process_index, "rows", len(train), len(val), "late", late, identity.describe(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_folder_changed_around_the_main_process_scan_is_listed_once(tmp_path, sources, hf_cache):
+    """The tree was modified just before the main process's scan (its folders' times are too recent
+    to be trusted) and a file is added right after it: the other process serves the main process's
+    listing as it is, instead of listing a tree that is one file longer."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
+    class_tree(root, sources, ["a", "b", "c"], per_class=5, split="val")
+    outputs = two_processes(LISTING_HANDED_OVER, str(root), cache=hf_cache)
+    assert (root / "train" / "b" / "late.jpg").exists()
+    rows = [line.split(" train ")[0] for output in outputs for line in output.splitlines() if line.startswith("rank")]
+    assert rows == ["rank 0 rows 120 15 late 0", "rank 1 rows 120 15 late 0"], outputs
 
 
 @pytest.mark.slow

@@ -1,12 +1,15 @@
 """Parquet shards read in place (clsvit.data.parquet, the parquet and hub sources of clsvit.data): the rows
 are pyarrow's, nothing is copied into the datasets cache, and a hub snapshot is read where it lies."""
 
+import os
 import pickle
 import random
+from pathlib import Path
 
 import datasets
 import datasets.config
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -151,3 +154,175 @@ def test_a_hub_download_fetches_the_wanted_splits_only():
     assert list(filter_repo_objects(repository, allow_patterns=D.split_patterns(["train", "validation"]))) == [
         "data/train-00000-of-00294.parquet", "data/validation-00013-of-00014.parquet", "train/part-0.parquet",
         "other/validation/part-1.parquet"]
+
+
+# ---------------------------------------------------------------- the row-group cache and the open files
+
+def rows_of(path, sizes: list[int]) -> ParquetRows:
+    """One shard of ``sum(sizes)`` rows (column ``i`` = the row number) in row groups of ``sizes``."""
+    writer, start = None, 0
+    for size in sizes:
+        table = pa.table({"i": pa.array(range(start, start + size), pa.int64())})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=size)
+        start += size
+    writer.close()
+    return ParquetRows([str(path)])
+
+
+def test_a_sequential_pass_reads_each_row_group_once(tmp_path):
+    rows = rows_of(tmp_path / "a.parquet", [10] * 6 + [3])
+    assert rows.row_groups().tolist() == [10] * 6 + [3]
+    assert [rows[i]["i"] for i in range(len(rows))] == list(range(63)) and rows.reads == 7
+
+
+def test_the_cache_evicts_read_groups_first_then_the_least_recently_used(tmp_path):
+    rows = rows_of(tmp_path / "a.parquet", [10] * 6)
+    rows.cache_rows = 20  # 20 rows + the largest group: three groups of 10
+    for group in (0, 1, 2, 3):  # one row of each: none read whole; group 3 evicts group 0, the least recently used
+        rows[10 * group]
+    assert rows.reads == 4
+    for group in (1, 2, 3):
+        rows[10 * group + 1]
+    assert rows.reads == 4  # still cached
+    rows[0]
+    assert rows.reads == 5  # group 0 was evicted (it evicts group 1 now)
+    for i in range(20, 30):  # group 2 read whole
+        rows[i]
+    rows[45]  # group 4 evicts group 2, although group 3 was used less recently
+    rows[31]
+    assert rows.reads == 6
+
+
+def test_a_view_has_its_own_cache(tmp_path):
+    """A column view reads only its columns into its own cache: the parent's rows keep theirs."""
+    paths = write_split(tmp_path, "train", [30], row_group=10)
+    rows = ParquetRows([str(p) for p in paths])
+    assert rows[0]["image"] == {"bytes": b"image 0", "path": "train_0.JPEG"}  # the parent reads first
+    labels = rows.select_columns(["label"])
+    assert labels[1] == {"label": 1} and labels[12] == {"label": 0}
+    assert rows[13] == {"image": {"bytes": b"image 13", "path": "train_13.JPEG"}, "label": 1}
+
+
+def test_shards_with_other_column_types_are_refused(tmp_path):
+    pq.write_table(pa.table({"image": [b"x"], "label": pa.array([1], pa.int64())}), tmp_path / "train-0.parquet")
+    pq.write_table(pa.table({"image": [b"y"], "label": ["cat"]}), tmp_path / "train-1.parquet")
+    with pytest.raises(InputError, match=r"train-1.parquet has columns image: binary, label: string, but "
+                                         r".*train-0.parquet has image: binary, label: int64") as error:
+        ParquetRows([str(tmp_path / "train-0.parquet"), str(tmp_path / "train-1.parquet")])
+    assert "\n" not in str(error.value)
+
+
+def test_open_files_are_bounded_300_shards_under_ulimit_256(tmp_path):
+    """300 shards read in a random order twice, under a limit of 256 open files: at most
+    OPEN_SHARDS files are open at once."""
+    import resource
+
+    from clsvit.data import parquet
+
+    paths = [tmp_path / f"train-{k:05d}.parquet" for k in range(300)]
+    for k, path in enumerate(paths):
+        pq.write_table(pa.table({"i": [2 * k, 2 * k + 1]}), path)
+    rows = ParquetRows([str(p) for p in paths])
+    order = list(range(600)) * 2
+    random.Random(0).shuffle(order)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_before = len(list(Path("/proc/self/fd").iterdir()))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        seen, most_open = [], 0
+        for i in order:
+            seen.append(rows[i]["i"])
+            most_open = max(most_open, len(list(Path("/proc/self/fd").iterdir())))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert seen == order
+    assert most_open - open_before <= parquet.OPEN_SHARDS + 1  # + the /proc/self/fd listing itself
+
+
+def test_reading_keeps_no_file_backed_memory(tmp_path):
+    """A pass over 48 MB of shards written by ``datasets`` leaves the process's file-backed memory
+    (RssFile) where it was: the shards are read, not memory-mapped (pyarrow reads their uncompressed
+    image column out of a memory map without a copy, and a mapped pass keeps every page it touched)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(4):
+        images = [{"bytes": rng.integers(0, 256, 110_000, dtype=np.uint8).tobytes(), "path": None} for _ in range(110)]
+        path = tmp_path / f"train-{k}.parquet"
+        Dataset.from_dict({"image": images}, features=Features(image=ImageFeature(decode=False))).to_parquet(
+            str(path), batch_size=10)
+        paths.append(str(path))
+    rows = ParquetRows(paths)
+    payload = 110_000
+
+    def file_backed_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssFile:")))
+
+    before = file_backed_kb()
+    assert all(len(rows[i]["image"]["bytes"]) == payload for i in range(len(rows)))
+    assert file_backed_kb() - before < 8_000
+
+
+# ---------------------------------------------------------------- shards that change or break
+
+def one_line(error) -> str:
+    from clsvit.cli import error_line
+    line = error_line("train.py", error)
+    assert "\n" not in line
+    return line
+
+
+def test_a_shard_truncated_or_replaced_after_the_launch_stops_naming_it(tmp_path):
+    paths = write_split(tmp_path, "train", [20, 20], row_group=5)
+    rows = ParquetRows([str(p) for p in paths])
+    assert rows[0]["label"] == 0  # shard 0 open, its first row group cached
+    size = paths[0].stat().st_size
+    with open(paths[0], "r+b") as file:
+        file.truncate(size // 2)
+    with pytest.raises(InputError) as error:
+        rows[7]
+    assert one_line(error.value) == (f"train.py: error: parquet shard {paths[0]}, row group 1: the shard changed after "
+                                     f"the launch read it ({size} bytes at launch, {size // 2} now); restore it, or "
+                                     f"relaunch to train on the data as it is now")
+    replacement = write_split(tmp_path / "new", "train", [6], row_group=3)[0]
+    os.replace(replacement, paths[1])  # another file under the shard's name
+    with pytest.raises(InputError, match=rf"^parquet shard {paths[1]}, row group 0: the shard changed after the launch "
+                                         r"read it \(another file now has its name\)"):
+        rows[20]
+    assert ParquetRows([str(paths[1])])[5]["label"] == 5 % len(NAMES)  # a relaunch reads the shard as it is
+
+
+def test_a_damaged_row_group_stops_naming_shard_and_group(tmp_path):
+    """Zeros over a row group's data, written before the launch (the footer intact): the read fails
+    in the DataLoader worker, and the run stops in one line naming the shard and the row group."""
+    from clsvit.data.images import ImageClassDataset
+
+    path = write_split(tmp_path, "train", [40], row_group=10)[0]
+    metadata = pq.read_metadata(path)
+    column = metadata.row_group(2).column(0)
+    with open(path, "r+b") as file:
+        file.seek(column.data_page_offset)
+        file.write(b"\0" * column.total_compressed_size)
+    dataset = ImageClassDataset(ParquetRows([str(path)]), lambda image: 0, num_classes=len(NAMES))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=1, collate_fn=lambda batch: batch)
+    with pytest.raises(InputError) as error:
+        list(loader)
+    assert one_line(error.value).startswith(f"train.py: error: parquet shard {path}, row group 2 cannot be read (")
+    assert one_line(error.value).endswith("); the shard is damaged: download or write it again")
+
+
+def test_a_shard_truncated_under_a_worker_is_an_error_not_a_bus_error(tmp_path):
+    """A worker reads the shard while it is cut short (as a failed copy or download leaves it): the
+    run stops in one line naming the shard; a memory-mapped read would die of SIGBUS instead."""
+    paths = write_split(tmp_path, "train", [60], row_group=10)
+    rows = ParquetRows([str(p) for p in paths])
+    loader = iter(torch.utils.data.DataLoader(rows, batch_size=10, num_workers=1, prefetch_factor=1,
+                                              collate_fn=lambda batch: [row["label"] for row in batch]))
+    assert next(loader) == [i % len(NAMES) for i in range(10)]
+    with open(paths[0], "r+b") as file:
+        file.truncate(200)
+    # the worker may be reading the next batch's row group as the shard is cut: then the read fails
+    with pytest.raises(InputError, match=rf"parquet shard {paths[0]}, row group [1-5](: the shard changed after the "
+                                         rf"launch| cannot be read \(OSError: File too short)"):
+        list(loader)

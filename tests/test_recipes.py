@@ -42,7 +42,8 @@ EXPECTED_GRID = {
     *(f"recipes/ablations/vit_s_{name}.yaml" for name in (
         "norm_only", "layerscale_only", "qkv_third_only", "proj_third_only", "mlp_third_only",
         "paper_default_proj", "paper_default_mlp", "everything",
-        "norm_ls_qkv0", "norm_ls_qkv3", "norm_ls_qkv6", "norm_ls_qkv9", "norm_ls_qkv12", "param_matched")),
+        "norm_ls_qkv0", "norm_ls_qkv3", "norm_ls_qkv6", "norm_ls_qkv9", "norm_ls_qkv12", "param_matched",
+        "patch_control")),
 }
 
 
@@ -121,6 +122,13 @@ def closed_form_overhead(specialize, depth, dim, hidden):
 def is_specialized(cfg):
     spec = cfg["model"]["specialize"]
     return spec["final_norm"] or any(spec[c] not in (0.0, []) for c in ("norm", "layerscale", "qkv", "proj", "mlp"))
+
+
+def copied_rows(cfg, model):
+    """How many tokens get the copies: timm's global tokens, [CLS], its registers, or one patch."""
+    tokens = cfg["model"]["specialize"]["tokens"]
+    return {"global": model.num_prefix_tokens, "cls": 1, "registers": model.num_reg_tokens}.get(
+        tokens if isinstance(tokens, str) else "patch", 1)
 
 
 def as_set_in_a_recipe(keys):
@@ -208,17 +216,23 @@ def forward_flops(recipe):
 
 def test_the_grid_has_its_parameter_matched_controls():
     assert {"recipes/ablations/vit_s_param_matched.yaml", "recipes/shapes/param_matched.yaml"} <= set(MATCHED)
+    assert {"recipes/ablations/vit_s_patch_control.yaml", "recipes/shapes/patch_control.yaml"} <= set(MATCHED)
 
 
 @pytest.mark.parametrize("recipe", MATCHED)
 def test_parameter_matched_control(recipe):
     """An unspecialized model of the matched recipe's baseline, within 0.5 % of its parameter count,
-    the gap stated right."""
+    the gap stated right; or a token control: the matched recipe's copies given to other tokens, with
+    exactly its parameters and its FLOPs."""
     fields, cfg = header(recipe), config(recipe)
     matched = fields["matches"]
-    assert matched in RECIPES and is_specialized(config(matched)) and not is_specialized(cfg)
+    assert matched in RECIPES and is_specialized(config(matched))
     assert fields.get("baseline") == header(matched)["baseline"], "the control shares the specialized recipe's baseline"
     count, other = count_parameters(meta_model(recipe)), count_parameters(meta_model(matched))
+    if is_specialized(cfg):
+        assert set(diff(cfg, config(matched), list(cfg))) - {"run.name"} == {"model.specialize.tokens"}
+        assert count == other == params_claim(recipe)[0] and forward_flops(recipe) == forward_flops(matched)
+        return
     assert abs(count - other) <= MATCH_TOLERANCE * other, f"{recipe}: {count:,} vs {matched}: {other:,}"
     claim = MATCHED_PARAMS.match(fields["params"])
     assert claim and claim["recipe"] == matched, fields["params"]
@@ -238,17 +252,19 @@ def test_flops_match_header(recipe):
         assert forward_flops(other) == int(flops.replace(",", "")), other
 
 
-@pytest.mark.parametrize("recipe", sorted({header(r)["matches"] for r in MATCHED}))
+@pytest.mark.parametrize("recipe", sorted({header(r)["matches"] for r in MATCHED} | {
+    r for r in RECIPES if is_specialized(config(r)) and config(r)["model"]["specialize"]["tokens"] != "global"}))
 def test_specialization_adds_only_the_recomputed_global_rows(recipe):
-    """The paper's specialization adds no FLOPs. Here the copies' matrix products run on the global
-    tokens' rows, which the shared weights also compute: 2 x tokens x (fan-in x fan-out) per copy."""
+    """The paper's specialization adds no FLOPs. Here the copies' matrix products run on the rows of
+    the tokens that get them, which the shared weights also compute: 2 x tokens x (fan-in x fan-out)
+    per copy."""
     cfg = config(recipe)
     spec = cfg["model"]["specialize"]
     _, depth, dim, hidden = timm_reference(cfg)
     products = {"qkv": dim * 3 * dim, "proj": dim * dim, "mlp": 2 * dim * hidden}
     copies = sum(size * len(block_indices(spec[name], depth, name)) for name, size in products.items())
     extra = forward_flops(recipe) - forward_flops(header(recipe)["baseline"])
-    assert extra == 2 * meta_model(recipe).num_prefix_tokens * copies
+    assert extra == 2 * copied_rows(cfg, meta_model(recipe)) * copies
 
 
 def test_meta_device_count_equals_a_real_model():

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,11 +19,14 @@ import time
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from clsvit import runlock
 from clsvit.checkpoint import eval_snapshot
-from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, live_owner
+from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, hold_run_directory, live_owner
 from trainer_utils import REPO
 
 HOLDER = """
@@ -176,8 +180,87 @@ def test_eval_snapshot_of_a_live_run_is_its_newest_complete_checkpoint(holder, t
     assert torch.equal(copied["head.bias"], torch.arange(3.0) * 4)
     assert (snapshot.directory / "config.yaml").read_text() == "run:\n  name: at_step_4\n"
     assert snapshot.directory != checkpoints / "step_4" and not snapshot.directory.is_relative_to(run_dir)
-    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4"
+    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4" and (run_dir / "eval_step_4").is_dir()
+    assert snapshot.output_dir(run_dir) == run_dir / "eval_step_4"  # a second evaluation of the same step
 
     (checkpoints / "step_4" / "COMPLETE").unlink()
     with pytest.raises(RunDirectoryInUse, match="is training .* and has no complete checkpoint yet"):
         eval_snapshot(run_dir)
+
+
+def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatch):
+    """host, pid, since (local time, ISO 8601), the boot id (/proc/sys/kernel/random/boot_id) and the
+    process start (field 22 of /proc/<pid>/stat, proc(5)); the heartbeat moves the file's mtime every
+    HEARTBEAT_S; release() stops it, empties the record and lets the directory be taken again."""
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    run_dir = tmp_path / "run"
+    before = time.strftime("%Y-%m-%d %H:%M")
+    lock = RunLock.acquire(run_dir)
+    try:
+        written = json.loads(os.pread(lock.fd, 4096, 0))
+        stat = open(f"/proc/{os.getpid()}/stat").read()
+        assert written == {"host": socket.gethostname(), "pid": os.getpid(), "since": written["since"],
+                           "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+                           "process_start": int(stat[stat.rindex(")") + 2:].split()[19])}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}", written["since"])
+        assert written["since"][:16] >= before
+        first = os.fstat(lock.fd).st_mtime
+        deadline = time.monotonic() + 30
+        while os.fstat(lock.fd).st_mtime == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.fstat(lock.fd).st_mtime > first  # the heartbeat
+        with pytest.raises(RunDirectoryInUse, match="is already held by this process"):
+            RunLock.acquire(run_dir)
+    finally:
+        lock.release()
+    assert lock.fd == -1 and not lock._heartbeat.is_alive()
+    assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
+    lock.release()  # a second release (atexit after an explicit one) does nothing
+    RunLock.acquire(run_dir).release()
+
+
+def test_one_process_holds_its_run_directory_until_released(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    lock = hold_run_directory(tmp_path / "run", accelerator)
+    try:
+        assert isinstance(lock, RunLock) and live_owner(tmp_path / "run").pid == os.getpid()
+        with pytest.raises(RunDirectoryInUse, match="is already held by this process"):
+            hold_run_directory(tmp_path / "run", accelerator)
+    finally:
+        lock.release()
+    assert live_owner(tmp_path / "run") is None
+
+
+def _two_process_hold(run_dir, results):
+    """One of two processes of a launch: take the run directory and record the outcome."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a one-process pytest
+    accelerator = Accelerator(cpu=True)
+    try:
+        lock = hold_run_directory(run_dir, accelerator)
+        outcome = ["held" if lock is not None else "waited", live_owner(run_dir).pid == os.getpid()]
+        accelerator.wait_for_everyone()  # the main process keeps the lock until the other has looked
+        if lock is not None:
+            lock.release()
+    except RunDirectoryInUse as error:
+        outcome = ["refused", str(error)]
+    except SystemExit as exited:
+        outcome = ["exit", exited.code]
+    (results / f"rank{accelerator.process_index}.json").write_text(json.dumps(outcome))
+
+
+def test_of_two_processes_the_main_one_takes_the_lock_and_a_refusal_stops_both(holder, tmp_path):
+    """The main process takes the lock, the other only waits for the outcome; when another launch
+    owns the directory, the main process raises the one line and the other exits with status 2."""
+    hold_run_directory(tmp_path / "alone", Accelerator(cpu=True)).release()  # one process: it holds the lock itself
+    free = tmp_path / "free"
+    results = tmp_path / "results"
+    results.mkdir()
+    debug_launcher(_two_process_hold, args=(free, results), num_processes=2)
+    assert [json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1)] == \
+        [["held", True], ["waited", False]]
+    assert live_owner(free) is None  # released
+
+    run_dir, process = holder(tmp_path / "owned")
+    debug_launcher(_two_process_hold, args=(run_dir, results), num_processes=2)
+    main, other = (json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert main[0] == "refused" and f"pid {process.pid}" in main[1] and other == ["exit", 2]

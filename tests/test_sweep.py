@@ -87,7 +87,7 @@ def test_every_cell_shows_the_swept_keys_and_seed_first_in_tensorboard(tmp_path)
     assert len(cells) == 8 and all(cell.overrides[-1] == expected for cell in cells)
     cfg = load_config(cells[-1].recipe, cells[-1].overrides)
     assert [c.name for c in hparams_columns(cfg, depth=4) if c.first] == [
-        "01 model.specialize.norm", "02 model.specialize.layerscale", "03 model.specialize.qkv", "14 run.seed",
+        "01 model.specialize.norm", "02 model.specialize.layerscale", "03 model.specialize.qkv", "15 run.seed",
         "optim.lr"]
     # one recipe: the seed only; a key swept inside a mapping is the mapping's key, a section its keys
     base = load_config(BASELINE)

@@ -20,7 +20,7 @@ SPECIALIZED = "tiny_norm_ls_qkv_third"  # the tiny recipe is the specialized sha
 BASELINE = "tiny_baseline"
 UNSPECIALIZED = [f"model.specialize.{c}=0.0" for c in ("norm", "layerscale", "qkv")]
 FRACTIONS = [f"0{i} model.specialize.{c}" for i, c in enumerate(("norm", "layerscale", "qkv", "proj", "mlp"), 1)]
-IDENTITY = ["12 model.arch", "13 run.name", "14 run.seed", "15 train.global_batch", "16 schedule.epochs"]
+IDENTITY = ["13 model.arch", "14 run.name", "15 run.seed", "16 train.global_batch", "17 schedule.epochs"]
 QUICK_PROBES = ["--tasks", "cls,seg,depth,analysis", "eval.seg.iterations=4", "eval.depth.iterations=4",
                 "eval.seg.max_train_images=32", "eval.depth.max_train_images=32", "eval.seg.max_val_images=8",
                 "eval.depth.max_val_images=8", "eval.depth.n_bins=16", "eval.analysis.num_images=8",
@@ -75,18 +75,19 @@ def test_every_validation_point_at_its_real_step_across_a_resume(ablation):
 @pytest.mark.slow
 def test_hparams_columns_specialization_and_identity_first(ablation):
     """The columns TensorBoard serves, in its order, are those of clsvit.tracking.hparams_columns:
-    the five specialization fractions first (the ones the tab ticks), then final_norm, the block
-    lists as text, the run identity, then the rest of the recipe."""
+    the five specialization fractions first (the ones the tab ticks), then the tokens, final_norm, the
+    block lists as text, the run identity, then the rest of the recipe."""
     root, tensorboard = ablation
     served = tensorboard.experiment()["hparamInfos"]
     names = [info["name"] for info in served]
     assert names[:5] == FRACTIONS and all(info.get("differs") for info in served[:5])
     assert not any(info.get("differs") for info in served[5:])
-    assert names[5:16] == ["06 model.specialize.final_norm", *[f"{i:02d} model.specialize.{c} blocks" for i, c in
-                                                                  enumerate(("norm", "layerscale", "qkv", "proj",
-                                                                             "mlp"), 7)], *IDENTITY]
+    assert names[5:17] == ["06 model.specialize.tokens", "07 model.specialize.final_norm",
+                           *[f"{i:02d} model.specialize.{c} blocks" for i, c in
+                             enumerate(("norm", "layerscale", "qkv", "proj", "mlp"), 8)], *IDENTITY]
     assert [info["type"] for info in served[:5]] == ["DATA_TYPE_FLOAT64"] * 5
-    assert served[names.index("09 model.specialize.qkv blocks")]["type"] == "DATA_TYPE_STRING"
+    assert served[names.index("10 model.specialize.qkv blocks")]["type"] == "DATA_TYPE_STRING"
+    assert served[names.index("06 model.specialize.tokens")]["type"] == "DATA_TYPE_STRING"
     cfg = load_config(root / SPECIALIZED / "config.yaml")
     assert names == [column.name for column in hparams_columns(cfg, depth=2)]
     assert "optim.lr" in names and "model.specialize.qkv" not in names  # the raw mixed-type value is not a column
@@ -105,10 +106,11 @@ def test_hparams_values_and_metrics_of_probed_and_unprobed_runs(ablation):
     spec, base = groups[SPECIALIZED], groups[BASELINE]
     assert [spec["hparams"][name] for name in FRACTIONS] == [1.0, 1.0, pytest.approx(1 / 3), 0.0, 0.0]
     assert [base["hparams"][name] for name in FRACTIONS] == [0.0] * 5
-    assert spec["hparams"]["09 model.specialize.qkv blocks"] == "0"  # round(2/3) = 1 of the 2 blocks
-    assert spec["hparams"]["07 model.specialize.norm blocks"] == "0-1"
-    assert base["hparams"]["07 model.specialize.norm blocks"] == "none"
-    assert spec["hparams"]["13 run.name"] == SPECIALIZED and spec["hparams"]["15 train.global_batch"] == 32
+    assert spec["hparams"]["10 model.specialize.qkv blocks"] == "0"  # round(2/3) = 1 of the 2 blocks
+    assert spec["hparams"]["08 model.specialize.norm blocks"] == "0-1"
+    assert base["hparams"]["08 model.specialize.norm blocks"] == "none"
+    assert spec["hparams"]["06 model.specialize.tokens"] == "global"
+    assert spec["hparams"]["14 run.name"] == SPECIALIZED and spec["hparams"]["16 train.global_batch"] == 32
     assert spec["sessions"][0]["status"] == "STATUS_SUCCESS"
     # the ticked columns tell the runs apart
     assert [spec["hparams"][n] for n in FRACTIONS] != [base["hparams"][n] for n in FRACTIONS]
@@ -175,21 +177,34 @@ def test_block_lists_are_fractions_and_text():
     columns = {c.name: c for c in hparams_columns(tiny_config("model.specialize.qkv=[0,1,2,3]",
                                                               "model.specialize.mlp=[0,2,3,4,11]"), depth=12)}
     assert columns["03 model.specialize.qkv"].value == pytest.approx(4 / 12)
-    assert columns["09 model.specialize.qkv blocks"].value == "0-3"
-    assert columns["11 model.specialize.mlp blocks"].value == "0,2-4,11"
+    assert columns["10 model.specialize.qkv blocks"].value == "0-3"
+    assert columns["12 model.specialize.mlp blocks"].value == "0,2-4,11"
     assert columns["05 model.specialize.mlp"].value == pytest.approx(5 / 12)
     assert columns["03 model.specialize.qkv"].display == "specialized qkv"
+
+
+def test_the_tokens_that_get_the_copies_are_a_column_as_a_recipe_writes_them():
+    """One text column for the token choice, beside the fractions (ticked first when swept)."""
+    for tokens, shown in (("global", "global"), ("cls", "cls"), ("[7,7]", "[7, 7]")):
+        cfg = tiny_config("model.specialize.norm=1.0", f"model.specialize.tokens={tokens}")
+        columns = {c.name: c for c in hparams_columns(cfg, depth=12)}
+        assert columns["06 model.specialize.tokens"].value == shown
+        assert columns["06 model.specialize.tokens"].display == "specialized tokens"
+        assert "model.specialize.tokens" not in columns  # not a second time among the rest of the recipe
+    swept = hparams_columns(tiny_config("log.hparams_first=model.specialize.tokens,run.seed"), depth=12)
+    assert [(c.name, c.first) for c in swept[:3]] == [("06 model.specialize.tokens", True), ("15 run.seed", True),
+                                                      ("01 model.specialize.norm", False)]
 
 
 def test_hparams_first_puts_swept_keys_first():
     """A sweep over optim.lr and seeds: those two columns first, then the specialization fractions."""
     order = [c.name for c in hparams_columns(tiny_config("log.hparams_first=optim.lr,run.seed"), depth=12)]
-    assert order[:5] == ["14 run.seed", "optim.lr", *FRACTIONS[:3]]
+    assert order[:5] == ["15 run.seed", "optim.lr", *FRACTIONS[:3]]
     columns = [(c.name, c.first) for c in hparams_columns(tiny_config("log.hparams_first=model.specialize.qkv"),
                                                           depth=12)]
     # a specialization key is shown first by its fraction; its block list follows among the comparison columns
     assert columns[0] == ("03 model.specialize.qkv", True) and not any(first for _, first in columns[1:])
-    assert columns[8] == ("09 model.specialize.qkv blocks", False)
+    assert columns[9] == ("10 model.specialize.qkv blocks", False)
     with pytest.raises(ConfigError, match="log.hparams_first: 'optim.lrr' is not a recipe key"):
         hparams_columns(tiny_config("log.hparams_first=optim.lrr"), depth=12)
 

@@ -55,6 +55,14 @@ def test_run_directory_has_every_output(finished_run):
     assert [e["step"] for e in evals] == [6, 12] and all(e["val/images"] == 50 for e in evals)
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["world_size"] == 1 and provenance["params"] > provenance["params_baseline"] > 0
+    assert provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and provenance["cpu"]
+    assert provenance["threads"] == 1 and provenance["kernel_env"]["OMP_NUM_THREADS"] == "1"  # subprocess_env's
+    data = provenance["data"]  # each split's size and digest (the shapes shards' footers), the classes
+    assert {split: entry["rows"] for split, entry in data["splits"].items()} == {"train": 256, "validation": 50}
+    assert all(re.fullmatch("[0-9a-f]{64}", entry["digest"]) for entry in data["splits"].values())
+    assert data["num_classes"] == 10
+    assert (f"data: train 256 images (digest {data['splits']['train']['digest'][:12]}), validation 50 images "
+            f"(digest {data['splits']['validation']['digest'][:12]}), 10 classes") in result.stdout + result.stderr
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["num_classes"] == 10  # resolved from the dataset
     assert "val/top1" in result.stdout + result.stderr
@@ -189,6 +197,8 @@ def test_the_step_loop_builds_no_tensor_from_python_data_on_the_device(tmp_path,
     ("", "base: {tmp}/missing.yaml\n", "recipe not found: {tmp}/missing.yaml (named as base by {recipe})"),
     ("model.specialize.qkv=1.5", "", "'model.specialize.qkv' must be a fraction in [0, 1]"),
     ("model.specialize.norm=[0,7]", "", "model.specialize.norm: block index 7 is not in [0, 1] (depth 2)"),
+    ("model.specialize.tokens=[4,0]", "", "model.specialize.tokens: patch position [4, 0] is outside the 4x4 patch grid"),
+    ("model.specialize.tokens=registers", "", "model.specialize.tokens: registers, but the model has no registers"),
     ("model.arch=resnet50", "", "model.arch: 'resnet50'"),
     ("", "train:\n  loss: bce\naug:\n  label_smoothing: 0.1\n",
      "train.loss='bce' with aug.label_smoothing=0.1: BCE binarises its targets"),

@@ -5,17 +5,21 @@ progress display."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.launchers import debug_launcher
+from accelerate.state import AcceleratorState
 
 from clsvit.config import ConfigError
-from clsvit.training import (MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm, is_due,
-                             nonfinite_on_any_process, split_global_batch, use_deterministic_algorithms)
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm,
+                             is_due, nonfinite_on_any_process, split_global_batch, use_deterministic_algorithms)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -37,12 +41,26 @@ def test_split_global_batch_errors_name_the_keys():
     with pytest.raises(ConfigError, match=r"train.global_batch=128 on 3 process\(es\) with "
                                           r"train.batch_per_device=64: the global batch is not divisible"):
         split_global_batch(128, 64, 3)
-    with pytest.raises(ConfigError, match="no equal even micro-batch of at most 32 images divides the 31"):
+    with pytest.raises(ConfigError, match=r"^train.global_batch=31 on 1 process\(es\) with train.batch_per_device=32: "
+                                          r"no equal even micro-batch of at most 32 images divides the 31 images per "
+                                          r"process \(Mixup/CutMix need an even micro-batch\)$"):
         split_global_batch(31, 32, 1, even=True)
+
+
+def test_a_split_describes_itself_and_takes_odd_micro_batches_unless_asked_even():
+    split = split_global_batch(2048, 64, 8, even=True)
+    assert (split.global_batch, split.processes) == (2048, 8)
+    assert split.describe() == "8 process(es) x 64 images x 4 accumulation = 2048 images/step"
+    assert (split_global_batch(6, 3, 1).micro_batch, split_global_batch(6, 3, 1).accumulation) == (3, 2)
+    assert (split_global_batch(6, 3, 1, even=True).micro_batch, split_global_batch(6, 3, 1, even=True).accumulation) \
+        == (2, 3)
+    one = split_global_batch(3, 1, 1)  # a cap of one image: one image per pass, per_process passes
+    assert (one.micro_batch, one.accumulation) == (1, 3)
 
 
 def test_progress_refuses_a_position_of_another_layout():
     progress = Progress()
+    assert progress.state_dict() == {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped_nonfinite": 0}
     progress.load_state_dict({"step": 5, "epoch": 1, "samples_in_epoch": 64, "skipped_nonfinite": 0})
     assert (progress.step, progress.epoch, progress.samples_in_epoch) == (5, 1, 64)
     with pytest.raises(ValueError, match="batches_in_epoch"):
@@ -199,6 +217,31 @@ def test_copies_of_one_signal_are_one_request():
             signal.signal(signum, handler)
 
 
+def test_a_second_signal_after_the_repeat_window_ends_the_process():
+    """The first signal is a request and the process goes on; one arriving later than
+    REPEAT_WINDOW_S after it ends the process by that signal (in a forked child here)."""
+    previous = {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS}
+    try:
+        signals = PreemptionSignals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.requested and signals.received == [signal.SIGTERM]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            PreemptionSignals()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(PreemptionSignals.REPEAT_WINDOW_S + 0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
 def test_is_due_every_n_steps_and_at_the_last_only_for_logging():
     due = lambda at_last: [step for step in range(1, 11) if is_due(step, 4, 10, at_last=at_last)]  # noqa: E731
     assert due(at_last=True) == [4, 8, 10]  # log steps: the last one too
@@ -228,10 +271,88 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_per_log_step_elsewhere(strea
                          "train step 6/6: loss 0.2500, lr 4.00e-03, 120 images/s"]
 
 
-def test_no_progress_output_when_disabled(capsys):
-    stream = io.StringIO()
+def test_progress_goes_to_stderr_by_default(capsys):
+    """Under pytest stderr is captured (not a terminal): a line per log step, no bar."""
+    display = ProgressDisplay(total=2, initial=0, enabled=True)
+    display.step()
+    display.log_step(1, 2.0, 1e-3, 10.0)
+    display.close()
+    captured = capsys.readouterr()
+    assert captured.out == "train step 1/2: loss 2.0000, lr 1.00e-03, 10 images/s\n" and captured.err == ""
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), Terminal()], ids=["file", "terminal"])
+def test_no_progress_output_when_disabled(stream, capsys):
     display = ProgressDisplay(total=2, initial=0, enabled=False, stream=stream)
     display.step()
     display.log_step(1, 1.0, 1e-3, 10.0)
     display.close()
     assert stream.getvalue() == "" and capsys.readouterr().out == ""
+
+
+def test_a_resumed_bar_starts_at_its_step_and_shows_the_loss_and_lr():
+    terminal = Terminal()
+    display = ProgressDisplay(total=6, initial=4, enabled=True, stream=terminal)
+    display.step()
+    display.log_step(5, 0.25, 4e-3, 120.0)
+    display.step()
+    display.close()
+    last = terminal.getvalue().replace("\n", "\r").strip("\r").split("\r")[-1]
+    assert last.startswith("train: 100%") and " 6/6 " in last and "loss=0.2500, lr=4.00e-03" in last, last
+
+
+def test_gradient_norm_clips_to_max_norm_and_returns_the_norm_before():
+    """torch.nn.utils.clip_grad_norm_'s definition: the total 2-norm before clipping is returned, the
+    gradients are scaled to max_norm when above it."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5
+    assert float(gradient_norm(accelerator, model, None)) == 5.0 and model.weight.grad.tolist() == [[3.0, 4.0]]
+    assert float(gradient_norm(accelerator, model, 1.0)) == 5.0
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[0.6, 0.8]]), rtol=1e-5, atol=1e-6)
+
+
+def test_log_window_sums_the_window_and_reports_its_means(tmp_path):
+    """Two optimizer steps of losses 2.0 and 4.0 -> mean 3.0 (one process); the broken-file reports
+    of the batches are kept (empty ones dropped) and counted; data waits are a fraction of the window."""
+    def batches():
+        for problems in (["", "a.jpg: truncated"], [None], ["b.png: not an image", "c.png: not an image"]):
+            time.sleep(0.2)  # a loader that keeps the step waiting
+            yield torch.zeros(2, 3), torch.tensor([0, 1]), problems
+
+    window = LogWindow(Accelerator(cpu=True))
+    stream = batches()
+    for loss in (2.0, 4.0):
+        images, labels = window.next_batch(stream)
+        assert images.shape == (2, 3) and labels.tolist() == [0, 1]
+        window.add_step(torch.tensor(loss))
+    window.next_batch(stream)
+    assert window.problems == ["a.jpg: truncated", "b.png: not an image", "c.png: not an image"]
+    summary = window.reduce(stop_requested=False)
+    assert (summary["mean_loss"], summary["stop"], summary["problems"]) == (3.0, False, 3)
+    assert summary["elapsed"] >= 0.6 and 0.5 < summary["data_wait"] <= 1.0
+    assert window.reduce(stop_requested=True)["stop"] is True
+
+    window.reset()
+    assert (window.steps, window.data_wait, float(window.loss_sum)) == (0, 0.0, 0.0)
+    assert window.reduce(stop_requested=False)["mean_loss"] == 0.0  # an empty window divides by one step
+    window.add_step(torch.tensor(5.0))
+    assert window.reduce(stop_requested=False)["mean_loss"] == 5.0
+
+    debug_launcher(_two_process_window, args=(tmp_path,), num_processes=2)
+    for rank in (0, 1):  # every process sees the same global figures
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [2.25, True, 3]
+
+
+def _two_process_window(results):
+    """Process r adds the step losses r + 1 and r + 2.5 and saw r + 1 broken files; process 1 got a
+    signal: the mean loss over 2 processes x 2 steps is (1 + 2.5 + 2 + 3.5) / 4 = 2.25, 3 broken files."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a one-process pytest
+    window = LogWindow(Accelerator(cpu=True))
+    rank = window.accelerator.process_index
+    window.add_step(torch.tensor(rank + 1.0))
+    window.add_step(torch.tensor(rank + 2.5))
+    window.problems += ["x.jpg: truncated"] * (rank + 1)
+    summary = window.reduce(stop_requested=rank == 1)
+    (results / f"rank{rank}.json").write_text(json.dumps([summary["mean_loss"], summary["stop"], summary["problems"]]))

@@ -33,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from clsvit.data.augment import BOX, JPEG, ROW
 from clsvit.errors import InputError
-from clsvit.data.images import ImageClassDataset, seeded_rngs, to_rgb
+from clsvit.data.images import ImageClassDataset, check_pixels, seeded_rngs, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
 
@@ -117,6 +117,7 @@ class CropDataset(ImageClassDataset):
     def _decode(self, value, sample_seed, position: int):
         data = read_bytes(value)
         width, height, image = open_image(data)
+        check_pixels(width, height, self.max_pixels)
         with seeded_rngs(sample_seed, numpy=False) if sample_seed is not None else contextlib.nullcontext():
             draws = self.transform.draw(width, height)
         draws[ROW] = position

@@ -29,8 +29,19 @@ folder it listed (taken before listing it; adding, removing or renaming a file c
 time), so a launch stats those folders and serves the index only when none changed, else scans
 again. A folder modified less than :data:`SETTLE_NS` before the scan is recorded as changed (the
 next launch lists it again): a file system's clock ticks coarsely, and a second change within the
-same tick would leave the time as it was. The index is written to a temporary file and renamed: a killed scan leaves no half index.
-Under ``accelerator.main_process_first()`` the main process scans and the others read its index.
+same tick would leave the time as it was.
+
+An index is served only when it is whole: it records its row count and the digest of the listing
+(:func:`listing_digest`: class names, paths and labels), and a launch checks both; an index that
+cannot be read, or is shorter or different (a crash before the write reached the disk), is listed
+again. It is written to a temporary file, flushed to the disk (fsync) and renamed, and the rename
+is flushed too: a killed scan or a crash leaves the previous index or the whole new one. A cache
+that cannot be written is a one-line error naming ``HF_DATASETS_CACHE``: without the index every
+process of every launch would list the whole tree again.
+
+Under several processes the main process loads first and hands its :class:`Listing` (the index
+file, its row count and digest) to the others, which serve exactly that file
+(:mod:`clsvit.data.agreement`).
 """
 
 from __future__ import annotations
@@ -42,11 +53,14 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import datasets.config
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
 from datasets.data_files import SPLIT_KEYWORDS
@@ -57,18 +71,20 @@ from clsvit.errors import InputError
 
 VAL_LAYOUTS = ("class_folders", "ilsvrc_csv")
 SOLUTION_CSV = "LOC_val_solution.csv"
-INDEX_FORMAT = 1  # bump when the index's content or keying changes
+INDEX_FORMAT = 2  # bump when the index's content or keying changes
 SETTLE_NS = 2_000_000_000  # a modification time this recent may not yet show every change (NFS: 1 s ticks)
+INDEX_BATCH_ROWS = 100_000  # rows per Arrow record batch of an index
 _METADATA_KEY = b"clsvit_imagefolder"
 
 logger = logging.getLogger(__name__)
 
 
 def load_folder_splits(root: str, label_split: str, val_split: str, val_layout: str,
-                       section: str = "data") -> dict[str, datasets.Dataset]:
+                       section: str = "data", listings: dict | None = None) -> dict[str, datasets.Dataset]:
     """``{split: Dataset}`` of ``label_split`` (class folders, whose names are the labels) and
     ``val_split`` (in ``val_layout``), from the index when the tree has not changed. ``section``
-    names the recipe section in error messages."""
+    names the recipe section in error messages. ``listings`` (``{split: Listing}``, another
+    process's) are served as they are when their index file holds them, whatever the folders' times."""
     if not root or not Path(root).is_dir():
         raise InputError(f"{section}.path {root!r} does not exist (imagefolder needs a directory with train/ and val/)")
     if val_layout not in VAL_LAYOUTS:
@@ -82,11 +98,13 @@ def load_folder_splits(root: str, label_split: str, val_split: str, val_layout: 
             key = f"{section}.train_split" if split == label_split else f"{section}.val_split"
             raise InputError(f"{key} {split!r} not found in {root!r}; available splits: "
                              f"{', '.join(available_splits(root)) or 'none'}")
-    train = _indexed_split(root, folders[label_split], "class_folders", classes=None)
+    listings = listings or {}
+    train = _indexed_split(root, folders[label_split], "class_folders", None, listings.get(label_split))
     classes = train.features["label"].names
     if val_split == label_split:
         return {label_split: train}
-    return {label_split: train, val_split: _indexed_split(root, folders[val_split], val_layout, classes)}
+    return {label_split: train,
+            val_split: _indexed_split(root, folders[val_split], val_layout, classes, listings.get(val_split))}
 
 
 def split_folder(root: str, split: str) -> str | None:
@@ -109,18 +127,41 @@ def _has_metadata_file(folder: str) -> bool:
 
 # ---------------------------------------------------------------- the index
 
-def _indexed_split(root: str, folder: str, layout: str, classes: list[str] | None) -> datasets.Dataset:
-    """The split's dataset, memory-mapped from its index; scanned and indexed first when the index
-    is missing or any folder it lists changed."""
+@dataclass(frozen=True)
+class Listing:
+    """A served index: its file, row count and :func:`listing_digest`. The main process hands its
+    listings to the others, which serve the same file when it holds the same rows."""
+
+    path: str
+    rows: int
+    digest: str
+
+
+def listing_of(dataset) -> Listing | None:
+    """The :class:`Listing` of a split served from an index (None for any other dataset)."""
+    return getattr(dataset, "_clsvit_listing", None)
+
+
+def _indexed_split(root: str, folder: str, layout: str, classes: list[str] | None,
+                   given: Listing | None = None) -> datasets.Dataset:
+    """The split's dataset, memory-mapped from its index: ``given``'s file when it holds ``given``'s
+    rows, else the index of ``root/folder`` when it is whole and current, else scanned and indexed first."""
+    if given is not None and (dataset := _open_index(Path(given.path), expected=given)) is not None:
+        return dataset
     index = index_path(root, folder, layout, classes)
-    if not _index_is_current(index, root):
+    dataset = _open_index(index) if _index_is_current(index, root) else None
+    if dataset is None:
         start = time.perf_counter()
         scan = scan_class_folders if layout == "class_folders" else scan_flat_val
         scanned = scan(root, folder, classes)
-        _write_index(index, *scanned)
+        written = _write_index(index, *scanned)
         logger.info("scanned %s: %d images in %.1f s; index %s", os.path.join(root, folder), len(scanned[0]),
                     time.perf_counter() - start, index)
-    return datasets.Dataset.from_file(str(index))
+        dataset = _open_index(index, expected=written)
+        if dataset is None:
+            raise InputError(f"the index {index} was replaced while this launch wrote it, by another launch that "
+                             f"listed {os.path.join(root, folder)!r} otherwise (the tree changes): launch again")
+    return dataset
 
 
 def index_path(root: str, folder: str, layout: str, classes: list[str] | None) -> Path:
@@ -131,16 +172,66 @@ def index_path(root: str, folder: str, layout: str, classes: list[str] | None) -
     return Path(datasets.config.HF_DATASETS_CACHE) / "clsvit_imagefolder" / f"{Path(root).name}-{folder}-{digest}.arrow"
 
 
-def _index_is_current(index: Path, root: str) -> bool:
+def _index_metadata(index: Path) -> dict | None:
+    """The index's own record (folder times, rows, digest), read from its header; None when the
+    file is missing or cannot be read."""
     try:
         with pa.memory_map(str(index)) as source:
             metadata = pa.ipc.open_stream(source).schema.metadata or {}
-    except (FileNotFoundError, pa.ArrowInvalid):
-        return False
-    if _METADATA_KEY not in metadata:
-        return False
-    return all(_mtime_ns(os.path.join(root, relative)) == mtime
-               for relative, mtime in json.loads(metadata[_METADATA_KEY])["mtimes"])
+        record = json.loads(metadata[_METADATA_KEY])
+        return record if {"mtimes", "rows", "digest"} <= set(record) else None
+    except (OSError, ValueError, KeyError, TypeError):  # ArrowInvalid and JSONDecodeError are ValueErrors
+        return None
+
+
+def _index_is_current(index: Path, root: str) -> bool:
+    record = _index_metadata(index)
+    return record is not None and all(_mtime_ns(os.path.join(root, relative)) == mtime
+                                      for relative, mtime in record["mtimes"])
+
+
+def _open_index(index: Path, expected: Listing | None = None) -> datasets.Dataset | None:
+    """The index memory-mapped as a dataset when it is whole: as many rows as it records, the
+    listing of its recorded digest (and ``expected``'s, when given). None, with a warning for a
+    damaged file, otherwise: the caller lists the tree again."""
+    record = _index_metadata(index)
+    if record is None:
+        return None
+    try:
+        dataset = datasets.Dataset.from_file(str(index))
+        rows, digest = len(dataset), listing_digest(dataset.data.table)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a cut or damaged record batch
+        logger.warning("the index %s cannot be read (%s: %s): listing the tree again", index,
+                       type(error).__name__, (str(error).strip().splitlines() or [""])[0][:200])
+        return None
+    listing = Listing(str(index), rows, digest)
+    if (rows, digest) != (record["rows"], record["digest"]):
+        logger.warning("the index %s holds %d rows (digest %s) of the %d it recorded (digest %s): listing the "
+                       "tree again", index, rows, digest[:12], record["rows"], record["digest"][:12])
+        return None
+    if expected is not None and listing != expected:
+        return None
+    dataset._clsvit_listing = listing
+    return dataset
+
+
+def listing_digest(table: pa.Table) -> str:
+    """SHA-256 of an index's listing: its class names, then every path and label in order (whatever
+    Arrow record batches hold them)."""
+    values, lengths, labels = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for chunk in table.column("image").chunks:
+        paths = pc.struct_field(chunk, "path")
+        if len(paths):
+            offsets = np.frombuffer(paths.buffers()[1], dtype=np.int32)[paths.offset:paths.offset + len(paths) + 1]
+            values.update(memoryview(paths.buffers()[2])[offsets[0]:offsets[-1]])
+            lengths.update(np.diff(offsets).astype("<i4", copy=False))
+    for chunk in table.column("label").chunks:
+        labels.update(chunk.to_numpy().astype("<i8", copy=False))
+    classes = Features.from_arrow_schema(table.schema)["label"].names
+    whole = hashlib.sha256(json.dumps(classes).encode())
+    for part in (values, lengths, labels):
+        whole.update(part.digest())
+    return whole.hexdigest()
 
 
 def _mtime_ns(path: str) -> int | None:
@@ -150,26 +241,47 @@ def _mtime_ns(path: str) -> int | None:
         return None
 
 
-def _write_index(index: Path, paths: list[str], labels: list[int], classes: list[str], mtimes: list):
-    """The Arrow stream ``datasets.Dataset.from_file`` maps, written to a temporary file and renamed."""
+def _write_index(index: Path, paths: list[str], labels: list[int], classes: list[str], mtimes: list) -> Listing:
+    """The Arrow stream ``datasets.Dataset.from_file`` maps, with its row count and digest, written
+    to a temporary file, flushed to the disk and renamed (the rename flushed too)."""
     features = Features(image=ImageFeature(), label=ClassLabel(names=classes))
     image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
                                        names=["bytes", "path"])
-    schema = features.arrow_schema
-    schema = schema.with_metadata({**schema.metadata, _METADATA_KEY: json.dumps({"mtimes": mtimes}).encode()})
-    table = pa.Table.from_arrays([image, pa.array(labels, pa.int64())], schema=schema)
-    index.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_arrays([image, pa.array(labels, pa.int64())], schema=features.arrow_schema)
+    listing = Listing(str(index), len(paths), listing_digest(table))
+    record = {"mtimes": mtimes, "rows": listing.rows, "digest": listing.digest}
+    table = table.replace_schema_metadata({**table.schema.metadata, _METADATA_KEY: json.dumps(record).encode()})
     temporary = index.with_name(f".{index.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
+        index.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "xb") as file:  # the umask's permissions, as the rest of the datasets cache
-            with pa.ipc.new_stream(file, schema) as writer:
-                writer.write_table(table, max_chunksize=100_000)
+            with pa.ipc.new_stream(file, table.schema) as writer:
+                writer.write_table(table, max_chunksize=INDEX_BATCH_ROWS)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, index)
+        directory = os.open(index.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        _remove(temporary)
+        raise InputError(f"cannot write the folder index {index} ({type(error).__name__}: {error.strerror or error}):"
+                         f" HF_DATASETS_CACHE ({datasets.config.HF_DATASETS_CACHE}) must be a writable directory; "
+                         f"set HF_DATASETS_CACHE to one (the index keeps the listing between launches and hands it "
+                         f"to every process)") from error
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         raise
+    return listing
+
+
+def _remove(path: Path):
+    try:
+        path.unlink()
+    except OSError:  # never written, or its folder cannot be written either
+        pass
 
 
 # ---------------------------------------------------------------- the scans

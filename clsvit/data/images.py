@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,26 @@ def decode_image(value) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. PIL's own ``convert`` clips 16-bit values at 255 (a white image), so
-    16/32-bit greyscale is scaled to 8 bits first; palette images with transparency go via RGBA."""
-    if image.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit greyscale PNGs open as these
-        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        image = Image.fromarray(array.astype(np.uint8))
+    16/32-bit greyscale is scaled to 8 bits first (the high byte of the value clipped to
+    [0, 65535]); palette images with transparency go via RGBA."""
+    if image.mode.startswith("I"):  # I;16, I;16B, ... (16-bit greyscale PNGs open as these), I (32-bit)
+        array = np.asarray(image)  # the decoder's own width: uint16 (2 bytes a pixel), int32 for I
+        if array.dtype.kind == "i":
+            array = np.clip(array, 0, 65535)
+        high = np.empty(array.shape, np.uint8)
+        np.right_shift(array, 8, out=high, casting="unsafe")  # no wider copy: values <= 255 after the shift
+        image = Image.fromarray(high)
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None):
+    """Raise Pillow's ``DecompressionBombError`` (a broken file: replaced and counted) for an image
+    above ``max_pixels`` (``data.max_image_pixels``; None: only Pillow's own limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise Image.DecompressionBombError(f"{width}x{height} = {width * height:,} pixels, above "
+                                           f"data.max_image_pixels={max_pixels:,}")
 
 
 def _without_decoding(dataset, columns: list[str]):
@@ -99,7 +113,8 @@ class ImageClassDataset(Dataset):
     of (index, seed) whichever worker process runs it.
 
     ``problems`` is a tuple of :class:`UndecodableImage`, empty for a clean sample. An image that
-    cannot be decoded (truncated, empty, not an image, a decompression bomb) is replaced by the next
+    cannot be decoded (truncated, empty, not an image) or holds more than ``max_pixels`` pixels
+    (:func:`check_pixels`, read from the header before anything is decoded) is replaced by the next
     decodable sample and recorded, so the training loop can count and report broken files across
     DataLoader workers and processes (:class:`UndecodableImages` holds the policy). A label
     outside ``[0, num_classes)`` is an error naming the sample: a wrong label is not noise to skip.
@@ -107,14 +122,14 @@ class ImageClassDataset(Dataset):
     """
 
     def __init__(self, dataset, transform, *, num_classes: int, image_column: str = "image",
-                 label_column: str = "label"):
+                 label_column: str = "label", max_pixels: int | None = None):
         missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
         if missing:
             raise InputError(f"column {missing[0]!r} not in the dataset; available columns: "
                              f"{', '.join(dataset.column_names)}")
         self.dataset = _without_decoding(dataset, [image_column, label_column])
         self.transform = transform
-        self.num_classes = num_classes
+        self.num_classes, self.max_pixels = num_classes, max_pixels
         self.image_column, self.label_column = image_column, label_column
 
     def __len__(self) -> int:
@@ -128,7 +143,11 @@ class ImageClassDataset(Dataset):
     def _decode(self, value, sample_seed, position: int):
         """The stored image value of row ``position`` -> what :meth:`_transform` takes; raises for a
         broken file."""
-        return to_rgb(decode_image(value))
+        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the size is checked here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = decode_image(value)
+        check_pixels(*image.size, self.max_pixels)
+        return to_rgb(image)
 
     def _transform(self, image, sample_seed):
         if sample_seed is None:

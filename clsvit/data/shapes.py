@@ -18,7 +18,10 @@ has the four columns the real datasets have, in the same storage conventions:
 Shapes are drawn at 4x resolution and box-downsampled into an anti-aliased coverage; mask and depth
 take the centre sample of each 4x4 block so they stay exact class ids / depths.
 Generation is deterministic: each sample draws from its own ``numpy`` generator seeded by
-``(seed, split, index)``, so the same arguments always give byte-identical parquet files.
+``(seed, split, index)``, so the same arguments always give byte-identical parquet files. They are
+written in row groups of :data:`ROW_GROUP` rows, as the hub's image datasets are (``datasets`` 5
+would size the groups by bytes, one group for this dataset), so training reads them as it reads
+ImageNet from the hub.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from PIL import Image, ImageDraw
 
 from clsvit.errors import InputError
 
-FORMAT_VERSION = 2  # bump when the rendering changes, so stale caches are not reused
+FORMAT_VERSION = 3  # bump when the rendering or the file layout changes, so stale caches are not reused
+ROW_GROUP = 100  # rows per parquet row group, as the hub's image datasets (e.g. ImageNet-1k) are written
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross",
                "ring", "ellipse", "hexagon", "diamond", "crescent")
 SUPERSAMPLE = 4
@@ -224,7 +228,8 @@ def _write_split(path: Path, split: str, count: int, image_size: int, num_classe
         columns["depth"].append(_png(depth))
     features = Features(image=ImageFeature(), label=ClassLabel(names=list(CLASS_NAMES[:num_classes])),
                         mask=ImageFeature(), depth=ImageFeature())
-    Dataset.from_dict(columns, features=features).to_parquet(str(path / f"{split}-00000-of-00001.parquet"))
+    Dataset.from_dict(columns, features=features).to_parquet(str(path / f"{split}-00000-of-00001.parquet"),
+                                                             batch_size=ROW_GROUP)
 
 
 def _default_cache_dir() -> Path:

@@ -21,31 +21,33 @@ from clsvit.errors import InputError
 SOURCES = ("hub", "imagefolder", "parquet", "shapes")
 
 
-def load_splits(data_cfg: dict):
+def load_splits(data_cfg: dict, listings: dict | None = None):
     """(train, val, num_classes) for the recipe's ``data`` section; never downloads unless ``hub``.
 
     Datasets come back with all their columns (the dense probes use ``mask``/``depth``) as HF
     ``datasets.Dataset``, or for parquet shards (``parquet``, ``hub``, ``shapes``) as
     :class:`clsvit.data.parquet.ParquetRows`, read in place with the same interface;
-    :class:`ImageClassDataset` picks the image and label columns.
+    :class:`ImageClassDataset` picks the image and label columns. ``listings``: another process's
+    folder listings to serve (:mod:`clsvit.data.agreement`).
     """
-    train, val = load_raw_splits(data_cfg)
+    train, val = load_raw_splits(data_cfg, listings=listings)
     for split_name, dataset in ((data_cfg["train_split"], train), (data_cfg["val_split"], val)):
         for key in ("image_column", "label_column"):
             _check_column(dataset, data_cfg[key], f"data.{key}", f"split {split_name!r}")
     return train, val, _num_classes(train, val, data_cfg["label_column"])
 
 
-def load_raw_splits(data_cfg: dict, section: str = "data"):
+def load_raw_splits(data_cfg: dict, section: str = "data", listings: dict | None = None):
     """(train, val) HF datasets of any source, without looking at their columns (the dense probes'
-    datasets have no labels). ``section`` names the recipe section in error messages."""
+    datasets have no labels). ``section`` names the recipe section in error messages; ``listings``
+    (``{split: clsvit.data.imagefolder.Listing}``) are served as they are by an imagefolder."""
     source, path = data_cfg["source"], data_cfg.get("path")
     splits = {f"{section}.train_split": data_cfg["train_split"], f"{section}.val_split": data_cfg["val_split"]}
     if source == "hub":
         by_split = _load_hub(path, list(splits.values()))
     elif source == "imagefolder":
         by_split = load_folder_splits(path, data_cfg["train_split"], data_cfg["val_split"], data_cfg["val_layout"],
-                                      section)
+                                      section, listings)
     elif source == "parquet":
         by_split = _load_parquet(path, list(splits.values()))
     elif source == "shapes":

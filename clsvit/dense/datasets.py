@@ -34,11 +34,12 @@ LAYOUTS = {
 }
 
 
-def load_dense_splits(section: dict, data_cfg: dict, name: str, target_column: str):
-    """(train, val) HF datasets of ``eval.<task>`` with the image and target columns."""
+def load_dense_splits(section: dict, data_cfg: dict, name: str, target_column: str, listings: dict | None = None):
+    """(train, val) HF datasets of ``eval.<task>`` with the image and target columns (``listings``:
+    another process's folder listings to serve, :mod:`clsvit.data.agreement`)."""
     if section["source"] != "folder":
         merged = {**data_cfg, **{key: section[key] for key in ("source", "path", "train_split", "val_split")}}
-        splits = load_raw_splits(merged, name)
+        splits = load_raw_splits(merged, name, listings)
     else:
         splits = tuple(folder_split(section["path"], section["layout"], section[key], name,
                                     section["image_column"], target_column)

@@ -20,6 +20,13 @@ views, extracts features for its share only, and the shares are gathered in plan
 is trained on exactly the single-process batches, identically on every rank (dropout draws included:
 the head's RNG is seeded alike everywhere). Validation images are sharded and the metric states
 (torchmetrics) summed, so the numbers are those of a single process.
+
+Parquet datasets (``hub``, ``parquet``, ``shapes``) are read a row group at a time: the feature cache's
+pass deals the plan's rows to the processes x loader workers by row group
+(:class:`clsvit.data.sampler.EvalBatches`), so each group is read by one worker; the validation
+images of a process are a contiguous run of rows, cut into one contiguous part per worker, so a group
+is read twice only where it straddles two of them. The fresh views of the protocols (no cache) are
+drawn in the protocols' uniform order, one row group read per view.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from clsvit.data.loaders import row_groups
+from clsvit.data.sampler import EvalBatches
 from clsvit.dense import transforms as T
 from clsvit.dense.heads import (LinearDepthHead, LinearSegHead, depth_bin_centres, lr_at, segmentation_loss,
                                 sig_loss)
@@ -162,6 +171,28 @@ def _shard_plan(plan: dict[str, torch.Tensor], chunk: int, rank: int, world: int
     return {**{k: v[slots.clamp_min(0)] for k, v in plan.items()}, "slot": slots}, per_rank
 
 
+def _grouped_share(dataset, plan: dict[str, torch.Tensor], per_rank: int, workers: int):
+    """This rank's entries of a plan whose rows ascend, dealt by row group (:class:`EvalBatches`: each
+    group's entries to one loader worker of one process, every process as many batches), each batch
+    padded to ``per_rank`` entries with slot -1 (repeating its first entry: no further read)."""
+    state = PartialState()
+    index = plan["index"].numpy()
+    groups = row_groups(dataset)
+    if groups is None:
+        counts = [1] * len(index)
+    else:
+        starts = np.cumsum(groups) - groups
+        counts = np.unique(np.searchsorted(starts, index, side="right"), return_counts=True)[1].tolist()
+    batches = EvalBatches(counts, per_rank, num_replicas=state.num_processes, rank=state.process_index,
+                          workers=workers)
+    positions, slots = [], []
+    for batch, valid in zip(batches.batches, batches.valid):
+        positions += batch + [batch[0]] * (per_rank - len(batch))
+        slots += batch[:valid] + [-1] * (per_rank - valid)
+    positions = torch.tensor(positions, dtype=torch.long)
+    return {**{k: v[positions] for k, v in plan.items()}, "slot": torch.tensor(slots, dtype=torch.long)}
+
+
 def _gather_in_plan_order(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if PartialState().num_processes > 1:
         batch = {k: gather(v.contiguous()) for k, v in batch.items()}
@@ -170,10 +201,16 @@ def _gather_in_plan_order(batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v[keep][order] for k, v in batch.items()}
 
 
-def _feature_batches(backbone, dataset, plan: dict, chunk: int, settings: Settings):
-    """{"features", "target"} per `chunk` plan entries, gathered from all processes in plan order."""
+def _feature_batches(backbone, dataset, plan: dict, chunk: int, settings: Settings, by_group: bool = False):
+    """{"features", "target", "slot"} per `chunk` plan entries, gathered from all processes, in plan
+    order (`by_group`: the entries of a plan whose rows ascend, dealt by row group; each step's entries
+    in plan order, the steps not)."""
     state = PartialState()
-    share, per_rank = _shard_plan(plan, chunk, state.process_index, state.num_processes)
+    if by_group:
+        per_rank = math.ceil(chunk / state.num_processes)
+        share = _grouped_share(dataset, plan, per_rank, settings.num_workers)
+    else:
+        share, per_rank = _shard_plan(plan, chunk, state.process_index, state.num_processes)
     loader = DataLoader(_PlannedViews(dataset, share, settings), batch_size=per_rank, shuffle=False,
                         num_workers=settings.num_workers)
     for batch in loader:
@@ -195,8 +232,9 @@ def _training_batches(backbone, dataset, settings: Settings, generator: torch.Ge
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
     plan = {"index": torch.randperm(len(dataset), generator=generator)[:count].sort().values, "seed": seeds(count)}
     chunk = settings.eval_batch_size * PartialState().num_processes
-    parts = list(_feature_batches(backbone, dataset, plan, chunk, settings))
-    features, targets = torch.cat([p["features"] for p in parts]), torch.cat([p["target"] for p in parts])
+    parts = list(_feature_batches(backbone, dataset, plan, chunk, settings, by_group=True))
+    order = torch.argsort(torch.cat([p["slot"] for p in parts]))  # back to plan order
+    features, targets = torch.cat([p["features"] for p in parts])[order], torch.cat([p["target"] for p in parts])[order]
     order = _epoch_order(count, settings.iterations * batch_size, generator)
     for step in range(settings.iterations):
         index = order[step * batch_size : (step + 1) * batch_size].to(features.device)
@@ -377,12 +415,13 @@ def _stack(group: list[dict]) -> dict:
 
 
 def _eval_batches(dataset, settings: Settings):
-    """This process's validation images (every world-th) as the protocol's evaluation views, consecutive
-    views of one image and target size stacked while their crops (windows x scales x flips) fit in
-    ``eval_batch_size`` (an image with more crops alone)."""
+    """This process's validation images (a contiguous run of rows: parquet row groups are read once,
+    see the module docstring) as the protocol's evaluation views, consecutive views of one image and
+    target size stacked while their crops (windows x scales x flips) fit in ``eval_batch_size`` (an
+    image with more crops alone)."""
     state = PartialState()
     limit = len(dataset) if settings.max_val_images <= 0 else min(settings.max_val_images, len(dataset))
-    mine = list(range(state.process_index, limit, state.num_processes))
+    mine = _contiguous_share(limit, state.process_index, state.num_processes, settings.num_workers)
     shard = torch.utils.data.Subset(_EvalViews(dataset, settings), mine)
     group, group_shapes = [], None
     for view in DataLoader(shard, batch_size=None, shuffle=False, num_workers=settings.num_workers):
@@ -395,6 +434,15 @@ def _eval_batches(dataset, settings: Settings):
         group_shapes = shapes
     if group:
         yield _stack(group)
+
+
+def _contiguous_share(count: int, rank: int, world: int, workers: int) -> list[int]:
+    """Rank ``rank``'s rows of ``range(count)``: a contiguous run, cut into ``workers`` contiguous parts
+    taken in turn (the DataLoader hands item k to worker k % workers), so each part is read by one worker."""
+    run = np.array_split(np.arange(count), world)[rank]
+    parts = [part.tolist() for part in np.array_split(run, max(1, workers))]
+    longest = max(len(part) for part in parts)
+    return [part[i] for i in range(longest) for part in parts if i < len(part)]
 
 
 def evaluate_segmentation(backbone, head, dataset, settings: Settings) -> dict:

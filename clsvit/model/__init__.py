@@ -23,6 +23,7 @@ from clsvit.model.specialization import (
     token_rows,
 )
 from clsvit.model.loading import (  # noqa: I001 — after specialization, which it imports
+    TOKENS_METADATA,
     baseline_model_config,
     build_model,
     check_pretrained,
@@ -34,18 +35,22 @@ from clsvit.model.loading import (  # noqa: I001 — after specialization, which
     param_overhead_pct,
     pretrained_normalisation,
     read_pretrained,
+    recorded_tokens,
     set_uniform_drop_path,
     timm_vit,
+    tokens_metadata,
     weights_path,
 )
 from clsvit.model.registry import paper_default_for, specialized_name  # registers the twins in timm
 
 __all__ = [
-    "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "TOKEN_GROUPS", "GlobalTokenLayerScale",
+    "COMPONENTS", "INITS", "NO_SPECIALIZATION", "OPTIONS", "PAPER_DEFAULT", "TOKEN_GROUPS", "TOKENS_METADATA",
+    "GlobalTokenLayerScale",
     "GlobalTokenSplit", "baseline_model_config", "block_indices", "build_model", "check_pretrained", "check_tokens",
     "count_parameters", "create_model",
     "describe_specialization", "describe_tokens", "feature_extractor", "is_specialized", "locate_pretrained",
     "normalisation_note", "paper_default_for", "param_overhead_pct", "pretrained_normalisation",
-    "read_pretrained", "set_uniform_drop_path", "specialize", "specialized_modules", "specialized_name",
-    "specialized_tokens", "split_class", "timm_vit", "token_rows", "weights_path",
+    "read_pretrained", "recorded_tokens", "set_uniform_drop_path", "specialize", "specialized_modules",
+    "specialized_name", "specialized_tokens", "split_class", "timm_vit", "token_rows", "tokens_metadata",
+    "weights_path",
 ]

@@ -16,22 +16,27 @@ DINOv2 `mask_token`/`register_tokens` and its [CLS] position, timm's own), resiz
 embeddings to this model's grid and loads strictly. This is the path of
 `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=SOURCE))` to the
 tensor. Then the model is specialized, cloning every global-token copy from the loaded shared
-weights, and the copies the checkpoint holds (a specialized run) are loaded over them. A classifier
-for another class count is left freshly initialised. One line says what was loaded, converted,
-resized and left fresh. Any mismatch raises one line naming the first mismatched keys and shapes,
+weights, and the copies the checkpoint holds (a specialized run) are loaded over them. Copies are
+for the tokens the checkpoint's metadata records (`TOKENS_METADATA`, written by clsvit into every
+weights file it saves; a file that does not say is taken as the paper's, `global`): a checkpoint
+whose copies are for other tokens than the model's (`model.specialize.tokens`) is refused before
+anything is loaded. A classifier for another class count is left freshly initialised. One line says
+what was loaded, converted, resized and left fresh. Any mismatch raises one line naming the first mismatched keys and shapes,
 before a model is returned: nothing half-loaded is ever used.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import timm
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import safe_open
 from timm.layers import DropPath
 from timm.models import VisionTransformer
 from timm.models._builder import pretrained_cfg_for_features
@@ -41,9 +46,32 @@ from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
 
 from clsvit.errors import InputError
-from clsvit.model.specialization import NO_SPECIALIZATION, OPTIONS, specialize as _specialize, specialized_modules
+from clsvit.model.specialization import (NO_SPECIALIZATION, OPTIONS, check_tokens, describe_tokens, is_specialized,
+                                         specialize as _specialize, specialized_modules)
 
 COPY_MARK = ".global_copy."  # in every state-dict key of a global-token copy
+TOKENS_METADATA = "clsvit.specialize.tokens"  # safetensors metadata: the tokens a file's copies are for (JSON)
+
+
+def tokens_metadata(tokens: Any) -> dict[str, str] | None:
+    """The safetensors metadata recording that a weights file's copies are for `tokens` (None: a
+    model without copies, nothing to record)."""
+    return None if tokens is None else {TOKENS_METADATA: json.dumps(check_tokens(tokens))}
+
+
+def recorded_tokens(file: str | Path) -> str | list[int] | None:
+    """The tokens a weights file's copies are for, as its metadata records them; None when it does not
+    say (not a .safetensors file, or not written by clsvit)."""
+    if Path(file).suffix != ".safetensors":
+        return None
+    with safe_open(str(file), "pt") as weights:
+        value = (weights.metadata() or {}).get(TOKENS_METADATA)
+    if value is None:
+        return None
+    try:
+        return check_tokens(json.loads(value))
+    except (ValueError, InputError):
+        raise InputError(f"pretrained: {file} records {TOKENS_METADATA}={value!r}, which names no tokens") from None
 
 
 def set_uniform_drop_path(model: VisionTransformer, rate: float) -> None:
@@ -87,6 +115,7 @@ def create_model(arch: str, *, specialize: Mapping[str, Any] | None = None, pret
         model, source = timm_vit(arch, **timm_kwargs), None
     else:
         source = read_pretrained(pretrained, arch)
+        _check_same_tokens(source, specialize)
         model = _load_shared_weights(arch, source, timm_kwargs)
     set_uniform_drop_path(model, drop_path)
     if specialize:
@@ -126,10 +155,12 @@ def feature_extractor(model: VisionTransformer, out_indices: int | tuple[int, ..
 
 
 class PretrainedSource:
-    """A checkpoint read into memory: its tensors, what to call it, and its layout."""
+    """A checkpoint read into memory: its tensors, what to call it, its layout, and the tokens its
+    copies are for (`tokens`: as recorded, else `global`)."""
 
-    def __init__(self, label: str, state: dict[str, torch.Tensor]):
+    def __init__(self, label: str, state: dict[str, torch.Tensor], tokens: str | list[int] | None = None):
         self.label = label
+        self.tokens = "global" if tokens is None else tokens
         self.copies = {k: v for k, v in state.items() if COPY_MARK in k}  # a specialized run's global-token copies
         self.shared = {k: v for k, v in state.items() if COPY_MARK not in k}
         head = self.shared.get("head.weight")
@@ -149,9 +180,11 @@ def read_pretrained(source: str | Path, arch: str) -> PretrainedSource:
     pretrained name or tag of `arch`)."""
     where = locate_pretrained(source, arch)
     if isinstance(where, Path):
-        return PretrainedSource(str(source), _file_state(where))
+        return PretrainedSource(str(source), _file_state(where), recorded_tokens(where))
     hub_id, filename, label = where
-    return PretrainedSource(label, _hub_state(hub_id, filename, label))
+    state = _hub_state(hub_id, filename, label)
+    cached = try_to_load_from_cache(hub_id, filename or "model.safetensors")  # the file just read, if safetensors
+    return PretrainedSource(label, state, recorded_tokens(cached) if isinstance(cached, str) else None)
 
 
 def locate_pretrained(source: str | Path, arch: str) -> Path | tuple[str, str | None, str]:
@@ -233,6 +266,18 @@ def _tensors(state: Any, label: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def _check_same_tokens(source: PretrainedSource, specialize: Mapping[str, Any] | None) -> None:
+    """A checkpoint's copies go to the tokens they were trained for, or nowhere: one line refuses a
+    model that gives them to other tokens."""
+    if not source.copies or not is_specialized(specialize):
+        return  # no copies to load (cloned from the shared weights), or a model without copies (refused later)
+    ours = check_tokens(specialize.get("tokens", "global"))
+    if source.tokens != ours:
+        raise InputError(f"pretrained: {source.label} has copies for tokens {describe_tokens(source.tokens)}, this "
+                         f"model for tokens {describe_tokens(ours)} (model.specialize.tokens); build it with tokens "
+                         f"{describe_tokens(source.tokens)}, or start from unspecialized weights")
 
 
 def _load_shared_weights(arch: str, source: PretrainedSource, timm_kwargs: dict) -> VisionTransformer:

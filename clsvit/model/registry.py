@@ -7,6 +7,7 @@ Every timm VisionTransformer architecture `NAME` (timm's `vision_transformer`, `
     timm.list_models("*_clsvit")                                    # the twins
     timm.create_model("deit3_small_patch16_224_clsvit")             # the paper default, clone init
     timm.create_model("deit3_small_patch16_224_clsvit", specialize={"norm": 1.0, "qkv": [0, 1]})
+    timm.create_model("vit_small_patch14_reg4_dinov2_clsvit", specialize={**clsvit.PAPER_DEFAULT, "tokens": "cls"})
     timm.create_model("local-dir:exports/vit_s", pretrained=True)  # a `python -m clsvit.export` directory
     timm.create_model("hf-hub:USER/REPO", pretrained=True)          # the same, pushed to the hub
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Mutation testing of the core modules on the fast loop (mutmut; configuration in pyproject.toml
+# [tool.mutmut], method and scores in docs/testing.md).
+#
+#   scripts/mutation.sh                         every core module
+#   scripts/mutation.sh clsvit/checkpoint.py    one module (or several)
+#   scripts/mutation.sh --summary [MODULE...]   the scores of the last runs, without running
+#
+# Each mutant runs only the fast tests (-m "not slow") that reach the function it changes. The first
+# run records which tests reach which function (one pass of the fast loop, cached in mutants/);
+# later runs test only the mutants of functions or tests that changed. It ends with killed/total per
+# module and the survivors (inspect one: .venv/bin/mutmut show NAME). MUTATION_JOBS (default 2) sets
+# the parallel test processes; everything runs under `nice -n 10`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+run=1
+if [ "${1:-}" = "--summary" ]; then run=0; shift; fi
+
+patterns=()
+for module in "$@"; do
+  [ -f "$module" ] || { echo "mutation.sh: no such module: $module" >&2; exit 2; }
+  grep -q "\"$module\"" pyproject.toml || { echo "mutation.sh: $module is not in [tool.mutmut] only_mutate (pyproject.toml)" >&2; exit 2; }
+  name=${module%.py}
+  patterns+=("${name//\//.}.*")
+done
+
+if [ "$run" = 1 ]; then
+  start=$SECONDS
+  # mutmut's exit status says nothing about the score; the summary below does
+  mkdir -p mutants
+  nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${patterns[@]}" > mutants/mutation.log 2>&1 || true
+  tr "\r" "\n" < mutants/mutation.log | grep -v "^[^ -~]" | tail -n 5
+  echo "mutation.sh: ran in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+fi
+
+.venv/bin/mutmut results --all true 2>/dev/null | .venv/bin/python -c '
+import collections, fnmatch, re, sys
+patterns = sys.argv[1:] or ["*"]
+# the tests did not pass: they failed, hung (timeout), or their process died (suspicious: a signal)
+DETECTED = ("killed", "timeout", "suspicious", "segfault")
+counts, survivors = collections.defaultdict(collections.Counter), collections.defaultdict(list)
+for line in sys.stdin:
+    name, _, status = line.strip().rpartition(": ")
+    if not name or not any(fnmatch.fnmatch(name, p) for p in patterns):
+        continue
+    module = re.split(r"\.x(?:_|\u01c1)", name, maxsplit=1)[0]  # clsvit.runlock.x_f__mutmut_3 -> clsvit.runlock
+    counts[module][status] += 1
+    if status not in DETECTED:
+        survivors[module].append(f"{name} ({status})")
+for module in sorted(counts):
+    c = counts[module]
+    total, killed = sum(c.values()), sum(c[s] for s in DETECTED)
+    rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in DETECTED)
+    rest = "  (" + rest + ")" if rest else ""
+    print(f"{module:36s} {killed:4d}/{total:<4d} killed ({100 * killed / total:5.1f} %){rest}")
+for module in sorted(survivors):
+    for name in survivors[module]:
+        print("  " + name)
+' "${patterns[@]}"
