@@ -2,32 +2,43 @@
 
 Counts every op of one DeiT-III training step (forward, BCE, backward, LAMB) of each variant
 with a ``TorchDispatchMode`` on fake tensors (shapes and dtypes only, no arithmetic: a ViT-S step
-at batch 256 counts in seconds), under bf16 autocast as train.py runs on a GPU, and reports:
+at the real per-GPU batch of 256 counts in seconds on a CPU), under bf16 autocast as train.py runs
+on a GPU, and reports:
 
 - per op, its FLOPs (``torch.utils.flop_counter``'s formulas for the matrix products, convolutions
-  and attention; elementwise and reduction ops are counted as memory traffic only) and the bytes it
-  reads and writes (every tensor argument, counted once per distinct element, plus every output;
-  views move nothing; an overwrite such as ``copy_`` does not read its destination);
-- an H100 roofline estimate: per op the larger of its FLOPs at the dense bf16 peak and its bytes at
-  the HBM bandwidth, summed over the step. NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989.4
-  TFLOP/s dense BF16 (1,979 with sparsity), 3.35 TB/s HBM3. It is a lower bound: no launch gaps,
-  no cache reuse between ops, every kernel at its roofline;
-- ``--compiled``: the same estimate for ``torch.compile``, with the fusion measured instead of
-  assumed: the forward + backward graph is compiled by inductor on the CPU, at two small batches,
-  and ``torch._inductor``'s own per-kernel accounting (``GraphLowering.count_bytes``: the bytes
-  each kernel reads and writes after fusion) is extrapolated linearly to ``--batch``: each library
-  kernel (matrix product, attention; the same ones at any batch) with its FLOPs on its own, the
-  generated (fused elementwise and reduction) kernels as one memory-bound total. The optimizer is
-  not compiled by train.py and keeps its eager ops. Inductor's CPU backend fuses with the same
-  scheduler as its GPU backend, but it is an approximation of the GPU's kernels, not a copy.
+  and attention; elementwise ops and reductions are counted as memory traffic only) and the bytes
+  it reads and writes (every tensor argument, counted once per distinct element, plus every
+  output; views and allocations launch no kernel and move nothing; an overwrite such as ``copy_``
+  does not read its destination);
+- an H100 roofline estimate: per op the larger of its FLOPs at the dense bf16 peak and its bytes
+  at the HBM bandwidth, summed over the step. NVIDIA H100 Tensor Core GPU datasheet, H100 SXM
+  column: BF16 Tensor Core 1,979 TFLOPS with sparsity, 989 dense; GPU memory bandwidth 3.35 TB/s
+  (HBM3). It is a lower bound: no launch gaps, no cache reuse between kernels, every kernel at its
+  roofline;
+- the same estimate compiled, under a stated model of what ``torch.compile`` fuses (not inductor's
+  kernels): every op with FLOPs (matrix product, attention) stays one library kernel with its
+  eager bytes; the FLOP-free ops of the forward (or of the backward) that lie behind the same
+  number of library kernels on their longest chain of inputs form one fused kernel (so all the
+  elementwise ops and reductions between two matrix products fuse, whatever order eager ran
+  them in), which reads once each tensor it did not itself write and writes once each tensor it
+  writes, as much of it as a later op outside it reads (what only the kernel itself reads stays
+  in registers; rows sliced out later are written, not the whole tensor). The optimizer keeps
+  its eager ops: train.py compiles the model, not the optimizer step;
+- the extra bytes of the paper default, per op kind and per autograd node (backward) or module
+  class (forward), and the eager roofline without the extra ops that autograd's backward of the
+  row overwrite runs (the ``CopySlices`` and ``SliceBackward0`` nodes: the output gradient
+  cloned and its rows zeroed, the slice's zero-filled input gradient, and the sum of that with
+  the shared path's gradient): what removing the overwrite's backward passes would give.
 
 The step is train.py's: ``model(images)`` under ``torch.autocast(bfloat16)``, timm's
 BinaryCrossEntropy, backward, timm's LAMB (``foreach``, its CUDA default) and ``zero_grad``. The
 autocast is the CPU one run with CUDA's policy for the one op where they differ in a ViT:
-LayerNorm runs in float32 (CUDA autocast's fp32 list) and returns float32.
+LayerNorm runs in float32 (CUDA autocast's fp32 list) and returns float32. The counts are exact
+for the shapes; the activations' bytes and FLOPs grow linearly with the batch, the weights' and
+the optimizer's do not.
 
-    python benchmarks/bench_cost.py                          # ViT-S/16, batch 256, 224 px: eager
-    python benchmarks/bench_cost.py --compiled               # + inductor (minutes: two compilations per variant)
+    python benchmarks/bench_cost.py                    # ViT-S/16, batch 256, 224 px
+    python benchmarks/bench_cost.py --arch deit3_base_patch16_224 --batch 256 --img-size 192
     python benchmarks/bench_cost.py --top 25 --json cost.json
 """
 
@@ -38,7 +49,7 @@ import collections
 import contextlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from unittest import mock
 
@@ -57,9 +68,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from clsvit import PAPER_DEFAULT, create_model  # noqa: E402
 from clsvit.tracking import hardware  # noqa: E402
 
-H100_BF16_TFLOPS = 989.4  # NVIDIA H100 Tensor Core GPU datasheet, SXM5, BF16 Tensor Core, dense
-H100_HBM_TBPS = 3.35      # same datasheet, SXM5 GPU memory bandwidth (HBM3)
+H100_BF16_TFLOPS = 989.0  # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM, BF16 Tensor Core, dense
+H100_HBM_TBPS = 3.35      # same datasheet, H100 SXM, GPU memory bandwidth (HBM3)
 VARIANTS = {"baseline": None, "paper_default": dict(PAPER_DEFAULT)}
+OVERWRITE_NODES = ("torch::autograd::CopySlices", "SliceBackward0")  # autograd's nodes of a row overwrite
 aten = torch.ops.aten
 OVERWRITES = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
@@ -83,11 +95,13 @@ FLOPS = {**{packet: lambda *a, _f=function, out=None, **k: _f(*a, out_val=out, *
 
 @dataclass
 class Op:
-    name: str       # aten op
+    name: str       # aten op, or "fused" for a fused run of ops
     phase: str      # forward | backward | optimizer
     where: str      # forward: the class of the innermost module it ran in; backward: the autograd node
     flops: float
     bytes: float
+    reads: list = field(default_factory=list)   # (storage, bytes) of each tensor read
+    writes: list = field(default_factory=list)  # (storage, bytes) of each tensor written
 
 
 def _is_view(func) -> bool:
@@ -108,13 +122,20 @@ def _distinct_bytes(tensor: torch.Tensor) -> int:
 
 class CountOps(TorchDispatchMode):
     """Records an :class:`Op` per dispatched op that launches a kernel, attributed to the phase the
-    caller sets and, in the forward, to the innermost module ModuleTracker reports, in the backward
-    to the autograd node that runs it."""
+    caller sets and, in the forward, to the innermost module of `module_types` (module path ->
+    class name) that `tracker` (a ModuleTracker, or None) reports, in the backward to the autograd
+    node that runs it."""
 
-    def __init__(self, tracker: ModuleTracker, module_types: dict[str, str]):
+    def __init__(self, tracker: ModuleTracker | None = None, module_types: dict[str, str] | None = None):
         super().__init__()
-        self.tracker, self.module_types = tracker, module_types
+        self.tracker, self.module_types = tracker, module_types or {}
         self.phase, self.ops = "forward", []
+        self._storages = []  # kept alive, so that no two tensors of the step share a storage address
+
+    def _storage(self, tensor: torch.Tensor) -> int:
+        storage = tensor.untyped_storage()
+        self._storages.append(storage)
+        return storage._cdata
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -125,16 +146,19 @@ class CountOps(TorchDispatchMode):
         if func in OVERWRITES:
             inputs = inputs[1:]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        moved = sum(_distinct_bytes(t) for t in inputs) + sum(t.numel() * t.element_size() for t in outputs)
+        reads = [(self._storage(t), _distinct_bytes(t)) for t in inputs]
+        writes = [(self._storage(t), t.numel() * t.element_size()) for t in outputs]
         counter = FLOPS.get(func._overloadpacket)
         flops = counter(*args, out=out, **kwargs) if counter is not None else 0
-        if self.phase == "forward":
+        where = ""
+        if self.phase == "forward" and self.tracker is not None:
             parents = [p for p in self.tracker.parents if p in self.module_types]
             where = self.module_types[max(parents, key=len)] if parents else ""
-        else:
+        elif self.phase == "backward":
             node = torch._C._current_autograd_node()
             where = node.name() if node is not None else ""
-        self.ops.append(Op(func._overloadpacket.__name__, self.phase, where, float(flops), float(moved)))
+        self.ops.append(Op(func._overloadpacket.__name__, self.phase, where, float(flops),
+                           float(sum(b for _, b in reads) + sum(b for _, b in writes)), reads, writes))
         return out
 
 
@@ -154,7 +178,7 @@ def cuda_autocast_policy():
 
 def build(name: str, args: argparse.Namespace) -> torch.nn.Module:
     return create_model(args.arch, img_size=args.img_size, num_classes=1000, layerscale_init=1e-4,
-                        drop_path=0.0, specialize=VARIANTS[name]).train()
+                        drop_path=0.0, specialize=VARIANTS[name], report=None).train()
 
 
 def count_step(name: str, args: argparse.Namespace) -> list[Op]:
@@ -169,8 +193,9 @@ def count_step(name: str, args: argparse.Namespace) -> list[Op]:
         images = torch.randn(args.batch, 3, args.img_size, args.img_size)
         targets = torch.zeros(args.batch, 1000)
         loss_fn = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
-        types = {f"{type(model).__name__}.{path}" if path else type(model).__name__: type(module).__name__
-                 for path, module in model.named_modules()}
+        # forward ops are attributed to the class a module was split from (GlobalTokenLayerNorm -> LayerNorm)
+        types = {f"{type(model).__name__}.{path}" if path else type(model).__name__:
+                 type(module).__name__.removeprefix("GlobalToken") for path, module in model.named_modules()}
         counter = CountOps(None, types)
         with mock.patch("timm.optim.lamb._get_value", lambda step: 1.0):  # a fake step count has no value
             for counted in (False, True):  # the first step creates the optimizer's state: not counted
@@ -186,187 +211,166 @@ def count_step(name: str, args: argparse.Namespace) -> list[Op]:
     return counter.ops
 
 
-def roofline_seconds(flops: float, moved: float, args: argparse.Namespace) -> float:
-    return max(flops / (args.peak_tflops * 1e12), moved / (args.hbm_tbps * 1e12))
+def overwrite_backward(ops: list[Op]) -> list[Op]:
+    """The ops that autograd's backward of a row overwrite runs: those of its ``CopySlices`` and
+    ``SliceBackward0`` nodes, and each backward ``add`` that sums a slice's zero-filled input
+    gradient (a ``slice_backward`` output) into another path's (autograd runs that sum in whichever
+    of the two nodes delivers its gradient second)."""
+    zero_filled = {storage for op in ops if op.name == "slice_backward" for storage, _ in op.writes}
+    return [op for op in ops if op.phase == "backward" and (
+        op.where in OVERWRITE_NODES or op.name == "add" and any(s in zero_filled for s, _ in op.reads))]
 
 
-# ---------------------------------------------------------------------- compiled (inductor)
-
-@dataclass
-class Kernel:
-    name: str       # inductor's node name and kind
-    extern: bool    # a library kernel (matrix product, attention) rather than generated code
-    flops: float
-    bytes: float
+def roofline_seconds(flops: float, moved: float, peak_tflops: float = H100_BF16_TFLOPS,
+                     hbm_tbps: float = H100_HBM_TBPS) -> float:
+    """One kernel at its roofline: the larger of its FLOPs at the peak and its bytes at the bandwidth."""
+    return max(flops / (peak_tflops * 1e12), moved / (hbm_tbps * 1e12))
 
 
-def _extern_flops(node) -> float:
-    """FLOPs of a library kernel: inductor's estimate (matrix products, convolutions), or for the
-    attention kernels (which it does not estimate) torch.utils.flop_counter's formulas."""
-    kernel = str(getattr(node.node, "python_kernel_name", ""))
-    if "scaled_dot_product" not in kernel:
-        return float(node.estimate_flops() or 0)
-    sizes = [[int(dim) for dim in buffer.get_size()] for buffer in node.node.inputs]
-    if "backward" in kernel:  # grad_out, query, key, value, ...
-        return float(sdpa_backward_flop_count(*sizes[:4]))
-    return float(sdpa_flop_count(*sizes[:3]))
+def compiled(ops: list[Op]) -> list[Op]:
+    """The step as the fusion model of the module docstring sees it: each op with FLOPs (a library
+    kernel) as it is; the FLOP-free ops of the forward (or of the backward) grouped by their depth,
+    the number of library kernels on the longest chain of ops that leads to them within the phase,
+    each group one "fused" op; optimizer ops as they are. A group reads once every storage it reads
+    before writing it, and writes once each storage it writes, as much of it as an op outside the
+    group reads afterwards (the largest such read: rows sliced out later are written, not the whole
+    tensor; what only the group itself reads stays in registers)."""
+    depth, groups, step = {}, {}, []  # depth: storage -> (phase, depth of its last write)
+    for index, op in enumerate(ops):
+        if op.phase == "optimizer":
+            step.append(op)
+            continue
+        level = max((depth[s][1] for s, _ in op.reads if s in depth and depth[s][0] == op.phase), default=0)
+        if op.flops:
+            step.append(op)
+            level += 1
+        elif (op.phase, level) in groups:
+            groups[op.phase, level].append(index)
+        else:
+            groups[op.phase, level] = [index]
+            step.append(groups[op.phase, level])
+        for storage, _ in op.writes:
+            depth[storage] = (op.phase, level)
+    read_by = collections.defaultdict(list)  # storage -> (index, bytes) of every read
+    for index, op in enumerate(ops):
+        for storage, size in op.reads:
+            read_by[storage].append((index, size))
+    return [_fused(members, ops, read_by) if isinstance(members, list) else members for members in step]
 
 
-class _CountEveryGraph:
-    """Stands in for inductor's metrics logger, enabled and silent: inductor counts the bytes of a
-    graph's kernels (GraphLowering.count_bytes) only when that logger is enabled."""
-
-    def isEnabledFor(self, level) -> bool:  # noqa: N802 (logging.Logger's name)
-        return True
-
-    def info(self, *args, **kwargs) -> None:
-        pass
-
-
-def inductor_kernels(name: str, args: argparse.Namespace, batch: int) -> list[Kernel]:
-    """The kernels inductor generates for the forward and backward of variant `name` at `batch`,
-    each with the bytes inductor counts for it (after fusion) and its FLOPs."""
-    import torch._inductor.compile_fx as compile_fx
-    import torch._inductor.graph as graph_module
-
-    kernels: list[Kernel] = []
-    original = graph_module.GraphLowering.count_bytes
-
-    def count_bytes(graph):
-        total, counts, runtimes = original(graph)
-        for node, _ in counts:
-            extern = type(node).__name__ == "ExternKernelSchedulerNode"
-            kernels.append(Kernel(f"{type(node).__name__}:{node.get_name()}", extern,
-                                  _extern_flops(node) if extern else 0.0, float(node.get_read_write_buffers_sizes())))
-        return total, counts, runtimes
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = build(name, args)
-    forward = torch.compile(model, fullgraph=True)
-    images = torch.randn(batch, 3, args.img_size, args.img_size)
-    targets = torch.zeros(batch, 1000)
-    try:
-        with mock.patch.object(graph_module.GraphLowering, "count_bytes", count_bytes), \
-                mock.patch.object(compile_fx, "inductor_metrics_log", _CountEveryGraph()), \
-                torch._inductor.config.patch(force_disable_caches=True):  # a graph from the cache is not counted
-            with cuda_autocast_policy():
-                loss = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)(forward(images), targets)
-            loss.backward()  # compiles the backward graph
-    finally:
-        torch._dynamo.reset()
-    return [kernel for kernel in kernels if kernel.bytes or kernel.flops]
-
-
-def extrapolated(small: list[Kernel], large: list[Kernel], small_batch: int, large_batch: int,
-                 batch: int) -> list[Kernel]:
-    """The kernels at `batch` from two compilations, linear in the batch: each library kernel
-    (matrix product, attention: the same ones at any batch) on its own, the generated kernels as
-    one memory-bound total (inductor may fuse a few differently at another batch)."""
-    scale = (batch - small_batch) / (large_batch - small_batch)
-    line = lambda a, b: a + (b - a) * scale  # noqa: E731
-    small_extern, large_extern = [k for k in small if k.extern], [k for k in large if k.extern]
-    if len(small_extern) != len(large_extern):
-        raise SystemExit(f"inductor called different library kernels at batch {small_batch} and {large_batch}: "
-                         f"choose other --compile-batches")
-    generated = Kernel(f"{sum(not k.extern for k in large)} generated kernels", False, 0.0,
-                       line(sum(k.bytes for k in small if not k.extern), sum(k.bytes for k in large if not k.extern)))
-    return [Kernel(a.name, True, line(a.flops, b.flops), line(a.bytes, b.bytes))
-            for a, b in zip(small_extern, large_extern)] + [generated]
+def _fused(members: list[int], ops: list[Op], read_by: dict) -> Op:
+    """One fused kernel of the ops at `members` (see `compiled`)."""
+    inside, reads, writes = set(members), {}, {}  # writes: storage -> (index of the last write, bytes)
+    for index in members:
+        for storage, size in ops[index].reads:
+            if storage not in writes:
+                reads[storage] = max(reads.get(storage, 0), size)
+        for storage, size in ops[index].writes:
+            writes[storage] = (index, max(writes.get(storage, (0, 0))[1], size))
+    stored = sum(min(size, max((read for index, read in read_by[storage] if index > last and index not in inside),
+                               default=0)) for storage, (last, size) in writes.items())
+    return Op("fused", ops[members[0]].phase, f"{len(members)} ops", 0.0, float(sum(reads.values()) + stored))
 
 
 # ---------------------------------------------------------------------- report
 
 def summarise(ops: list[Op], args: argparse.Namespace) -> dict:
+    """Kernels, FLOPs, bytes and roofline seconds per phase and in total."""
     by_phase = collections.defaultdict(lambda: {"ops": 0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0})
     for op in ops:
         entry = by_phase[op.phase]
         entry["ops"] += 1
         entry["flops"] += op.flops
         entry["bytes"] += op.bytes
-        entry["seconds"] += roofline_seconds(op.flops, op.bytes, args)
+        entry["seconds"] += roofline_seconds(op.flops, op.bytes, args.peak_tflops, args.hbm_tbps)
     total = {key: sum(entry[key] for entry in by_phase.values()) for key in ("ops", "flops", "bytes", "seconds")}
     return {"total": total, **by_phase}
 
 
-def grouped(ops: list[Op], key) -> dict:
-    groups = collections.defaultdict(lambda: {"ops": 0, "flops": 0.0, "bytes": 0.0})
+def grouped(ops: list[Op], key, args: argparse.Namespace) -> dict:
+    groups = collections.defaultdict(lambda: {"ops": 0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0})
     for op in ops:
         group = groups[key(op)]
         group["ops"] += 1
         group["flops"] += op.flops
         group["bytes"] += op.bytes
+        group["seconds"] += roofline_seconds(op.flops, op.bytes, args.peak_tflops, args.hbm_tbps)
     return groups
 
 
-def difference(ops: dict[str, list[Op]], key, top: int) -> list[tuple]:
-    base, own = grouped(ops["baseline"], key), grouped(ops["paper_default"], key)
-    rows = [(name, own.get(name, {}).get("bytes", 0) - base.get(name, {}).get("bytes", 0),
-             own.get(name, {}).get("ops", 0) - base.get(name, {}).get("ops", 0),
-             own.get(name, {}).get("flops", 0) - base.get(name, {}).get("flops", 0)) for name in set(base) | set(own)]
-    return sorted(rows, key=lambda row: -abs(row[1]))[:top]
+def difference(ops: dict[str, list[Op]], key, args: argparse.Namespace) -> dict[str, dict]:
+    """paper_default - baseline per group of `key`: ops, FLOPs, bytes, roofline seconds."""
+    base, own = grouped(ops["baseline"], key, args), grouped(ops["paper_default"], key, args)
+    empty = {"ops": 0, "flops": 0.0, "bytes": 0.0, "seconds": 0.0}
+    return {name: {stat: own.get(name, empty)[stat] - base.get(name, empty)[stat] for stat in empty}
+            for name in set(base) | set(own)}
 
 
-def main(argv=None) -> None:
+def print_difference(title: str, rows: dict[str, dict], top: int) -> None:
+    print(f"\n{title:<52} {'MB':>9} {'ops':>6} {'GFLOP':>7}")
+    for name, row in sorted(rows.items(), key=lambda item: -abs(item[1]["bytes"]))[:top]:
+        print(f"  {name:<50} {row['bytes'] / 1e6:9.1f} {row['ops']:6d} {row['flops'] / 1e9:7.2f}")
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="deit3_small_patch16_224")
     parser.add_argument("--batch", type=int, default=256, help="images per step (DeiT-III ViT-S: 256 per GPU)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="dense bf16 peak, TFLOP/s")
     parser.add_argument("--hbm-tbps", type=float, default=H100_HBM_TBPS, help="memory bandwidth, TB/s")
-    parser.add_argument("--compiled", action="store_true", help="also estimate torch.compile with inductor (slow)")
-    parser.add_argument("--compile-batches", type=int, nargs=2, default=(2, 4), metavar=("B1", "B2"),
-                        help="the two batches inductor compiles at (the kernels' bytes are extrapolated from them)")
-    parser.add_argument("--top", type=int, default=12, help="rows of the op and module differences")
-    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--top", type=int, default=12, help="rows of the tables of extra bytes")
+    parser.add_argument("--json", metavar="PATH", help="write the report and every op to this file")
     args = parser.parse_args(argv)
 
     ops = {name: count_step(name, args) for name in VARIANTS}
-    report = {"config": {**vars(args), "torch": torch.__version__, **hardware()}, "eager": {}, "compiled": {}}
-    for name, variant_ops in ops.items():
-        report["eager"][name] = summarise(variant_ops, args)
-    base, spec = report["eager"]["baseline"]["total"], report["eager"]["paper_default"]["total"]
-    print(f"{args.arch}, batch {args.batch}, {args.img_size} px, bf16 autocast; roofline at {args.peak_tflops:g} "
-          f"TFLOP/s and {args.hbm_tbps:g} TB/s\n")
-    print(f"eager, one training step   {'ops':>7} {'GFLOP':>9} {'GB moved':>9} {'roofline ms':>12}")
+    eager = {name: summarise(variant_ops, args) for name, variant_ops in ops.items()}
+    fused = {name: summarise(compiled(variant_ops), args) for name, variant_ops in ops.items()}
+    removed = {name: summarise(overwrite_backward(variant_ops), args)["total"] for name, variant_ops in ops.items()}
+    removed = {stat: removed["paper_default"][stat] - removed["baseline"][stat] for stat in ("ops", "bytes", "seconds")}
+    rows = {  # name: (baseline, paper_default, format)
+        "kernels, eager": (eager["baseline"]["total"]["ops"], eager["paper_default"]["total"]["ops"], "{:.0f}"),
+        "kernels, compiled": (fused["baseline"]["total"]["ops"], fused["paper_default"]["total"]["ops"], "{:.0f}"),
+        "GFLOP": (eager["baseline"]["total"]["flops"] / 1e9, eager["paper_default"]["total"]["flops"] / 1e9, "{:.1f}"),
+        "GB moved, eager": (eager["baseline"]["total"]["bytes"] / 1e9, eager["paper_default"]["total"]["bytes"] / 1e9,
+                            "{:.2f}"),
+        "GB moved, compiled": (fused["baseline"]["total"]["bytes"] / 1e9,
+                               fused["paper_default"]["total"]["bytes"] / 1e9, "{:.2f}"),
+        "roofline ms, eager": (1e3 * eager["baseline"]["total"]["seconds"],
+                               1e3 * eager["paper_default"]["total"]["seconds"], "{:.2f}"),
+        "roofline ms, compiled": (1e3 * fused["baseline"]["total"]["seconds"],
+                                  1e3 * fused["paper_default"]["total"]["seconds"], "{:.2f}"),
+        "roofline ms, eager, overwrite's backward removed": (
+            1e3 * eager["baseline"]["total"]["seconds"],
+            1e3 * (eager["paper_default"]["total"]["seconds"] - removed["seconds"]), "{:.2f}"),
+    }
+    print(f"{args.arch}, batch {args.batch}, {args.img_size} px, one training step (forward, BCE, backward, LAMB), "
+          f"bf16 autocast; roofline at {args.peak_tflops:g} TFLOP/s and {args.hbm_tbps:g} TB/s\n")
+    print(f"{'':<49} {'baseline':>10} {'paper_default':>14} {'ratio':>8}")
+    for name, (base, own, form) in rows.items():
+        print(f"{name:<49} {form.format(base):>10} {form.format(own):>14} {own / base:7.4f}x")
+    print(f"\nper phase{'':<16} {'kernels':>7} {'GFLOP':>8} {'GB eager':>9} {'ms eager':>9} {'GB compiled':>12} "
+          f"{'ms compiled':>12}")
     for name in VARIANTS:
-        for phase in ("forward", "backward", "optimizer", "total"):
-            entry = report["eager"][name][phase]
-            print(f"  {name:<14} {phase:<9} {entry['ops']:7d} {entry['flops'] / 1e9:9.1f} {entry['bytes'] / 1e9:9.3f} "
-                  f"{1e3 * entry['seconds']:12.3f}")
-    print(f"  paper_default / baseline: ops {spec['ops'] / base['ops']:.3f}x, FLOPs {spec['flops'] / base['flops']:.4f}x, "
-          f"bytes {spec['bytes'] / base['bytes']:.4f}x (+{(spec['bytes'] - base['bytes']) / 1e6:.0f} MB), "
-          f"roofline {spec['seconds'] / base['seconds']:.4f}x")
-    print("\n  extra bytes by op (paper_default - baseline):  MB    ops   GFLOP")
-    for name, moved, count, flops in difference(ops, lambda op: f"{op.phase}:{op.name}", args.top):
-        print(f"    {name:<46} {moved / 1e6:8.1f} {count:6d} {flops / 1e9:7.2f}")
-    print("\n  extra bytes by module (forward) and autograd node (backward):  MB    ops")
-    for name, moved, count, _ in difference(ops, lambda op: f"{op.phase}:{op.where or '-'}", args.top):
-        print(f"    {name:<46} {moved / 1e6:8.1f} {count:6d}")
-    report["eager_extra_bytes"] = spec["bytes"] - base["bytes"]
-
-    if args.compiled:
-        b1, b2 = args.compile_batches
-        print(f"\ncompiled (inductor's kernels at batch {b1} and {b2}, extrapolated to {args.batch}; the optimizer eager)")
-        print(f"  {'variant':<14} {'kernels':>7} {'GFLOP':>9} {'GB moved':>9} {'roofline ms':>12}")
-        for name in VARIANTS:
-            kernels = extrapolated(inductor_kernels(name, args, b1), inductor_kernels(name, args, b2), b1, b2, args.batch)
-            optimizer = report["eager"][name]["optimizer"]
-            count = sum(k.extern for k in kernels) + int(kernels[-1].name.split()[0])
-            entry = {"kernels": count + optimizer["ops"],
-                     "flops": sum(k.flops for k in kernels) + optimizer["flops"],
-                     "bytes": sum(k.bytes for k in kernels) + optimizer["bytes"],
-                     "seconds": sum(roofline_seconds(k.flops, k.bytes, args) for k in kernels) + optimizer["seconds"],
-                     "forward_backward_bytes": sum(k.bytes for k in kernels)}
-            report["compiled"][name] = entry
-            print(f"  {name:<14} {entry['kernels']:7d} {entry['flops'] / 1e9:9.1f} {entry['bytes'] / 1e9:9.3f} "
-                  f"{1e3 * entry['seconds']:12.3f}")
-        base, spec = report["compiled"]["baseline"], report["compiled"]["paper_default"]
-        print(f"  paper_default / baseline: bytes {spec['bytes'] / base['bytes']:.4f}x "
-              f"(+{(spec['bytes'] - base['bytes']) / 1e6:.0f} MB), roofline {spec['seconds'] / base['seconds']:.4f}x")
+        for phase in ("forward", "backward", "optimizer"):
+            one, two = eager[name][phase], fused[name][phase]
+            print(f"  {name:<14} {phase:<9} {one['ops']:7d} {one['flops'] / 1e9:8.1f} {one['bytes'] / 1e9:9.2f} "
+                  f"{1e3 * one['seconds']:9.2f} {two['bytes'] / 1e9:12.2f} {1e3 * two['seconds']:12.2f}")
+    extra = eager["paper_default"]["total"]["bytes"] - eager["baseline"]["total"]["bytes"]
+    print(f"\nthe overwrite's backward ({', '.join(OVERWRITE_NODES)}, and the sums of zero-filled slice gradients): "
+          f"{removed['ops']} more kernels, {removed['bytes'] / 1e6:+.0f} MB of the {extra / 1e6:+.0f} MB eager")
+    print_difference("extra bytes eager, by op (paper_default - baseline)",
+                     difference(ops, lambda op: f"{op.phase}: {op.name}", args), args.top)
+    print_difference("extra bytes eager, by module class (forward) or autograd node",
+                     difference(ops, lambda op: f"{op.phase}: {op.where or '-'}", args), args.top)
+    report = {"config": {**vars(args), "torch": torch.__version__, **hardware()},
+              "rows": {name: {"baseline": base, "paper_default": own} for name, (base, own, _) in rows.items()},
+              "eager": eager, "compiled": fused, "overwrite_backward": removed}
     if args.json:
-        report["ops"] = {name: [asdict(op) for op in variant_ops] for name, variant_ops in ops.items()}
+        report["ops"] = {name: [{k: v for k, v in asdict(op).items() if k not in ("reads", "writes")}
+                                for op in variant_ops] for name, variant_ops in ops.items()}
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 if __name__ == "__main__":

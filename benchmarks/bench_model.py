@@ -14,7 +14,6 @@ is its inter-quartile range. Each step is timed twice: wall clock, and the proce
     python benchmarks/bench_model.py --compile --batch 16 --threads 1       # torch.compile, CPU inductor
     python benchmarks/bench_model.py --compile regional ...  # block.compile() on every block instead
     python benchmarks/bench_model.py --modes memory --arch deit3_large_patch16_224 --batch 4
-    python benchmarks/bench_model.py --modes modules --batch 16 --reps 30 --threads 1   # one module at a time
     python benchmarks/bench_model.py --device cuda --batch 256 --compile --peak-tflops 989
 
 Targets: PAPER_DEFAULT <= 1.02x the baseline train step, <= 1.01x inference, <= 1.10x the
@@ -28,13 +27,6 @@ by the step's own ops (every tensor an op returns, until it is freed: a `TorchDi
 storages; activations, temporaries and gradients; device independent), (3) that peak plus the
 parameters (what a GPU holds at the peak of a step, less the optimizer state: 2x the parameters
 for LAMB/AdamW), and on CUDA (4) `torch.cuda.max_memory_allocated` above the level before the step.
-
-`--modes modules` times one module's forward + backward at the model's activation shapes (batch x
-tokens x width), the way the paper default splits it against the timm module it splits (a clone of
-the shared weights): LayerNorm (`norm1`), the QKV Linear (`attn.qkv`) and LayerScale (`ls1`) of the
-first block, and for the first two also the plain overwrite of the copy's rows
-(`GlobalTokenSplit.overwrite`, whose backward clones the output gradient and adds a zero-filled
-input gradient), interleaved as above.
 
 `--peak-tflops` (H100 / H200 SXM dense bf16: 989) adds model FLOPs utilisation: the FLOPs of one
 training forward + backward, counted once per variant by `torch.utils.flop_counter.FlopCounterMode`
@@ -99,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the device's dense peak TFLOP/s at the run's precision: adds MFU (H100/H200 bf16: 989)")
     parser.add_argument("--optimizer", default="lamb", choices=("lamb", "adamw"))
     parser.add_argument("--drop-path", type=float, default=0.0, help="uniform stochastic depth rate")
-    parser.add_argument("--modes", default="train,infer", help="comma list of train, infer, memory, modules")
+    parser.add_argument("--modes", default="train,infer", help="comma list of train, infer, memory")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print torch.profiler's top ops of one train step per variant")
@@ -110,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = args.modes.split(",")
     args.variants = args.variants.split(",")
     for mode in args.modes:
-        if mode not in ("train", "infer", "memory", "modules"):
-            parser.error(f"--modes: unknown mode {mode!r} (train, infer, memory, modules)")
+        if mode not in ("train", "infer", "memory"):
+            parser.error(f"--modes: unknown mode {mode!r} (train, infer, memory)")
     for name in args.variants:
         if name not in VARIANTS:
             parser.error(f"--variants: unknown variant {name!r} ({', '.join(VARIANTS)})")
@@ -292,51 +284,7 @@ def run(args: argparse.Namespace) -> dict:
         report["results"] = run_timing(args, device, timed)
     if "memory" in args.modes:
         report["memory"] = run_memory(args, device)
-    if "modules" in args.modes:
-        report["modules"] = run_modules(args, device)
     return report
-
-
-def run_modules(args: argparse.Namespace, device: torch.device) -> dict:
-    """Forward + backward of single split modules against their timm modules (see the docstring)."""
-    model = build("paper_default", args, device).train()
-    block = model.blocks[0]
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    x = torch.randn(args.batch, tokens, model.embed_dim, device=device, requires_grad=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    cases = {name: {"timm": module.global_copy, "split": module, **({"overwrite": module.overwrite}
-                                                                   if hasattr(module, "overwrite") else {})}
-             for name, module in (("norm1", block.norm1), ("attn.qkv", block.attn.qkv), ("ls1", block.ls1))}
-
-    def step(forward) -> float:
-        x.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            out = forward(x)
-        out.backward(torch.ones_like(out))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    results = {}
-    for name, forwards in cases.items():
-        for forward in forwards.values():
-            for _ in range(max(1, args.warmup)):
-                step(forward)
-        times = {kind: [] for kind in forwards}
-        for rep in range(args.reps):
-            kinds = list(forwards)
-            kinds = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
-            for kind in kinds:
-                times[kind].append(step(forwards[kind]))
-        results[name] = {}
-        for kind, seconds in times.items():
-            r1, r2, r3 = quartiles([a / b for a, b in zip(seconds, times["timm"])])
-            results[name][kind] = {"ms_median": 1e3 * statistics.median(seconds), "ratio_median": r2,
-                                   "ratio_q1": r1, "ratio_q3": r3}
-    return results
 
 
 def run_timing(args: argparse.Namespace, device: torch.device, modes: list[str]) -> dict:
@@ -396,11 +344,6 @@ def print_table(report: dict) -> None:
         print_timing(report["results"], config)
     if "memory" in report:
         print_memory(report["memory"])
-    if "modules" in report:
-        print(f"\none module's forward + backward at {config['batch']} x tokens x width (ratio to the timm module)")
-        for name, kinds in report["modules"].items():
-            print(f"  {name:<9} " + "   ".join(f"{kind} {r['ms_median']:7.2f} ms {r['ratio_median']:.3f} "
-                                           f"[{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}]" for kind, r in kinds.items()))
 
 
 def print_timing(results: dict, config: dict) -> None:

@@ -10,8 +10,6 @@ import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from clsvit import PAPER_DEFAULT, specialize
 from clsvit.model import GlobalTokenLayerScale
@@ -75,97 +73,6 @@ def test_shared_weights_get_exactly_zero_where_only_global_rows_reach_the_loss()
             assert not shared.any(), (module, name)
             assert grads[f"{last}.{module}.global_copy.{name}" if "mlp" not in module else
                          f"{last}.mlp.global_copy.{module.split('.')[1]}.{name}"].abs().sum() > 0
-
-
-class FullSizeTensors(TorchDispatchMode):
-    """Counts the tensors of at least `numel` elements that ops return (views and in-place results
-    left out): each is a full pass of memory writes over an activation."""
-
-    def __init__(self, numel: int):
-        super().__init__()
-        self.numel, self.count = numel, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        bases = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if (isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel and id(tensor) not in inputs
-                    and tensor.untyped_storage().data_ptr() not in bases):
-                self.count += 1
-        return out
-
-
-@pytest.mark.parametrize("module, selection", [("norm1", {"norm": [0]}), ("attn.qkv", {"qkv": [0]})])
-@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_a_split_writes_no_full_size_tensor_beyond_its_modules_own(module, selection, autocast):
-    """A specialized LayerNorm or QKV Linear costs the timm module's memory traffic plus the chosen
-    rows': its forward + backward returns no more full-size tensors than the timm module's (an
-    overwrite's backward returns three more: the output gradient cloned to zero the rows, the
-    slice's zero-filled input gradient, and their sum), but for the Linear without autocast, which
-    keeps one copy of its input with the chosen rows zeroed (under autocast that copy is the input's
-    cast to bf16, which the timm module makes too). The outputs are the timm module's with the
-    copy's rows written over them, bit for bit."""
-    model = specialize(tiny_vit(embed_dim=32, depth=1, reg_tokens=2), **selection)
-    split = model.blocks[0].get_submodule(module)
-    timm_module = split.global_copy  # a clone of the shared module, as a plain timm module
-    x = torch.randn(16, 19, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)  # more than a weight
-    counts, outputs = {}, {}
-    for name, layer in (("timm", timm_module), ("split", split)):
-        with FullSizeTensors(numel=x.numel()) as full, torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            outputs[name] = layer(x)
-            outputs[name].float().pow(2).sum().backward()
-        counts[name] = full.count
-    assert counts["split"] == counts["timm"] + (module == "attn.qkv" and not autocast), counts
-    rows = slice(0, model.num_prefix_tokens)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        expected = split.shared_forward(x)
-        expected[:, rows] = split.global_copy(x[:, rows])
-    assert torch.equal(outputs["split"], expected)
-
-
-def test_under_bf16_autocast_the_split_gradients_sum_to_timms():
-    """train.py's bf16 autocast (here the CPU's): with clone init, the shared weights' and the copies'
-    gradients sum to the timm model's gradient (within 1 % of its largest entry: bf16 rounds the
-    two sums apart), and every gradient is in its parameter's float32."""
-    vanilla = tiny_vit(embed_dim=32, depth=3, reg_tokens=2).train()
-    model = specialize(copy.deepcopy(vanilla), **PAPER_TINY)
-    x = images(batch=4)
-    grads = {}
-    for name, m in (("timm", vanilla), ("split", model)):
-        with torch.autocast("cpu", torch.bfloat16):
-            out = m(x)
-        out.float().pow(2).sum().backward()
-        grads[name] = {key: p.grad for key, p in m.named_parameters()}
-        assert all(g.dtype == torch.float32 for g in grads[name].values())
-    for key, expected in grads["timm"].items():
-        module, _, leaf = key.rpartition(".")
-        twin = grads["split"].get(f"{module}.global_copy.{leaf}")
-        total = grads["split"][key] + (twin if twin is not None else 0)
-        torch.testing.assert_close(total, expected, rtol=0, atol=0.01 * expected.abs().max().item(), msg=key)  # 0.3 % seen
-
-
-def test_under_bf16_autocast_dynamo_captures_the_split_in_one_graph_with_the_eager_gradients():
-    """The LayerNorm and Linear splits read the autocast state inside their autograd.Functions:
-    Dynamo still captures the model under autocast in one graph, and the traced forward + backward
-    (aot_eager: AOTAutograd's graphs, no code generation) gives the eager gradients."""
-    model = specialized_tiny(PAPER_TINY).train()
-
-    def forward(x):
-        with torch.autocast("cpu", torch.bfloat16):
-            return model(x)
-
-    x = images(batch=2)
-    explanation = torch._dynamo.explain(forward)(x)
-    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    torch._dynamo.reset()
-    grads = []
-    for run in (torch.compile(forward, backend="aot_eager"), forward):
-        model.zero_grad(set_to_none=True)
-        run(x).float().pow(2).sum().backward()
-        grads.append({name: p.grad for name, p in model.named_parameters()})
-    assert_same(grads[0], grads[1], rtol=0, atol=0)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -30,24 +30,16 @@ Because the split sits in token-wise modules only (norms, LayerScale, Linear, Ml
 (`forward_features`, `forward_intermediates`, grad checkpointing, `no_weight_decay`,
 `group_matcher`, `features_only`) keeps working. The shared op also runs on the n global rows and
 is then overwritten: n/N of one op (1/197 for ViT-S/16 at 224) is cheaper than slicing the patch
-rows out, which would copy the whole activation. The chosen rows' gradient goes to the copy only
-(the overwritten rows contribute nothing to the shared weights).
-
-LayerNorm and Linear (the norms, QKV and projection copies) compute exactly that, forward and
-backward, as one autograd.Function each when autograd records (`layer_norm_rows`, `linear_rows`),
-so that the backward excludes the chosen rows without a pass over full-size tensors (below);
-LayerScale multiplies by a per-token gamma (`scale_global_rows`); any other module (the MLP copy)
-overwrites in place and lets autograd differentiate that.
+rows out, which would copy the whole activation. Autograd routes the chosen rows' gradient to the
+copy only (the overwritten rows contribute nothing to the shared weights).
 
 The same code runs under TorchScript and torch.fx. `shared_forward` is the base class's own
 `forward` under another name (TorchScript compiles no `super()` call, and compiles a called method
-under its `__name__`, which must not clash with `forward`). `with_global_rows`,
-`scale_global_rows`, `layer_norm_rows` and `linear_rows` are registered with `torch.fx.wrap`: an
-fx Proxy takes no item assignment, so symbolic tracing (torchvision's and timm's
-`create_feature_extractor`, timm's `FeatureGraphNet`) records each as one call, run eagerly, and
-the choices below (autograd recording or not) are made when the traced graph runs, not when it is
-traced. TorchScript runs the overwrite (it compiles no autograd.Function). None of this changes
-the values eager PyTorch computes.
+under its `__name__`, which must not clash with `forward`). `with_global_rows` and
+`scale_global_rows` are registered with `torch.fx.wrap`: an fx Proxy takes no item assignment, so
+symbolic tracing (torchvision's and timm's `create_feature_extractor`, timm's `FeatureGraphNet`)
+records each as one call, run eagerly, and LayerScale's choice below is made when the traced
+graph runs, not when it is traced. Neither changes the operations eager PyTorch runs.
 
 A class per split, not a forward hook: torch.compile does not guard nn.Module hook dictionaries
 (`torch._dynamo.config.skip_nnmodule_hook_guards`, on by default) but does guard module types, so
@@ -56,44 +48,32 @@ with hooks a graph traced for a block without a QKV copy would be reused for a b
 only), and a baseline compiled first in the same process would run in place of a specialized model.
 With a class per split each structure gets its own graph (tests/test_performance_paths.py).
 
-Why (`python benchmarks/bench_model.py --modes modules`: one module's forward + backward at
-ViT-S/16 shapes, B=16 N=197 D=384, 1 CPU thread, as a multiple of the timm module's time; recorded
-in benchmarks/README.md, with the H100 estimate of `benchmarks/bench_cost.py`): an in-place
-overwrite costs little forward, but autograd's backward of it makes three passes over full-size
-tensors: CopySlices clones the output gradient to zero the chosen rows, the `x[:, start:stop]`
-slice gives back a zero-filled input-size gradient, and that is added to the shared path's. For a
-LayerScale or a LayerNorm that is as much as the module's own backward; on an H100 it made the
-paper default's training step 1.20x the baseline's memory traffic. What is used instead:
-- LayerScale, per-token gamma (`cat([gamma] * start + [copy.gamma] * (stop - start) + [gamma] *
-  (N - stop))`, shape (N, D)): the same element-wise multiply, no overwrite; the gamma gradient is
-  reduced per token and then split by rows, so a shared gamma whose rows get no gradient gets
-  exactly 0. (Without autograd, e.g. under inference_mode, the overwrite is the cheaper one.)
-- LayerNorm (`_LayerNormRows`): the shared LayerNorm's backward runs once on the whole output
-  gradient, with the chosen rows' saved 1/std set to 0: their normalised values are exact zeros,
-  so they add exactly 0 to the shared weight's gradient and get exactly 0 input gradient from the
-  shared path (the copy's backward writes theirs); the shared bias's gradient is summed over the
-  other rows (one read of the gradient, which torch's fused LayerNorm backward would have spared).
-- Linear (`_LinearRows`): the shared layer's input gradient over every row, the chosen rows'
-  overwritten by the copy's; the shared weight's gradient from the saved input with the chosen
-  rows zeroed in it, which under autocast is the layer's own bf16 cast of its input (no extra
-  pass) and without autocast a copy; the shared bias's gradient summed over the other rows.
-Neither subtracts: a shared weight whose rows all have gradient 0 gets exactly 0, and each weight's
-gradient is exactly its own rows' sum (tests/test_performance_paths.py, tests/test_model.py).
-Rejected, all computing the same function:
+LayerScale is split differently: `GlobalTokenLayerScale` multiplies by a per-token gamma
+(`cat([gamma] * start + [copy.gamma] * (stop - start) + [gamma] * (N - stop))`, shape (N, D))
+instead of overwriting rows.
+
+Why (one module's forward + backward at ViT-S/16 shapes, B=16 N=197 D=384, 1 CPU thread, as a
+multiple of the timm module's time; the measurements are recorded in benchmarks/README.md): the in-place
+overwrite costs little forward, but its backward makes three passes over full-size tensors:
+autograd's CopySlices clones the output gradient to zero the global rows, the `x[:, :n]` slice
+gives back a zero-filled input-size gradient, and that is added to the shared path's. For a
+LayerScale or a LayerNorm that is as much as the module's own backward. The alternatives, all
+computing the same function:
+- LayerScale, per-token gamma: the same element-wise multiply, no overwrite; the gamma gradient
+  is reduced per token and then split by rows, so a shared gamma whose patch rows get no gradient
+  gets exactly 0. 1.02x instead of 1.7-2.2x with the overwrite: adopted (when autograd records;
+  without a backward, e.g. under inference_mode, the overwrite is the cheaper one and is used).
 - LayerNorm, `layer_norm` without affine + a per-token affine (`addcmul`): an extra full pass
-  forward and three backward: 3.0x vs 1.8x with the overwrite.
-- LayerNorm / Linear, an autograd.Function that runs the shared backward on every row and
-  subtracts the chosen rows' share of the shared weight gradient: 1.33x for LayerNorm, but the
+  forward and three backward: 3.0x vs 1.8x with the overwrite. Rejected. (Compiled, both fuse to
+  the same cost.)
+- LayerNorm / Linear, a custom autograd.Function that runs the shared backward on every row and
+  subtracts the global rows' share of the shared weight gradient: 1.33x for LayerNorm, but the
   subtraction leaves rounding noise where the true gradient is exactly 0 (the shared norm2, ls2
   and MLP of the last block of a [CLS]-pooled model: the patch rows never reach the loss), and
   Adam/LAMB normalise that noise into real updates; in bf16 the error grows with the [CLS] share
-  of the gradient. The shared weights must get exactly the other rows' sum.
-- Zeroing the chosen rows of the output gradient in place instead of in a copy: the gradient
-  tensor autograd hands a backward can be the very tensor it hands another (an addition's
-  backward passes one tensor to both inputs: a post-norm block's residual), so writing into it is
-  unsafe in general.
+  of the gradient. Rejected: the shared weights must get exactly the patch rows' sum.
 - One fused projection on the concatenated weight [W; W_copy] with a per-token select: doubles
-  the projection's FLOPs to save the copies (QKV: 2x instead of 1.07x with the overwrite).
+  the projection's FLOPs to save the copies (QKV: 2x instead of 1.07x with the overwrite). Rejected.
 Whole model (`python benchmarks/bench_model.py`): see benchmarks/README.md.
 
 Components the architecture lacks are refused, never skipped: `specialize` checks every selected
@@ -108,22 +88,18 @@ patch rows) would move the copy from patch to patch, so a patch position refuses
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import types
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerScale
 from timm.models import VisionTransformer
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import get_init_weights_vit
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from clsvit.errors import InputError
 
@@ -273,149 +249,8 @@ def scale_global_rows(x: torch.Tensor, gamma: torch.Tensor, global_gamma: torch.
     return out
 
 
-def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], copy_weight: torch.Tensor,
-                    copy_bias: Optional[torch.Tensor], start: int, stop: int, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension with `copy_weight`/`copy_bias` on the rows start:stop
-    (dim 1) and `weight`/`bias` on the others. When autograd records: :class:`_LayerNormRows`, whose
-    backward makes no pass over full-size tensors beyond LayerNorm's own but one sum for the bias;
-    otherwise (and under TorchScript) the shared LayerNorm on every row with the copy's rows
-    written over it."""
-    if not torch.jit.is_scripting() and torch.is_grad_enabled():
-        return _layer_norm_rows_recorded(x, weight, bias, copy_weight, copy_bias, start, stop, eps)
-    shape = [x.shape[-1]]
-    out = F.layer_norm(x, shape, weight, bias, eps)
-    out[:, start:stop] = F.layer_norm(x[:, start:stop], shape, copy_weight, copy_bias, eps)
-    return out
-
-
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], copy_weight: torch.Tensor,
-                copy_bias: Optional[torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """A Linear layer with `copy_weight`/`copy_bias` on the rows start:stop (dim 1) and
-    `weight`/`bias` on the others. When autograd records: :class:`_LinearRows`, whose backward
-    makes no pass over full-size tensors beyond the layer's own under autocast (one copy of the
-    input without it); otherwise (and under TorchScript) the shared layer on every row with the
-    copy's rows written over it."""
-    if not torch.jit.is_scripting() and torch.is_grad_enabled():
-        return _linear_rows_recorded(x, weight, bias, copy_weight, copy_bias, start, stop)
-    out = F.linear(x, weight, bias)
-    out[:, start:stop] = F.linear(x[:, start:stop], copy_weight, copy_bias)
-    return out
-
-
 torch.fx.wrap("with_global_rows")
 torch.fx.wrap("scale_global_rows")
-torch.fx.wrap("layer_norm_rows")
-torch.fx.wrap("linear_rows")
-
-
-def _sum_of_other_rows(grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The sum over dims 0 and 1 of `grad`'s rows outside start:stop, read in place (a reduction
-    over the strided views, no copy): the shared bias's gradient, exactly the other rows' sum."""
-    total = grad[:, stop:].sum((0, 1))
-    return total + grad[:, :start].sum((0, 1)) if start > 0 else total
-
-
-class _LayerNormRows(torch.autograd.Function):
-    """`layer_norm_rows` when autograd records. Forward: LayerNorm with the shared weights on every
-    row, then the chosen rows' output overwritten by the copy's, as the overwrite computes it. The
-    backward gives each weight exactly its own rows' gradient without zeroing a copy of the output
-    gradient: the shared LayerNorm's backward runs on the whole gradient with the chosen rows' saved
-    1/std set to 0, so their normalised values are exact zeros (they add exactly 0 to the shared
-    weight's gradient) and their input gradient from it is exactly 0 (the copy's is written there);
-    the shared bias's gradient is summed over the other rows only. No subtraction anywhere: a
-    weight whose rows all have gradient 0 gets exactly 0. CUDA autocast runs LayerNorm in float32,
-    so does this (`custom_fwd`)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, weight, bias, copy_weight, copy_bias, start, stop, eps):
-        shape = [x.shape[-1]]
-        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        out_rows, mean_rows, rstd_rows = torch.native_layer_norm(x[:, start:stop], shape, copy_weight, copy_bias, eps)
-        out[:, start:stop] = out_rows
-        rstd[:, start:stop] = 0  # rstd is this call's own (B, N, 1) statistics tensor
-        ctx.save_for_backward(x, mean, rstd, weight, bias, mean_rows, rstd_rows, copy_weight, copy_bias)
-        ctx.rows = (start, stop)
-        return out
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @once_differentiable  # the saved 1/std is not a function of x to differentiate again
-    def backward(ctx, grad):
-        x, mean, rstd, weight, bias, mean_rows, rstd_rows, copy_weight, copy_bias = ctx.saved_tensors
-        (start, stop), needs = ctx.rows, ctx.needs_input_grad
-        shape = [x.shape[-1]]
-        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
-            grad, x, shape, mean, rstd, weight, bias, [True, needs[1], False])
-        grad_bias = _sum_of_other_rows(grad, start, stop) if bias is not None and needs[2] else None
-        grad_rows, grad_copy_weight, grad_copy_bias = torch.ops.aten.native_layer_norm_backward(
-            grad[:, start:stop], x[:, start:stop], shape, mean_rows, rstd_rows, copy_weight, copy_bias,
-            [True, needs[3], copy_bias is not None and needs[4]])
-        grad_x[:, start:stop] = grad_rows
-        return grad_x, grad_weight, grad_bias, grad_copy_weight, grad_copy_bias, None, None, None
-
-
-class _LinearRows(torch.autograd.Function):
-    """`linear_rows` when autograd records. Forward: the shared layer on every row, the chosen rows'
-    output overwritten by the copy's, in the dtype autocast would run `F.linear` in (the casts made
-    here). Backward: the input gradient of the shared layer for every row, the chosen rows' then
-    overwritten by the copy's; the shared weight's gradient from the saved input with the chosen
-    rows set to 0 (exact zeros, no subtraction), which is the autocast copy of the input itself
-    (no extra pass) or, without autocast, a copy of it; the shared bias's gradient summed over the
-    other rows only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, copy_weight, copy_bias, start, stop):
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else None
-        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            cast = (lambda t: t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype))
-            inputs, weight, bias, copy_weight, copy_bias = map(cast, (x, weight, bias, copy_weight, copy_bias))
-            out = F.linear(inputs, weight, bias)
-            rows = inputs[:, start:stop].clone()
-            out[:, start:stop] = F.linear(rows, copy_weight, copy_bias)
-            if inputs is x:  # no cast made a tensor of our own to mask
-                inputs = x.clone()
-            inputs[:, start:stop] = 0
-        ctx.save_for_backward(inputs, rows, weight, copy_weight)
-        ctx.rows, ctx.has_bias = (start, stop), (bias is not None, copy_bias is not None)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        masked, rows, weight, copy_weight = ctx.saved_tensors
-        (start, stop), needs = ctx.rows, ctx.needs_input_grad
-        grad = grad.to(weight.dtype)
-        grad_rows = grad[:, start:stop]
-        grad_x = grad_weight = grad_bias = grad_copy_weight = grad_copy_bias = None
-        if needs[0]:
-            grad_x = grad @ weight
-            grad_x[:, start:stop] = grad_rows @ copy_weight
-        if needs[1]:
-            grad_weight = grad.flatten(0, -2).T @ masked.flatten(0, -2)
-        if ctx.has_bias[0] and needs[2]:
-            grad_bias = _sum_of_other_rows(grad, start, stop)
-        if needs[3]:
-            grad_copy_weight = grad_rows.flatten(0, -2).T @ rows.flatten(0, -2)
-        if ctx.has_bias[1] and needs[4]:
-            grad_copy_bias = grad_rows.sum((0, 1))
-        return grad_x, grad_weight, grad_bias, grad_copy_weight, grad_copy_bias, None, None
-
-
-@torch.jit.unused
-def _layer_norm_rows_recorded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              copy_weight: torch.Tensor, copy_bias: Optional[torch.Tensor], start: int, stop: int,
-                              eps: float) -> torch.Tensor:
-    return _LayerNormRows.apply(x, weight, bias, copy_weight, copy_bias, start, stop, eps)
-
-
-@torch.jit.unused
-def _linear_rows_recorded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          copy_weight: torch.Tensor, copy_bias: Optional[torch.Tensor], start: int,
-                          stop: int) -> torch.Tensor:
-    return _LinearRows.apply(x, weight, bias, copy_weight, copy_bias, start, stop)
 
 
 def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
@@ -444,9 +279,6 @@ class GlobalTokenSplit(nn.Module):
         cls.shared_forward = _renamed(vars(base)["forward"], "shared_forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.overwrite(x)
-
-    def overwrite(self, x: torch.Tensor) -> torch.Tensor:
         return with_global_rows(self.shared_forward(x), self.global_copy(x[:, self.row_start:self.row_stop]),
                                 self.row_start)
 
@@ -467,40 +299,14 @@ class GlobalTokenLayerScale(LayerScale):
         return scale_global_rows(x, self.gamma, self.global_copy.gamma, self.row_start, self.row_stop)
 
 
-class _LayerNormRowsSplit(GlobalTokenSplit):
-    """The split of torch's (and timm's) LayerNorm over the last dimension: `layer_norm_rows`. A
-    LayerNorm over several dimensions, without weights or on timm's fast-norm path (low-precision
-    or apex kernels) keeps the overwrite."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "_fast_norm"):  # TorchScript: hasattr alone in its condition
-            if self._fast_norm:
-                return self.overwrite(x)
-        if self.weight is None or len(self.normalized_shape) != 1:
-            return self.overwrite(x)
-        return layer_norm_rows(x, self.weight, self.bias, self.global_copy.weight, self.global_copy.bias,
-                               self.row_start, self.row_stop, self.eps)
-
-
-class _LinearRowsSplit(GlobalTokenSplit):
-    """The split of torch's Linear: `linear_rows`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_rows(x, self.weight, self.bias, self.global_copy.weight, self.global_copy.bias,
-                           self.row_start, self.row_stop)
-
-
 _SPLIT_CLASSES: dict[type, type] = {LayerScale: GlobalTokenLayerScale}
-_LAYER_NORM_FORWARDS = (nn.LayerNorm.forward, TimmLayerNorm.forward)
 
 
 def split_class(cls: type) -> type:
     """The specialized class of a token-wise module class (made once, then cached)."""
     if cls not in _SPLIT_CLASSES:
         name = f"GlobalToken{cls.__name__}"
-        split = (_LayerNormRowsSplit if cls.forward in _LAYER_NORM_FORWARDS else
-                 _LinearRowsSplit if cls.forward is nn.Linear.forward else GlobalTokenSplit)  # the module's own forward
-        _SPLIT_CLASSES[cls] = type(name, (split, cls), {"__module__": __name__, "__qualname__": name})
+        _SPLIT_CLASSES[cls] = type(name, (GlobalTokenSplit, cls), {"__module__": __name__, "__qualname__": name})
     return _SPLIT_CLASSES[cls]
 
 
