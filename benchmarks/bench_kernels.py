@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from clsvit.config import load_config  # noqa: E402
 from clsvit.deit3 import build_loss, build_optimizer, one_hot_targets  # noqa: E402
 from clsvit.model import build_model  # noqa: E402
+from clsvit.tracking import KERNEL_ENV  # noqa: E402
 
 PORTABLE = "MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
 VARIANTS = ("default", "OMP_NUM_THREADS=1", "ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2",
@@ -79,7 +80,7 @@ def child(config: str, state_file: str, steps: int) -> None:
 def run_variant(variant: str, config: str, state_file: Path, steps: int, threads: int | None) -> dict:
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
            **dict(item.split("=", 1) for item in variant.split() if variant != "default")}
-    for key in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS"):
+    for key in KERNEL_ENV:
         if key not in variant and not (key == "OMP_NUM_THREADS" and threads):
             env.pop(key, None)  # each variant sets exactly its own settings
     done = subprocess.run([sys.executable, __file__, "--child", "--config", config, "--state", str(state_file),
