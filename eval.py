@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from PIL import Image
 from torch.utils.data import Subset
 
@@ -107,8 +106,7 @@ def evaluate(cfg: dict, weights, out_dir: Path, tasks_arg: str | None, snapshot=
     """The tasks on the model of `cfg["model"]` with `weights`; results into `out_dir` (a run's
     `snapshot`: into its eval_step_<N>/ while it trains; a checkpoint without a run: with its config)."""
     tasks = parse_tasks(tasks_arg or cfg["eval"]["tasks"])
-    accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"],
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # pinned batches, async copies
+    accelerator = Accelerator(mixed_precision=cfg["train"]["mixed_precision"])
     if snapshot is not None:
         same_snapshot_on_every_process(snapshot, accelerator)
         if accelerator.is_main_process:

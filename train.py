@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -77,8 +77,6 @@ def main() -> None:
         step_scheduler_with_optimizer=False,
         log_with=accelerate_trackers(cfg["log"]["trackers"]) or None,  # tensorboard: RunLog writes it itself
         project_dir=str(run_dir),
-        # the prepared eval loader's copies to the device: asynchronous from its pinned batches
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     world = accelerator.num_processes
     mixing = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0
