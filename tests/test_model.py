@@ -5,6 +5,7 @@ No expected logits are written by hand: the reference is always timm's own model
 
 import collections
 import copy
+import inspect
 
 import pytest
 import timm
@@ -33,6 +34,7 @@ from clsvit.model import (
     specialized_tokens,
     split_class,
 )
+from clsvit.model.specialization import scale_global_rows
 from model_utils import images, random_timm_model, randomize_, tiny_vit
 
 EVERYTHING = {"norm": 1.0, "layerscale": 1.0, "qkv": 1.0, "proj": 1.0, "mlp": 1.0, "final_norm": True}
@@ -339,7 +341,7 @@ def test_tokens_change_neither_the_parameters_nor_more_flops_than_their_rows(arc
     ("registers", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT,
      r"^tokens: registers chooses every global token of this model \(it has no \[CLS\]"),
     ([2, 0], {}, PAPER_DEFAULT, r"^tokens: patch position \[2, 0\] is outside the 2x2 patch grid"),
-    ([0, 5], {}, PAPER_DEFAULT, r"^tokens: patch position \[0, 5\] is outside the 2x2"),
+    ([0, 2], {}, PAPER_DEFAULT, r"^tokens: patch position \[0, 2\] is outside the 2x2"),
     ([1, 1], {"dynamic_img_size": True}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model built with dynamic_img_size"),
     ([1, 1], {"patch_drop_rate": 0.25}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model with patch dropout"),
     ([1, 1], {}, NO_SPECIALIZATION, r"^tokens: \[1, 1\] chooses the tokens that get the copies, but no component"),
@@ -424,6 +426,50 @@ def test_fractions_count_blocks_from_the_input():
     model = specialize(meta_model("deit3_large_patch16_224"), qkv=1 / 3, proj=[2, 7])
     assert set(global_copy_modules(model)) == (
         {f"blocks.{i}.attn.qkv" for i in range(8)} | {"blocks.2.attn.proj", "blocks.7.attn.proj"})
+
+
+def test_split_class_runs_the_base_forward_under_the_name_shared_forward_and_copies():
+    """`split_class` of any token-wise module class: `shared_forward` is the base class's forward
+    with its signature, defaults and closure (here a `super()` call), named `shared_forward` (the
+    name TorchScript compiles it under); a split module survives deepcopy (its class is rebuilt from
+    the base class, as when it is unpickled)."""
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: torch.Tensor, scale: float = 2.0, *, shift: float = 1.0) -> torch.Tensor:
+            return super().forward(x) * scale + shift
+
+    split = split_class(ScaledLinear)
+    assert split.__name__ == "GlobalTokenScaledLinear" and split_class(ScaledLinear) is split
+    shared = split.shared_forward
+    assert shared.__name__ == "shared_forward"
+    assert shared.__qualname__ == ScaledLinear.forward.__qualname__.removesuffix("forward") + "shared_forward"
+    assert inspect.signature(shared) == inspect.signature(ScaledLinear.forward)
+    module, x = ScaledLinear(4, 4), torch.randn(2, 5, 4)
+    with torch.no_grad():
+        assert torch.equal(shared(module, x), module(x))
+        assert torch.equal(shared(module, x, 3.0, shift=-1.0), module(x, 3.0, shift=-1.0))
+
+    copy_of_rows = ScaledLinear(4, 4)
+    module.global_copy, module.row_start, module.row_stop = copy_of_rows, 1, 3
+    module.__class__ = split
+    restored = copy.deepcopy(module)  # through __reduce_ex__, as pickle
+    assert type(restored) is split and restored._split_base is ScaledLinear
+    with torch.no_grad():
+        expected = module.shared_forward(x)  # every row by the shared weights, rows 1:3 by the copy
+        expected[:, 1:3] = copy_of_rows(x[:, 1:3])
+        assert torch.equal(restored(x), expected) and torch.equal(module(x), expected)
+
+
+def test_layerscale_scales_the_chosen_rows_by_the_copy_in_training_and_inference():
+    """`scale_global_rows` against its definition (gamma on every row, the copy's gamma on rows
+    start:stop), with and without autograd, for rows at the start, inside and at the end of a
+    sequence longer than the width (17 tokens of width 8)."""
+    x, gamma, copy_gamma = torch.randn(2, 17, 8), torch.randn(8), torch.randn(8)
+    for start, stop in ((0, 1), (0, 5), (9, 10), (16, 17)):
+        expected = x * gamma
+        expected[:, start:stop] = x[:, start:stop] * copy_gamma
+        for grad_enabled in (True, False):
+            with torch.set_grad_enabled(grad_enabled):
+                assert torch.equal(scale_global_rows(x, gamma, copy_gamma, start, stop), expected), (start, stop)
 
 
 def test_specialize_is_idempotent():
@@ -732,7 +778,10 @@ def test_models_that_cannot_be_specialized_are_refused():
      r"^layerscale: blocks.0.ls1 is an Identity in this model \(the architecture has no LayerScale"),
     ("deit_tiny_distilled_patch16_224", {"init_values": None}, PAPER_DEFAULT, r"^layerscale: blocks.0.ls1"),
     ("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, {**PAPER_DEFAULT, "final_norm": True},
-     r"^final_norm: the model has no final norm over the tokens \(it pools the patch tokens .*fc_norm"),
+     r"^final_norm: the model has no final norm over the tokens \(it pools the patch tokens and normalises "
+     r"the pooled vector \(fc_norm\), which no global token enters\); leave final_norm false$"),
+    ("deit3_small_patch16_224", {"final_norm": False}, {"norm": 1.0, "final_norm": True},
+     r"^final_norm: the model has no final norm over the tokens \(it was built without one\); leave final_norm false$"),
     ("deit3_small_patch16_224", {}, {"norm": 1.0, "layerscale": 1.0, "qkv": [0, 9]}, r"^qkv: block index 9"),
 ])
 def test_a_refused_specialization_leaves_the_model_untouched(arch, kwargs, selection, message):

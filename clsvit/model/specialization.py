@@ -208,10 +208,10 @@ def token_rows(model: VisionTransformer, tokens: Any) -> tuple[int, int]:
 
 
 def _patch_row(model: VisionTransformer, position: list[int]) -> tuple[int, int]:
-    if getattr(model, "dynamic_img_size", False):
+    if model.dynamic_img_size:
         raise InputError(f"tokens: patch position {describe_tokens(position)} on a model built with "
                          f"dynamic_img_size: its grid changes with each input, so no row is that patch")
-    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+    if not isinstance(model.patch_drop, nn.Identity):
         raise InputError(f"tokens: patch position {describe_tokens(position)} on a model with patch dropout "
                          f"(patch_drop_rate): it drops and reorders the patch rows; build it without")
     rows, cols = model.patch_embed.grid_size
