@@ -476,7 +476,8 @@ def test_an_image_above_the_pixel_limit_is_replaced_and_counted(augment_on):
         Image.open(io.BytesIO(huge)).verify()  # a whole, valid PNG
     images = [{"bytes": huge, "path": "big/huge.png"}, png_bytes(random_image(1, size=(100, 100))),
               png_bytes(random_image(2, size=(100, 100)))]
-    cfg = recipe(img_size=32, augment_on=augment_on)
+    cfg = recipe()
+    cfg["data"]["augment_on"] = augment_on
     assert cfg["data"]["max_image_pixels"] == Image.MAX_IMAGE_PIXELS == 89_478_485
     dataset = D.build_image_dataset(class_dataset(images, [0, 1, 2]), cfg, train=False, num_classes=3)
     with warnings.catch_warnings():

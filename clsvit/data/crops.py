@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -57,7 +58,8 @@ def dct_scale(height: int, width: int, min_side: int | None) -> int:
 def open_image(data: bytes) -> tuple[int, int, Image.Image | None]:
     """(width, height, PIL image or None): a JPEG that simplejpeg decodes (YCbCr or grey, no larger
     than PIL's decompression-bomb limit) is only header-parsed by simplejpeg (None); anything else
-    is opened by PIL, which raises for what the CPU path cannot open either."""
+    is opened by PIL, which raises for what the CPU path cannot open either, and, as there, warns of
+    no size: the caller checks it (:func:`~clsvit.data.images.check_pixels`)."""
     if data[:3] == b"\xff\xd8\xff":
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -65,7 +67,9 @@ def open_image(data: bytes) -> tuple[int, int, Image.Image | None]:
             colorspace = None
         if colorspace in ("YCbCr", "Gray") and width * height <= (Image.MAX_IMAGE_PIXELS or math.inf):
             return width, height, None
-    image = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # Pillow's DecompressionBombWarning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
     return *image.size, image
 
 
