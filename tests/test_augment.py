@@ -28,6 +28,7 @@ from clsvit.data import augment as A
 from clsvit import data as D
 from clsvit.data.images import seeded_rngs
 from clsvit.training import MicroBatchStream, Progress
+from clsvit.data import crops
 from clsvit.data.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
 from host_transfers import BlockingTransfers
 from test_data import broken_images, class_dataset, png_bytes, random_image
@@ -406,9 +407,8 @@ def test_crop_batch_packs_and_cuts():
 def test_jpeg_decoding_on_the_device_with_a_per_file_fallback(monkeypatch):
     """data.decode_on=device (run here with torchvision's CPU decoder): complete JPEGs travel as
     files, the rest as crops; the images equal the CPU-decoded path's. A file the device decoder
-    rejects (a fault injected into torchvision's decode_jpeg) is decoded on the host instead."""
-    import torchvision.io
-
+    rejects (a fault injected into torchvision's decode_jpeg as crops.py calls it) is decoded on the
+    host instead."""
     sizes = [(60, 44), (52, 40), (48, 48), (64, 50)]
     images = [{"bytes": jpeg(random_image(i, size=size)), "path": None} for i, size in enumerate(sizes)]
     images.append(png_bytes(random_image(9, size=(50, 40))))  # a PNG: decoded in the worker
@@ -424,17 +424,19 @@ def test_jpeg_decoding_on_the_device_with_a_per_file_fallback(monkeypatch):
     reference = host_decoded.batch_transform("cpu")(host_decoded.collate([host_decoded[(i, 30 + i)] for i in range(5)])[0])
     assert torch.allclose(device.batch_transform("cpu")(batch), reference, atol=1e-5)
 
-    real = torchvision.io.decode_jpeg
+    real, calls = crops.decode_jpeg, []
     rejected = len(images[2]["bytes"])
 
     def fails_on_one_file(data, **kwargs):
         files = data if isinstance(data, list) else [data]
+        calls.append(len(files))
         if any(len(f) == rejected for f in files):
             raise RuntimeError("injected decoder failure")
         return real(data, **kwargs)
 
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", fails_on_one_file)
+    monkeypatch.setattr(crops, "decode_jpeg", fails_on_one_file)
     assert torch.allclose(device.batch_transform("cpu")(batch), reference, atol=1e-5)
+    assert calls == [4, 1, 1, 1, 1]  # the batch, then file by file
     with pytest.raises(ValueError, match="data.decode_on=device needs data.augment_on=device"):
         D.build_image_dataset(hf, {**cfg, "data": {**cfg["data"], "augment_on": "cpu"}}, train=True, num_classes=3)
 
