@@ -98,7 +98,8 @@ def decode_crop(data: bytes, image: Image.Image | None, box, min_side: int | Non
 
 def _scaled_span(start: int, length: int, scale: int, limit: int) -> tuple[int, int]:
     """[start, start + length) at 1/scale: a DCT-scaled pixel p covers original pixels [p·scale, (p+1)·scale),
-    so the edges divide by the scale and round to the nearest pixel edge."""
+    so the edges divide by the scale and round to the nearest pixel edge; the span keeps at least one
+    pixel, inside the ``limit`` pixels decoded."""
     first = min(round(start / scale), limit - 1)
     return first, max(first + 1, min(round((start + length) / scale), limit))
 
