@@ -448,26 +448,37 @@ def garbage(index: Path, ends: list[int]):
     index.write_bytes(np.random.default_rng(0).bytes(index.stat().st_size))
 
 
-def record_without_digest(index: Path, ends: list[int]):
-    """The index's own record lacks a field (as one another writer left)."""
-    reader = pa.ipc.open_stream(index.read_bytes())
-    table = reader.read_all()
-    record = json.loads(table.schema.metadata[b"clsvit_imagefolder"])
-    del record["digest"]
-    metadata = {**table.schema.metadata, b"clsvit_imagefolder": json.dumps(record).encode()}
+def rewrite_metadata(index: Path, key: bytes, change):
+    """Rewrite an index with ``change`` applied to its schema's metadata value ``key``."""
+    table = pa.ipc.open_stream(index.read_bytes()).read_all()
+    metadata = {**table.schema.metadata, key: change(table.schema.metadata[key])}
     with pa.OSFile(str(index), "wb") as sink, pa.ipc.new_stream(sink, table.schema.with_metadata(metadata)) as writer:
         writer.write_table(table)
 
 
-@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, cut_short, zeros_inside_a_batch,
-                                    garbage, record_without_digest])
-def test_an_index_that_is_not_whole_is_listed_again(tmp_path, sources, hf_cache, damage):
+def record_without_digest(index: Path, ends: list[int]):
+    """The index's own record lacks a field (as one another writer left)."""
+    def without_digest(record: bytes) -> bytes:
+        return json.dumps({key: value for key, value in json.loads(record).items() if key != "digest"}).encode()
+    rewrite_metadata(index, b"clsvit_imagefolder", without_digest)
+
+
+def damaged_train_index(tmp_path: Path, sources, hf_cache: Path, damage) -> tuple[Path, Path]:
+    """(root, train index) of a settled 3-class tree of 120 training images, listed once, its index
+    rewritten in 3 record batches and damaged by ``damage``."""
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
     class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
     settle(root)
     load_folder_splits(str(root), "train", "validation", "class_folders")
     index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
-    damage(index, rebatch(index, rows_per_batch=50))  # 120 rows in 3 batches
+    damage(index, rebatch(index, rows_per_batch=50))
+    return root, index
+
+
+@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, cut_short, zeros_inside_a_batch,
+                                    garbage, record_without_digest])
+def test_an_index_that_is_not_whole_is_listed_again(tmp_path, sources, hf_cache, damage):
+    root, index = damaged_train_index(tmp_path, sources, hf_cache, damage)
     train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
     assert samples(train) == ImageFolder(str(root / "train")).samples
     again = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]  # whole again: served
@@ -527,12 +538,7 @@ def test_the_index_records_its_rows_digest_and_folder_times(tmp_path, sources, h
 
 def unknown_feature_type(index: Path, ends: list[int]):
     """An index whose datasets features name a type this datasets does not know (``Picture``)."""
-    reader = pa.ipc.open_stream(index.read_bytes())
-    table = reader.read_all()
-    metadata = dict(table.schema.metadata)
-    metadata[b"huggingface"] = metadata[b"huggingface"].replace(b'"Image"', b'"Picture"')
-    with pa.OSFile(str(index), "wb") as sink, pa.ipc.new_stream(sink, table.schema.with_metadata(metadata)) as writer:
-        writer.write_table(table)
+    rewrite_metadata(index, b"huggingface", lambda features: features.replace(b'"Image"', b'"Picture"'))
 
 
 @pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, unknown_feature_type])
@@ -540,12 +546,7 @@ def test_a_damaged_index_is_one_warning_line_naming_it(tmp_path, sources, hf_cac
     """The warning names the index and what is wrong with it: the rows and digests it holds against
     those it recorded (digests by their definition, over torchvision's samples), or the reading
     error's type and the first line of its message, at most 200 characters."""
-    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
-    class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
-    settle(root)
-    load_folder_splits(str(root), "train", "validation", "class_folders")
-    index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
-    damage(index, rebatch(index, rows_per_batch=50))  # 120 rows in 3 batches
+    root, index = damaged_train_index(tmp_path, sources, hf_cache, damage)
     try:
         datasets.Dataset.from_file(str(index))
         error = None
@@ -577,6 +578,16 @@ def test_an_unwritable_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sour
                                          r"\(.*not_a_folder/cache\) must be a writable directory") as error:
         load_folder_splits(str(root), "train", "validation", "class_folders")
     assert "\n" not in str(error.value)
+
+
+def test_a_tree_with_a_long_folder_name_is_indexed(tmp_path, sources, hf_cache):
+    """The index and its temporary file are named after the tree's folder: a 180-character name
+    (of the 255 bytes a file name may hold) is indexed and served."""
+    root = class_tree(tmp_path / ("imagenet-" * 20), sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert samples(train) == ImageFolder(str(root / "train")).samples
+    assert len(list((hf_cache / "clsvit_imagefolder").iterdir())) == 2
 
 
 def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, sources, hf_cache, monkeypatch):
