@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from timm.data import ImageNetInfo
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from clsvit.errors import InputError
 import clsvit.data.imagefolder as imagefolder
@@ -247,6 +248,41 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path, sources):
         ImageFolder(str(root / "train"))
 
 
+@pytest.mark.parametrize("empty", [5, 6])
+def test_empty_class_folders_are_named_five_at_most(tmp_path, sources, empty):
+    """The first five empty class folders by name, then how many more; with torchvision's extensions."""
+    names = [f"n{k:02d}" for k in range(8)]
+    root = class_tree(tmp_path / "tree", sources, names[:8 - empty], per_class=1)
+    class_tree(root, sources, names, per_class=1, split="val")
+    for name in names[8 - empty:]:
+        (root / "train" / name).mkdir()
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    more = " and 1 more" if empty == 6 else ""
+    assert str(error.value) == (f"class folder(s) without an image in {str(root / 'train')!r}: "
+                                f"{', '.join(names[8 - empty:][:5])}{more} (image extensions: "
+                                f"{', '.join(IMG_EXTENSIONS)}); remove them or complete the extraction")
+
+
+def test_a_split_without_class_folders_or_images_shows_the_expected_layout(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["a"], per_class=1)
+    (root / "val").mkdir()
+    (root / "val" / "readme.txt").write_text("not an image")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"{str(root / 'val')!r} holds no class folders (expected val/<class>/<image>, "
+                                f"e.g. val/n01440764/*.JPEG)")
+
+
+def test_class_folder_differences_name_three_of_each(tmp_path, sources):
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c", "d", "e"], per_class=1)
+    class_tree(root, sources, ["a", "w", "x", "y", "z"], per_class=1, split="val")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"the class folders of {str(root / 'val')!r} differ from the training split's: "
+                                f"4 missing (e.g. b, c, d); 4 not in training (e.g. w, x, y)")
+
+
 def test_validation_classes_must_be_the_training_classes(tmp_path, sources):
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=2)
     class_tree(root, sources, ["a", "c", "d"], per_class=1, split="val")
@@ -306,8 +342,9 @@ def test_the_index_is_written_in_record_batches(tmp_path, sources, hf_cache, mon
     index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
     with pa.memory_map(str(index)) as source:
         assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [10, 10, 4]
+    written = index.stat().st_mtime_ns
     served = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
-    assert index.stat().st_mtime_ns == os.stat(train.cache_files[0]["filename"]).st_mtime_ns
+    assert index.stat().st_mtime_ns == written and served.cache_files[0]["filename"] == str(index)
     assert samples(served) == samples(train) == ImageFolder(str(root / "train")).samples
 
 
@@ -641,6 +678,46 @@ def test_a_missing_split_names_the_splits_the_tree_has(tmp_path, sources):
         load_folder_splits(str(root), "train", "test", "class_folders", section="eval.data")
     assert str(error.value) == (f"eval.data.val_split 'test' not found in {str(root)!r}; available splits: "
                                 f"holdout, train, validation")
+
+
+def test_split_and_layout_errors_name_the_data_keys(tmp_path, sources):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(tmp_path / "empty"), "train", "validation", "class_folders")
+    assert str(error.value) == (f"data.train_split 'train' not found in {str(tmp_path / 'empty')!r}; "
+                                f"available splits: none")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(tmp_path / "empty"), "train", "validation", "flat")
+    assert str(error.value) == "data.val_layout must be one of class_folders | ilsvrc_csv, got 'flat'"
+
+
+def test_handed_listings_are_served_whatever_the_tree_became(tmp_path, sources):
+    """Another process's listings (index file, rows, digest) are served as they are, for both
+    splits, though a file was added to each since; without them the tree is listed again."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=2, split="val")
+    settle(root)
+    first = load_folder_splits(str(root), "train", "validation", "class_folders")
+    listings = {split: imagefolder.listing_of(dataset) for split, dataset in first.items()}
+    assert [listing.rows for listing in listings.values()] == [4, 4]
+    for split in ("train", "val"):
+        link(sources[0], root / split / "b" / "late.jpg")
+    handed = load_folder_splits(str(root), "train", "validation", "class_folders", listings=listings)
+    assert {split: imagefolder.listing_of(dataset) for split, dataset in handed.items()} == listings
+    assert {split: samples(dataset) for split, dataset in handed.items()} == \
+        {split: samples(dataset) for split, dataset in first.items()}
+    listed = load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert samples(listed["validation"]) == ImageFolder(str(root / "val")).samples and len(listed["validation"]) == 5
+
+
+def test_a_tree_without_split_folders_with_a_root_metadata_file_goes_through_datasets(tmp_path, sources):
+    """datasets' imagefolder reads a tree of images and a metadata file at its root as one train split."""
+    for k in range(2):
+        link(sources[k], tmp_path / "tree" / f"{k}.jpg")
+    (tmp_path / "tree" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{k}.jpg", "caption": f"picture {k}"}) + "\n" for k in range(2)))
+    splits = load_folder_splits(str(tmp_path / "tree"), "train", "validation", "class_folders")
+    assert list(splits) == ["train"] and splits["train"]["caption"] == ["picture 0", "picture 1"]
 
 
 def test_a_tree_with_a_datasets_metadata_file_goes_through_datasets(tmp_path, sources):
