@@ -202,6 +202,8 @@ def test_flat_validation_errors_name_what_was_expected(tmp_path, sources):
 
 
 def test_flat_validation_says_whether_the_images_or_the_csv_are_missing(tmp_path, sources):
+    """A flat val/ refused for what it lacks: the CSV (images there, a stray folder beside them), the
+    images (a folder only: the other layout), or both."""
     root = class_tree(tmp_path / "tree", sources, ["n01440764"], per_class=1)
     (root / "val" / "notes").mkdir(parents=True)  # a folder that is not a class, next to the images
     link(sources[0], root / "val" / "ILSVRC2012_val_00000001.JPEG")
@@ -265,6 +267,8 @@ def test_empty_class_folders_are_named_five_at_most(tmp_path, sources, empty):
 
 
 def test_a_split_without_class_folders_or_images_shows_the_expected_layout(tmp_path, sources):
+    """A split folder holding neither class folders nor images: the error shows the layout expected,
+    without the flat-validation hint."""
     root = class_tree(tmp_path / "tree", sources, ["a"], per_class=1)
     (root / "val").mkdir()
     (root / "val" / "readme.txt").write_text("not an image")
@@ -275,6 +279,7 @@ def test_a_split_without_class_folders_or_images_shows_the_expected_layout(tmp_p
 
 
 def test_class_folder_differences_name_three_of_each(tmp_path, sources):
+    """Validation class folders other than the training ones: counts, and the first three names of each."""
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c", "d", "e"], per_class=1)
     class_tree(root, sources, ["a", "w", "x", "y", "z"], per_class=1, split="val")
     with pytest.raises(InputError) as error:
@@ -318,6 +323,8 @@ def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf
 
 
 def test_a_scan_logs_its_folder_count_time_and_index(tmp_path, sources, hf_cache, caplog):
+    """One INFO line per scanned split: its folder, image count (torchvision's), seconds taken (within
+    the load's own time) and the index written."""
     root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=12)
     class_tree(root, sources, ["a", "b"], per_class=1, split="val")
     start = time.perf_counter()
@@ -681,6 +688,8 @@ def test_a_missing_split_names_the_splits_the_tree_has(tmp_path, sources):
 
 
 def test_split_and_layout_errors_name_the_data_keys(tmp_path, sources):
+    """Without a section given, errors name the recipe's data.* keys; a tree without any split folder
+    says so."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError) as error:
         load_folder_splits(str(tmp_path / "empty"), "train", "validation", "class_folders")
