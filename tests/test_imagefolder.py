@@ -1,8 +1,13 @@
 """Tests for clsvit.data.imagefolder: folder datasets listed as torchvision's ImageFolder lists them,
 indexed once per tree, in ImageNet-1k's class order, in both validation layouts."""
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +22,10 @@ import pytest
 from PIL import Image
 from timm.data import ImageNetInfo
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from clsvit.errors import InputError
+import clsvit.data.imagefolder as imagefolder
 from clsvit.data.imagefolder import load_folder_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +104,46 @@ def test_listing_equals_torchvision_imagefolder(tmp_path, sources):
     assert any("/sub/" in path for path, _ in samples(splits["train"]))
 
 
+def test_a_symlink_loop_is_a_file_as_os_walk_takes_it(tmp_path, sources):
+    """A link to itself cannot be stat'ed (ELOOP): os.walk, and so torchvision, takes it for a file."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    (root / "train" / "b" / "loop.jpg").symlink_to(root / "train" / "b" / "loop.jpg")
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert samples(train) == ImageFolder(str(root / "train")).samples
+    assert (str(root / "train" / "b" / "loop.jpg"), 1) in samples(train)
+
+
+def test_a_folder_that_links_to_itself_is_walked_as_os_walk_walks_it(tmp_path, sources):
+    """Followed, a link to its own folder nests until the kernel refuses to resolve the path (ELOOP);
+    os.walk, and so torchvision, takes the innermost link for a file and lists each nesting level."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    (root / "train" / "a" / "again").symlink_to(root / "train" / "a")
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert samples(train) == ImageFolder(str(root / "train")).samples
+    assert len(train) > 20 * 2 + 2
+
+
+def test_a_folder_removed_during_the_scan_is_one_line_naming_it(tmp_path, sources, monkeypatch):
+    """Another program removes class folder b after train/ was listed and before b is: the scan
+    stops with the folder and the system's reason."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    record_mtime = imagefolder._record_mtime
+
+    def removed_first(mtimes, path, root_):
+        if path.endswith(os.sep + "b"):
+            shutil.rmtree(path)
+        record_mtime(mtimes, path, root_)
+
+    monkeypatch.setattr(imagefolder, "_record_mtime", removed_first)
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"cannot list {str(root / 'train' / 'b')!r} "
+                                f"(FileNotFoundError: {os.strerror(errno.ENOENT)})")
+
+
 def test_images_decode_lazily_from_their_paths(tmp_path, sources):
     root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
     class_tree(root, sources, ["a", "b"], per_class=1, split="val")
@@ -154,6 +201,44 @@ def test_flat_validation_errors_name_what_was_expected(tmp_path, sources):
     assert "\n" not in str(error.value)
 
 
+def test_flat_validation_says_whether_the_images_or_the_csv_are_missing(tmp_path, sources):
+    """A flat val/ refused for what it lacks: the CSV (images there, a stray folder beside them), the
+    images (a folder only: the other layout), or both."""
+    root = class_tree(tmp_path / "tree", sources, ["n01440764"], per_class=1)
+    (root / "val" / "notes").mkdir(parents=True)  # a folder that is not a class, next to the images
+    link(sources[0], root / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(InputError, match=r"; LOC_val_solution.csv not found$"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    (root / "val" / "ILSVRC2012_val_00000001.JPEG").unlink()
+    (root / "val" / "notes" / "readme.txt").write_text("not an image")
+    (root / "val" / "readme.txt").write_text("not an image")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
+    with pytest.raises(InputError, match=r"; '.*/val' holds 1 class folders: set data.val_layout=class_folders$"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    (root / "val" / "notes" / "readme.txt").unlink()
+    (root / "val" / "notes").rmdir()
+    with pytest.raises(InputError, match=r"; '.*/val' holds no images$"):
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+
+
+def test_a_malformed_solution_csv_names_the_file_line_and_image(tmp_path, sources):
+    """Line numbers count the file's lines (the header is line 1); a row without a PredictionString
+    field reads as empty, as one with an empty field."""
+    root = class_tree(tmp_path / "tree", sources, ["n01440764"], per_class=1)
+    flat_val(root, sources, {"ILSVRC2012_val_00000001": "n01440764 0 0 5 5"})
+    solution = root / "LOC_val_solution.csv"
+    solution.write_text("ImageId,Label\nILSVRC2012_val_00000001,n01440764\n")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    assert str(error.value) == (f"{str(solution)!r}: expected the columns ImageId,PredictionString, "
+                                f"got ['ImageId', 'Label']")
+    for third_line in ("ILSVRC2012_val_00000002,", "ILSVRC2012_val_00000002"):
+        solution.write_text(f"ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 0 0 5 5\n{third_line}\n")
+        with pytest.raises(InputError) as error:
+            load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+        assert str(error.value) == f"{str(solution)!r} line 3: empty PredictionString for 'ILSVRC2012_val_00000002'"
+
+
 def test_empty_class_folder_is_an_error_naming_it(tmp_path, sources):
     root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
     class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
@@ -163,6 +248,44 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path, sources):
         load_folder_splits(str(root), "train", "validation", "class_folders")
     with pytest.raises(FileNotFoundError, match="Found no valid file for the classes c"):  # torchvision's default
         ImageFolder(str(root / "train"))
+
+
+@pytest.mark.parametrize("empty", [5, 6])
+def test_empty_class_folders_are_named_five_at_most(tmp_path, sources, empty):
+    """The first five empty class folders by name, then how many more; with torchvision's extensions."""
+    names = [f"n{k:02d}" for k in range(8)]
+    root = class_tree(tmp_path / "tree", sources, names[:8 - empty], per_class=1)
+    class_tree(root, sources, names, per_class=1, split="val")
+    for name in names[8 - empty:]:
+        (root / "train" / name).mkdir()
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    more = " and 1 more" if empty == 6 else ""
+    assert str(error.value) == (f"class folder(s) without an image in {str(root / 'train')!r}: "
+                                f"{', '.join(names[8 - empty:][:5])}{more} (image extensions: "
+                                f"{', '.join(IMG_EXTENSIONS)}); remove them or complete the extraction")
+
+
+def test_a_split_without_class_folders_or_images_shows_the_expected_layout(tmp_path, sources):
+    """A split folder holding neither class folders nor images: the error shows the layout expected,
+    without the flat-validation hint."""
+    root = class_tree(tmp_path / "tree", sources, ["a"], per_class=1)
+    (root / "val").mkdir()
+    (root / "val" / "readme.txt").write_text("not an image")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"{str(root / 'val')!r} holds no class folders (expected val/<class>/<image>, "
+                                f"e.g. val/n01440764/*.JPEG)")
+
+
+def test_class_folder_differences_name_three_of_each(tmp_path, sources):
+    """Validation class folders other than the training ones: counts, and the first three names of each."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b", "c", "d", "e"], per_class=1)
+    class_tree(root, sources, ["a", "w", "x", "y", "z"], per_class=1, split="val")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"the class folders of {str(root / 'val')!r} differ from the training split's: "
+                                f"4 missing (e.g. b, c, d); 4 not in training (e.g. w, x, y)")
 
 
 def test_validation_classes_must_be_the_training_classes(tmp_path, sources):
@@ -199,6 +322,81 @@ def test_a_changed_tree_is_never_served_from_a_stale_index(tmp_path, sources, hf
     assert train.features["label"].names == ["a", "b", "c"] and samples(train) == ImageFolder(str(root / "train")).samples
 
 
+def test_a_scan_logs_its_folder_count_time_and_index(tmp_path, sources, hf_cache, caplog):
+    """One INFO line per scanned split: its folder, image count (torchvision's), seconds taken (within
+    the load's own time) and the index written."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=12)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="clsvit.data.imagefolder"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    elapsed = time.perf_counter() - start
+    indexes = {"-val-" in path.name: path for path in (hf_cache / "clsvit_imagefolder").iterdir()}
+    logged = [re.fullmatch(rf"scanned (\S+): (\d+) images in (\d+\.\d) s; index (\S+)", record.getMessage())
+              for record in caplog.records]
+    assert [(m[1], int(m[2]), m[4]) for m in logged] == [(str(root / "train"), 24, str(indexes[False])),
+                                                         (str(root / "val"), 2, str(indexes[True]))]
+    assert all(0 <= float(m[3]) <= elapsed + 0.05 for m in logged)
+
+
+def test_the_index_is_written_in_record_batches(tmp_path, sources, hf_cache, monkeypatch):
+    """``INDEX_BATCH_ROWS`` rows per Arrow record batch, counted by pyarrow; served as torchvision lists it."""
+    monkeypatch.setattr(imagefolder, "INDEX_BATCH_ROWS", 10)
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=12)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
+    with pa.memory_map(str(index)) as source:
+        assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [10, 10, 4]
+    written = index.stat().st_mtime_ns
+    served = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert index.stat().st_mtime_ns == written and served.cache_files[0]["filename"] == str(index)
+    assert samples(served) == samples(train) == ImageFolder(str(root / "train")).samples
+
+
+def test_a_validation_folder_is_listed_in_the_layout_asked_for(tmp_path, sources, hf_cache):
+    """A val/ holding both layouts (class folders and ILSVRC's flat images with the CSV) is listed
+    as the layout asked for, whichever layout's index the cache holds."""
+    classes = ["n01440764", "n01443537"]
+    root = class_tree(tmp_path / "tree", sources, classes, per_class=2)
+    class_tree(root, sources, classes, per_class=1, split="val")
+    flat_val(root, sources, {"ILSVRC2012_val_00000001": "n01443537 0 0 1 1"})
+    settle(root)
+    os.utime(root / "LOC_val_solution.csv", (time.time() - 3600,) * 2)
+    for layout in ("class_folders", "ilsvrc_csv", "class_folders"):
+        val = load_folder_splits(str(root), "train", "validation", layout)["validation"]
+        expected = (ImageFolder(str(root / "val")).samples if layout == "class_folders"
+                    else [(str(root / "val" / "ILSVRC2012_val_00000001.JPEG"), 1)])
+        assert samples(val) == expected
+    assert len(list((hf_cache / "clsvit_imagefolder").iterdir())) == 3  # train, val in each layout
+
+
+def test_an_index_replaced_by_another_launch_while_written_is_refused(tmp_path, sources, monkeypatch):
+    """Another launch lists the tree, one file shorter, and replaces the index between this launch's
+    write and its read: this launch stops, naming the index and the folder, instead of serving a
+    listing other than its own."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=3)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    settle(root)
+    write = imagefolder._write_index
+    written = []
+
+    def write_then_another_launch(index, *listing):
+        monkeypatch.setattr(imagefolder, "_write_index", write)
+        written.append(index)
+        own = write(index, *listing)
+        next((root / "train" / "b").glob("b_1.*")).unlink()
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+        return own
+
+    monkeypatch.setattr(imagefolder, "_write_index", write_then_another_launch)
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert str(error.value) == (f"the index {written[0]} was replaced while this launch wrote it, by another launch "
+                                f"that listed {str(root / 'train')!r} otherwise (the tree changes): launch again")
+
+
 def test_a_folder_modified_just_before_the_scan_is_listed_again(tmp_path, sources, hf_cache):
     """A change within the file system's clock tick after the scan would not change the folder's
     time: a recently modified folder is never taken as current."""
@@ -209,6 +407,26 @@ def test_a_folder_modified_just_before_the_scan_is_listed_again(tmp_path, source
     os.utime(root / "train" / "b", (now, now))
     load_folder_splits(str(root), "train", "validation", "class_folders")
     train_index, val_index = sorted((hf_cache / "clsvit_imagefolder").iterdir(), key=lambda p: "-val-" in p.name)
+    written = train_index.stat().st_mtime_ns, val_index.stat().st_mtime_ns
+    time.sleep(0.01)
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert train_index.stat().st_mtime_ns > written[0] and val_index.stat().st_mtime_ns == written[1]
+
+
+def test_a_folder_exactly_settle_ns_old_is_trusted(tmp_path, sources, hf_cache, monkeypatch):
+    """"Modified less than SETTLE_NS before the scan" is listed again; SETTLE_NS before is current
+    (the clock held still, the folders dated against it to the nanosecond)."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now)
+    for folder, _, _ in os.walk(root):
+        os.utime(folder, ns=(now - imagefolder.SETTLE_NS,) * 2)
+    os.utime(root / "train" / "b", ns=(now - imagefolder.SETTLE_NS + 1,) * 2)
+    load_folder_splits(str(root), "train", "validation", "class_folders")
+    train_index, val_index = sorted((hf_cache / "clsvit_imagefolder").iterdir(), key=lambda p: "-val-" in p.name)
+    recorded = dict(map(tuple, index_record(train_index)["mtimes"]))
+    assert recorded == {"train": now - imagefolder.SETTLE_NS, "train/a": now - imagefolder.SETTLE_NS, "train/b": -1}
     written = train_index.stat().st_mtime_ns, val_index.stat().st_mtime_ns
     time.sleep(0.01)
     load_folder_splits(str(root), "train", "validation", "class_folders")
@@ -274,19 +492,124 @@ def garbage(index: Path, ends: list[int]):
     index.write_bytes(np.random.default_rng(0).bytes(index.stat().st_size))
 
 
-@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, cut_short, zeros_inside_a_batch,
-                                    garbage])
-def test_an_index_that_is_not_whole_is_listed_again(tmp_path, sources, hf_cache, damage):
+def rewrite_metadata(index: Path, key: bytes, change):
+    """Rewrite an index with ``change`` applied to its schema's metadata value ``key``."""
+    table = pa.ipc.open_stream(index.read_bytes()).read_all()
+    metadata = {**table.schema.metadata, key: change(table.schema.metadata[key])}
+    with pa.OSFile(str(index), "wb") as sink, pa.ipc.new_stream(sink, table.schema.with_metadata(metadata)) as writer:
+        writer.write_table(table)
+
+
+def record_without_digest(index: Path, ends: list[int]):
+    """The index's own record lacks a field (as one another writer left)."""
+    def without_digest(record: bytes) -> bytes:
+        return json.dumps({key: value for key, value in json.loads(record).items() if key != "digest"}).encode()
+    rewrite_metadata(index, b"clsvit_imagefolder", without_digest)
+
+
+def damaged_train_index(tmp_path: Path, sources, hf_cache: Path, damage) -> tuple[Path, Path]:
+    """(root, train index) of a settled 3-class tree of 120 training images, listed once, its index
+    rewritten in 3 record batches and damaged by ``damage``."""
     root = class_tree(tmp_path / "tree", sources, ["a", "b", "c"], per_class=40)
     class_tree(root, sources, ["a", "b", "c"], per_class=1, split="val")
     settle(root)
     load_folder_splits(str(root), "train", "validation", "class_folders")
     index = next(path for path in (hf_cache / "clsvit_imagefolder").iterdir() if "-train-" in path.name)
-    damage(index, rebatch(index, rows_per_batch=50))  # 120 rows in 3 batches
+    damage(index, rebatch(index, rows_per_batch=50))
+    return root, index
+
+
+@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, cut_short, zeros_inside_a_batch,
+                                    garbage, record_without_digest])
+def test_an_index_that_is_not_whole_is_listed_again(tmp_path, sources, hf_cache, damage):
+    root, index = damaged_train_index(tmp_path, sources, hf_cache, damage)
     train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
     assert samples(train) == ImageFolder(str(root / "train")).samples
     again = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]  # whole again: served
     assert samples(again) == samples(train) and len(again) == 120
+
+
+def digest_by_definition(classes: list[str], rows: list[tuple[str, int]]) -> str:
+    """listing_digest's definition in plain Python: SHA-256 of the JSON class names, then of the
+    SHA-256 of the paths' UTF-8 bytes end to end, of their byte lengths (little-endian int32) and of
+    the labels (little-endian int64)."""
+    paths = [path.encode() for path, _ in rows]
+    whole = hashlib.sha256(json.dumps(classes).encode())
+    for part in (b"".join(paths), np.array([len(path) for path in paths], "<i4").tobytes(),
+                 np.array([label for _, label in rows], "<i8").tobytes()):
+        whole.update(hashlib.sha256(part).digest())
+    return whole.hexdigest()
+
+
+def index_record(index: Path) -> dict:
+    """The record an index keeps in its Arrow schema's metadata, read with pyarrow."""
+    with pa.memory_map(str(index)) as source:
+        return json.loads(pa.ipc.open_stream(source).schema.metadata[b"clsvit_imagefolder"])
+
+
+def test_the_index_records_its_rows_digest_and_folder_times(tmp_path, sources, hf_cache):
+    """Read back with pyarrow: the row count, the listing's digest (its definition, over
+    torchvision's samples) and every listed folder's time, relative to the root; the digest of the
+    same listing is the same however Arrow chunks it."""
+    from clsvit.data.imagefolder import listing_digest
+
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=12)
+    flat_val(root, sources, {"ILSVRC2012_val_00000001": "b 0 0 1 1", "ILSVRC2012_val_00000002": "a 0 0 1 1"})
+    settle(root)
+    os.utime(root / "LOC_val_solution.csv", (time.time() - 3600,) * 2)
+    load_folder_splits(str(root), "train", "validation", "ilsvrc_csv")
+    train_index, val_index = sorted((hf_cache / "clsvit_imagefolder").iterdir(), key=lambda p: "-val-" in p.name)
+    reference = ImageFolder(str(root / "train"))
+    train = index_record(train_index)
+    assert train["rows"] == len(reference.samples) == 24
+    assert train["digest"] == digest_by_definition(reference.classes, reference.samples)
+    folders = sorted(os.path.relpath(folder, root) for folder, _, _ in os.walk(root / "train"))
+    assert len(folders) == 7  # train, its 2 class folders, their sub/ and sub-2/
+    assert sorted(map(tuple, train["mtimes"])) == [(folder, (root / folder).stat().st_mtime_ns) for folder in folders]
+    val = index_record(val_index)
+    val_rows = [(str(root / "val" / "ILSVRC2012_val_00000001.JPEG"), 1),
+                (str(root / "val" / "ILSVRC2012_val_00000002.JPEG"), 0)]
+    assert (val["rows"], val["digest"]) == (2, digest_by_definition(["a", "b"], val_rows))
+    assert [tuple(entry) for entry in val["mtimes"]] == [(name, (root / name).stat().st_mtime_ns)
+                                                         for name in ("val", "LOC_val_solution.csv")]
+    with pa.memory_map(str(train_index)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    for pieces in ((0, 24), (0, 7, 24), (0, 1, 2, 23, 24), (0, 5, 5, 17, 24)):  # slices of one array, an empty one
+        chunked = pa.concat_tables([table.slice(start, stop - start) for start, stop in zip(pieces, pieces[1:])])
+        assert chunked.column("image").num_chunks == len(pieces) - 1
+        assert listing_digest(chunked) == train["digest"]
+
+
+def unknown_feature_type(index: Path, ends: list[int]):
+    """An index whose datasets features name a type this datasets does not know (``Picture``)."""
+    rewrite_metadata(index, b"huggingface", lambda features: features.replace(b'"Image"', b'"Picture"'))
+
+
+@pytest.mark.parametrize("damage", [cut_between_batches, cut_inside_a_batch, unknown_feature_type])
+def test_a_damaged_index_is_one_warning_line_naming_it(tmp_path, sources, hf_cache, caplog, damage):
+    """The warning names the index and what is wrong with it: the rows and digests it holds against
+    those it recorded (digests by their definition, over torchvision's samples), or the reading
+    error's type and the first line of its message, at most 200 characters."""
+    root, index = damaged_train_index(tmp_path, sources, hf_cache, damage)
+    try:
+        datasets.Dataset.from_file(str(index))
+        error = None
+    except (OSError, ValueError) as raised:
+        error = raised
+    with caplog.at_level(logging.WARNING, logger="clsvit.data.imagefolder"):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    reference = ImageFolder(str(root / "train"))
+    if error is None:
+        held, whole = (digest_by_definition(reference.classes, rows)[:12]
+                       for rows in (reference.samples[:50], reference.samples))
+        expected = (f"the index {index} holds 50 rows (digest {held}) of the 120 it recorded (digest {whole}): "
+                    f"listing the tree again")
+    else:
+        first_line = str(error).strip().splitlines()[0]
+        expected = (f"the index {index} cannot be read ({type(error).__name__}: {first_line[:200]}): "
+                    f"listing the tree again")
+        assert (len(first_line) > 200) == (damage is unknown_feature_type)
+    assert [record.getMessage() for record in caplog.records] == [expected]
 
 
 def test_an_unwritable_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sources, monkeypatch):
@@ -294,10 +617,36 @@ def test_an_unwritable_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sour
     class_tree(root, sources, ["a", "b"], per_class=1, split="val")
     (tmp_path / "not_a_folder").write_text("a file where the cache should be")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "not_a_folder" / "cache")
-    with pytest.raises(InputError, match=r"cannot write the folder index .*NotADirectoryError.*: HF_DATASETS_CACHE "
+    with pytest.raises(InputError, match=rf"cannot write the folder index .*\(NotADirectoryError: "
+                                         rf"{os.strerror(errno.ENOTDIR)}\): HF_DATASETS_CACHE "
                                          r"\(.*not_a_folder/cache\) must be a writable directory") as error:
         load_folder_splits(str(root), "train", "validation", "class_folders")
     assert "\n" not in str(error.value)
+
+
+def test_a_tree_with_a_long_folder_name_is_indexed(tmp_path, sources, hf_cache):
+    """The index and its temporary file are named after the tree's folder: a 180-character name
+    (of the 255 bytes a file name may hold) is indexed and served."""
+    root = class_tree(tmp_path / ("imagenet-" * 20), sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+    assert samples(train) == ImageFolder(str(root / "train")).samples
+    assert len(list((hf_cache / "clsvit_imagefolder").iterdir())) == 2
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, sources, hf_cache, monkeypatch):
+    """Ctrl-C while the index is flushed to the disk: the interrupt goes through and the cache holds
+    neither an index nor its temporary file."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert list((hf_cache / "clsvit_imagefolder").iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
@@ -324,6 +673,60 @@ def test_labels_follow_imagenet_1k_order(tmp_path, sources):
         assert dataset.features["label"].names == synsets
         assert [synsets[label] for label in dataset["label"]] == [Path(p).parent.name for p, _ in samples(dataset)]
     assert ImageNetInfo().index_to_description(synsets.index("n01440764")) == "tench, Tinca tinca"
+
+
+def test_a_missing_split_names_the_splits_the_tree_has(tmp_path, sources):
+    """Split folders are named as datasets' imagefolder names them (val/ is the validation split);
+    a folder that is no split keyword is a split of its own name."""
+    root = class_tree(tmp_path / "tree", sources, ["a"], per_class=1)
+    class_tree(root, sources, ["a"], per_class=1, split="val")
+    class_tree(root, sources, ["a"], per_class=1, split="holdout")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(root), "train", "test", "class_folders", section="eval.data")
+    assert str(error.value) == (f"eval.data.val_split 'test' not found in {str(root)!r}; available splits: "
+                                f"holdout, train, validation")
+
+
+def test_split_and_layout_errors_name_the_data_keys(tmp_path, sources):
+    """Without a section given, errors name the recipe's data.* keys; a tree without any split folder
+    says so."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(tmp_path / "empty"), "train", "validation", "class_folders")
+    assert str(error.value) == (f"data.train_split 'train' not found in {str(tmp_path / 'empty')!r}; "
+                                f"available splits: none")
+    with pytest.raises(InputError) as error:
+        load_folder_splits(str(tmp_path / "empty"), "train", "validation", "flat")
+    assert str(error.value) == "data.val_layout must be one of class_folders | ilsvrc_csv, got 'flat'"
+
+
+def test_handed_listings_are_served_whatever_the_tree_became(tmp_path, sources):
+    """Another process's listings (index file, rows, digest) are served as they are, for both
+    splits, though a file was added to each since; without them the tree is listed again."""
+    root = class_tree(tmp_path / "tree", sources, ["a", "b"], per_class=2)
+    class_tree(root, sources, ["a", "b"], per_class=2, split="val")
+    settle(root)
+    first = load_folder_splits(str(root), "train", "validation", "class_folders")
+    listings = {split: imagefolder.listing_of(dataset) for split, dataset in first.items()}
+    assert [listing.rows for listing in listings.values()] == [4, 4]
+    for split in ("train", "val"):
+        link(sources[0], root / split / "b" / "late.jpg")
+    handed = load_folder_splits(str(root), "train", "validation", "class_folders", listings=listings)
+    assert {split: imagefolder.listing_of(dataset) for split, dataset in handed.items()} == listings
+    assert {split: samples(dataset) for split, dataset in handed.items()} == \
+        {split: samples(dataset) for split, dataset in first.items()}
+    listed = load_folder_splits(str(root), "train", "validation", "class_folders")
+    assert samples(listed["validation"]) == ImageFolder(str(root / "val")).samples and len(listed["validation"]) == 5
+
+
+def test_a_tree_without_split_folders_with_a_root_metadata_file_goes_through_datasets(tmp_path, sources):
+    """datasets' imagefolder reads a tree of images and a metadata file at its root as one train split."""
+    for k in range(2):
+        link(sources[k], tmp_path / "tree" / f"{k}.jpg")
+    (tmp_path / "tree" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{k}.jpg", "caption": f"picture {k}"}) + "\n" for k in range(2)))
+    splits = load_folder_splits(str(tmp_path / "tree"), "train", "validation", "class_folders")
+    assert list(splits) == ["train"] and splits["train"]["caption"] == ["picture 0", "picture 1"]
 
 
 def test_a_tree_with_a_datasets_metadata_file_goes_through_datasets(tmp_path, sources):
