@@ -624,14 +624,19 @@ def test_an_unwritable_cache_is_one_line_naming_hf_datasets_cache(tmp_path, sour
     assert "\n" not in str(error.value)
 
 
-def test_a_tree_with_a_long_folder_name_is_indexed(tmp_path, sources, hf_cache):
-    """The index and its temporary file are named after the tree's folder: a 180-character name
-    (of the 255 bytes a file name may hold) is indexed and served."""
-    root = class_tree(tmp_path / ("imagenet-" * 20), sources, ["a", "b"], per_class=2)
-    class_tree(root, sources, ["a", "b"], per_class=1, split="val")
-    train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
-    assert samples(train) == ImageFolder(str(root / "train")).samples
-    assert len(list((hf_cache / "clsvit_imagefolder").iterdir())) == 2
+@pytest.mark.parametrize("name_length", [180, 250])
+def test_a_tree_with_a_long_folder_name_is_indexed(tmp_path, sources, hf_cache, name_length):
+    """The index and its temporary file are named after the tree's folder, cut to 64 characters: a
+    folder name of 180 or 250 characters (of the 255 bytes a file name may hold) is indexed and
+    served, and different long names that share their first 64 characters get indexes of their own."""
+    roots = [tmp_path / (("imagenet-" * 28)[:name_length - 1] + end) for end in "ab"]
+    for root, classes in zip(roots, (["a", "b"], ["c", "d", "e"])):
+        class_tree(root, sources, classes, per_class=2)
+        class_tree(root, sources, classes, per_class=1, split="val")
+        train = load_folder_splits(str(root), "train", "validation", "class_folders")["train"]
+        assert samples(train) == ImageFolder(str(root / "train")).samples
+    names = sorted(path.name for path in (hf_cache / "clsvit_imagefolder").iterdir())
+    assert len(names) == 4 and {name[:64] for name in names} == {roots[0].name[:64]}
 
 
 def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, sources, hf_cache, monkeypatch):

@@ -166,10 +166,12 @@ def _indexed_split(root: str, folder: str, layout: str, classes: list[str] | Non
 
 def index_path(root: str, folder: str, layout: str, classes: list[str] | None) -> Path:
     """Where the index of ``root/folder`` lives: the key holds everything the listing depends on
-    except the folders' contents (those are checked by modification time)."""
+    except the folders' contents (those are checked by modification time). The file name starts
+    with at most 64 characters of the root's name, for people reading the cache: the digest is the
+    key, and a name within the file system's 255 bytes leaves room for the temporary file's."""
     key = json.dumps([INDEX_FORMAT, root, folder, layout, classes, IMG_EXTENSIONS])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return Path(datasets.config.HF_DATASETS_CACHE) / "clsvit_imagefolder" / f"{Path(root).name}-{folder}-{digest}.arrow"
+    return Path(datasets.config.HF_DATASETS_CACHE) / "clsvit_imagefolder" / f"{Path(root).name[:64]}-{folder}-{digest}.arrow"
 
 
 def _index_metadata(index: Path) -> dict | None:
