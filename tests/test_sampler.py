@@ -106,6 +106,9 @@ def test_bad_arguments_are_refused_with_their_values_and_a_one_row_split_is_take
         with pytest.raises(ValueError) as error:
             TrainSampler(40, num_replicas=1, rank=0, seed=seed, repeats=repeats)
         assert str(error.value) == f"TrainSampler needs seed >= 0 and repeats >= 1, got seed={seed}, repeats={repeats}"
+    with pytest.raises(ValueError) as error:
+        TrainSampler(41, num_replicas=1, rank=0, seed=0, row_groups=[10] * 4)
+    assert str(error.value) == "row groups of 40 rows for a 41-row split"
     for window, batch_size in ((0, 4), (20, 0)):
         with pytest.raises(ValueError) as error:
             TrainSampler(40, num_replicas=1, rank=0, seed=0, row_groups=[10] * 4, batch_size=batch_size, window=window)
@@ -148,10 +151,13 @@ def test_repeats_are_inactive_in_the_grouped_order_on_one_process():
     ([30], 4, [0, 8, 15, 22], [8, 7, 7, 8]),  # 30 / 4 = 7.5 rows: numpy rounds 7.5 to 8 and 22.5 to 22
     ([1, 40], 3, [0, 1, 21], [1, 20, 20]),  # cut in 2: the 1-row group's empty half is no unit
     ([10, 7], 2, [0, 10], [10, 7]),  # as many groups as streams: no cut
+    ([0], 2, [], []),  # a group of no rows is no unit
 ])
 def test_fewer_row_groups_than_streams_are_cut_into_equal_row_ranges(row_groups, streams, starts, rows):
+    """(first row, rows) of each unit, hand-cut; both are integer arrays that index the rows."""
     unit_starts, unit_rows = S.split_units(np.array(row_groups), streams)
     assert unit_starts.tolist() == starts and unit_rows.tolist() == rows
+    assert unit_starts.dtype == unit_rows.dtype == np.int64
 
 
 def test_the_epochs_of_a_cycle_deal_and_window_the_row_groups_once(monkeypatch):
@@ -242,9 +248,14 @@ def spans(*lengths_and_starts):
               (70, 3))]),
     # one stream per process without loader workers: 12 rows cut at 6
     ([3, 3, 3, 3], 2, 0, 2, [spans((0, 2), (2, 2), (4, 2)), spans((6, 2), (8, 2), (10, 2))]),
+    # every stream fits one batch: one batch each
+    ([3, 3], 2, 0, 4, [[[0, 1, 2]], [[3, 4, 5]]]),
     # one 5-row group for 4 streams: stream 0 holds it all; the empty streams pad with row 0
     ([5], 2, 2, 4, [[[0, 1, 2], [0], [3, 4], [0]], [[0], [0], [0], [0]]]),
-], ids=["short last group", "no workers", "one group"])
+    # 6 rows, 4 streams: the boundaries nearest to 1.5, 3, 4.5 are 1, 1, 6, so the streams hold 1, 0, 5, 0
+    # rows, in ceil(5 / 2) = 3 batches; every empty batch pads with row 0, the split's first row
+    ([1, 5], 2, 2, 2, [[[0]] * 6, [[1, 2], [0], [3, 4], [0], [5], [0]]]),
+], ids=["short last group", "no workers", "one batch", "one group", "a one-row stream"])
 def test_an_evaluation_pass_on_hand_cut_streams(sizes, processes, workers, batch, expected):
     """EvalBatches against hand-cut layouts, and DistributedSampler's contract (every row once over the
     processes, every process as many batches): ``valid`` counts the real rows of each batch."""
