@@ -13,7 +13,7 @@ import torch
 
 from clsvit.config import load_config
 from clsvit.data import sampler as S
-from clsvit.data.sampler import EvalBatches, GroupedOrder, TrainSampler
+from clsvit.data.sampler import EvalBatches, TrainSampler
 from clsvit.errors import InputError
 
 
@@ -23,9 +23,10 @@ def indices(sampler, epoch=0):
 
 
 def ra_sampler_definition(n, replicas, rank, repeats, epoch_seed, shuffle=True):
-    """DeiT's RASampler (facebookresearch/deit samplers.py, ``__iter__``), written out: a permutation
-    seeded by the epoch, each index ``repeats`` times in a row, padded to a multiple of the ranks,
-    ``[rank::replicas]``, cut to ``floor(n // 256 * 256 / replicas)`` (``ceil(n / replicas)`` below 256)."""
+    """DeiT's RASampler (facebookresearch/deit samplers.py) as timm's RepeatAugSampler generalizes it,
+    written out: a permutation seeded by the epoch, each index ``repeats`` times in a row, padded to a
+    multiple of the ranks, ``[rank::replicas]``, cut to DeiT's ``floor(n // 256 * 256 / replicas)``
+    per rank (timm's ``ceil(n / replicas)`` below 256 rows, where DeiT's would select none)."""
     order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).tolist() if shuffle
              else list(range(n)))
     repeated = [index for index in order for _ in range(repeats)]
