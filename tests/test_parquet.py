@@ -408,12 +408,13 @@ def test_shards_differing_only_in_schema_metadata_are_one_split(tmp_path):
 # ---------------------------------------------------------------- the row-group cache, counted in reads
 
 def test_the_cache_holds_cache_rows_plus_the_largest_group_and_no_more(tmp_path):
-    """``cache_rows`` 0 keeps one group; a cache of 20 rows + 10 keeps exactly three groups of 10,
-    and a fourth evicts the least recently *used* one (not the first read)."""
-    rows = rows_of(tmp_path / "a.parquet", [10] * 5)
-    for i in (0, 10, 0, 10):  # groups 0, 1, 0, 1: each evicts the other
+    """``cache_rows`` 0 (the default) keeps one group, even a group of 1 row beside one of 10; a cache
+    of 20 rows + 10 keeps exactly three groups of 10, and a fourth evicts the least recently *used*
+    one (not the first read)."""
+    rows = rows_of(tmp_path / "a.parquet", [10, 1, 10])
+    for i in (0, 10, 0, 10, 11, 0):  # groups 0, 1, 0, 1, 2, 0: each evicts the one before
         assert rows[i]["i"] == i
-    assert rows.reads == 4
+    assert rows.reads == 6
     rows = rows_of(tmp_path / "b.parquet", [10] * 5)
     rows.cache_rows = 20
     for i in (0, 10, 20, 1, 11, 21):  # three groups fit: no group is read twice
@@ -423,8 +424,10 @@ def test_the_cache_holds_cache_rows_plus_the_largest_group_and_no_more(tmp_path)
     assert rows.reads == 4
     rows[3], rows[22]
     assert rows.reads == 4
-    rows[12]
+    rows[12]  # group 1 again: group 3 evicted, the cache holds 0, 2, 1 and nothing else
     assert rows.reads == 5
+    rows[31]
+    assert rows.reads == 6
 
 
 def test_a_group_read_whole_leaves_first_even_when_used_last(tmp_path):
