@@ -326,3 +326,237 @@ def test_a_shard_truncated_under_a_worker_is_an_error_not_a_bus_error(tmp_path):
     with pytest.raises(InputError, match=rf"parquet shard {paths[0]}, row group [1-5](: the shard changed after the "
                                          rf"launch| cannot be read \(OSError: File too short)"):
         list(loader)
+
+
+# ---------------------------------------------------------------- the interface, against pyarrow's own reading
+
+def test_constructor_arguments_select_columns_and_override_features(tmp_path):
+    """``columns`` and ``features`` as the docstring says; paths may be ``Path`` objects; the row counts
+    per row group are the footers' (pyarrow's metadata), as integers."""
+    paths = write_split(tmp_path, "train", [12, 5], row_group=4)
+    rows = ParquetRows(paths, columns=["label"])
+    assert rows.files == [str(p) for p in paths] and rows.column_names == ["label"]
+    assert list(rows.features) == ["label"] and rows.features["label"] == ClassLabel(names=NAMES)
+    assert [rows[i] for i in range(len(rows))] == [{"label": row["label"]} for row in pyarrow_rows(paths)]
+    footers = [pq.read_metadata(p) for p in paths]
+    groups = rows.row_groups()
+    assert groups.tolist() == [m.row_group(g).num_rows for m in footers for g in range(m.num_row_groups)] == [4, 4, 4, 4, 1]
+    assert groups.dtype == np.int64
+    as_ids = ParquetRows(paths, features=Features(image=ImageFeature(decode=False), label=Value("int64")))
+    assert as_ids.features["label"] == Value("int64") and as_ids[16]["label"] == 16 % len(NAMES)
+
+
+def test_one_column_of_every_row_is_pyarrows_read_of_that_column_alone(tmp_path):
+    """``column`` reads only the column it is asked for: zeros over a row group of the image column
+    (footer intact) leave the labels readable, as they are by pyarrow's read of that column."""
+    paths = write_split(tmp_path, "train", [9, 4], row_group=3)
+    image = pq.read_metadata(paths[1]).row_group(1).column(0)
+    assert image.path_in_schema.startswith("image")
+    with open(paths[1], "r+b") as file:
+        file.seek(image.data_page_offset)
+        file.write(b"\0" * image.total_compressed_size)
+    with pytest.raises(OSError):
+        pq.read_table(paths[1])
+    labels = ParquetRows(paths).column("label")
+    assert labels.equals(pa.concat_tables(pq.read_table(p, columns=["label"]) for p in paths).column("label"))
+    assert labels.to_pylist() == [i % len(NAMES) for i in range(13)]
+
+
+def test_the_interfaces_errors_name_what_is_wrong(tmp_path):
+    """Every refusal is one line naming the file or value; an OS error is quoted by its first line,
+    cut at 200 characters."""
+    with pytest.raises(InputError, match=r"^ParquetRows needs at least one parquet file$"):
+        ParquetRows([])
+    missing = tmp_path / ("d" * 240 + ".parquet")
+    with pytest.raises(InputError) as error:
+        ParquetRows([missing])
+    assert str(error.value) == (f"{missing} is not a readable parquet file "
+                                f"({f'[Errno 2] No such file or directory: {str(missing)!r}'[:200]})")
+    paths = write_split(tmp_path, "train", [6], row_group=4)
+    rows = ParquetRows(paths)
+    with pytest.raises(InputError) as error:
+        rows.select_columns(["label", "caption", "box"])
+    assert str(error.value) == f"column(s) caption, box not in {paths[0]}; available columns: image, label"
+    with pytest.raises(InputError) as error:
+        rows.cast_column("caption", Value("string"))
+    assert str(error.value) == f"column 'caption' not in {paths[0]}; available columns: image, label"
+    for outside in (6, -1):
+        with pytest.raises(IndexError, match=rf"^row {outside} outside \[0, 6\)$"):
+            rows[outside]
+    assert rows[np.int64(5)] == pyarrow_rows(paths)[5]
+
+
+def test_an_error_without_a_message_is_quoted_by_its_type():
+    """The quoted error of a refusal is its first line, or its type when it says nothing."""
+    from clsvit.data.parquet import _first_line
+
+    assert _first_line(OSError()) == "OSError" and _first_line(pa.ArrowInvalid("  \n")) == "ArrowInvalid"
+    assert _first_line(OSError("disk gone\nat sector 7")) == "disk gone"
+
+
+def test_shards_differing_only_in_schema_metadata_are_one_split(tmp_path):
+    """A shard written by ``datasets`` (features in the schema metadata) and one written by plain
+    pyarrow with the same column types are one split; the features come from the first."""
+    first = write_split(tmp_path, "train", [3])[0]
+    plain = tmp_path / "train-00001-of-00002.parquet"
+    pq.write_table(pq.read_table(first).replace_schema_metadata(None), plain)
+    rows = ParquetRows([first, plain])
+    assert len(rows) == 6 and rows.features["label"] == ClassLabel(names=NAMES)
+    assert [rows[i] for i in range(6)] == pyarrow_rows([first]) * 2
+
+
+# ---------------------------------------------------------------- the row-group cache, counted in reads
+
+def test_the_cache_holds_cache_rows_plus_the_largest_group_and_no_more(tmp_path):
+    """``cache_rows`` 0 (the default) keeps one group, even a group of 1 row beside one of 10; a cache
+    of 20 rows + 10 keeps exactly three groups of 10, and a fourth evicts the least recently *used*
+    one (not the first read)."""
+    rows = rows_of(tmp_path / "a.parquet", [10, 1, 10])
+    for i in (0, 10, 0, 10, 11, 0):  # groups 0, 1, 0, 1, 2, 0: each evicts the one before
+        assert rows[i]["i"] == i
+    assert rows.reads == 6
+    rows = rows_of(tmp_path / "b.parquet", [10] * 5)
+    rows.cache_rows = 20
+    for i in (0, 10, 20, 1, 11, 21):  # three groups fit: no group is read twice
+        rows[i]
+    assert rows.reads == 3
+    rows[2], rows[30]  # group 0 used last: group 3 evicts group 1
+    assert rows.reads == 4
+    rows[3], rows[22]
+    assert rows.reads == 4
+    rows[12]  # group 1 again: group 3 evicted, the cache holds 0, 2, 1 and nothing else
+    assert rows.reads == 5
+    rows[31]
+    assert rows.reads == 6
+
+
+def test_a_group_read_whole_leaves_first_even_when_used_last(tmp_path):
+    """Groups 0 and 1 partly read, group 2 read whole: group 3 evicts group 2, then group 4
+    (group 3 now read whole too) evicts group 3; groups 0 and 1 stay cached."""
+    rows = rows_of(tmp_path / "a.parquet", [4] * 5)
+    rows.cache_rows = 8  # three groups of 4
+    rows[0], rows[4]
+    for i in range(8, 12):
+        rows[i]
+    rows[12], rows[13], rows[14], rows[15]
+    rows[16]
+    assert rows.reads == 5
+    rows[1], rows[5]
+    assert rows.reads == 5
+
+
+# ---------------------------------------------------------------- the open files, seen in /proc/self/fd
+
+def open_shards(paths) -> list[int]:
+    """Indices of ``paths`` this process holds open (what /proc/self/fd links to)."""
+    links = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            links.add(os.readlink(fd))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return [k for k, path in enumerate(paths) if str(Path(path).resolve()) in links]
+
+
+def test_the_least_recently_read_shard_is_closed_first(tmp_path, monkeypatch):
+    from clsvit.data import parquet
+
+    monkeypatch.setattr(parquet, "OPEN_SHARDS", 3)
+    paths = [tmp_path / f"train-{k}.parquet" for k in range(5)]
+    for k, path in enumerate(paths):
+        pq.write_table(pa.table({"i": [k]}), path)
+    rows = ParquetRows(paths)
+    for k in (0, 1, 2):
+        rows[k]
+    assert open_shards(paths) == [0, 1, 2]
+    rows[0], rows[3]  # shard 1 read least recently: closed
+    assert open_shards(paths) == [0, 2, 3]
+    rows[4]
+    assert open_shards(paths) == [0, 3, 4]
+    assert rows.reads == 6
+
+
+# ---------------------------------------------------------------- shards changed in place
+
+def rewrite_in_place(path, content: bytes) -> None:
+    """``content`` written into the shard's own file (same inode), its modification time restored."""
+    stat = os.stat(path)
+    with open(path, "r+b") as file:
+        file.write(content)
+        file.truncate(len(content))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def error_of(call, *args) -> str:
+    """``Type: first line of the message`` of what ``call(*args)`` raises (the exception, and the
+    frames its traceback holds, freed on return)."""
+    try:
+        call(*args)
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    raise AssertionError(f"{call} raised nothing")
+
+
+def test_a_shard_rewritten_to_the_same_size_and_time_with_other_row_groups_stops(tmp_path):
+    """The same rows in one row group instead of two, padded to the same size (bytes before the
+    footer, which parquet readers skip), written over the shard with its time restored."""
+    table = pa.table({"i": pa.array(range(10), pa.int64())})
+    paths = [tmp_path / "train-0.parquet", tmp_path / "train-1.parquet"]
+    pq.write_table(table, paths[0], row_group_size=5)
+    pq.write_table(table, paths[1], row_group_size=5)
+    pq.write_table(table, tmp_path / "one_group.parquet", row_group_size=10)
+    one_group = (tmp_path / "one_group.parquet").read_bytes()
+    footer = 8 + int.from_bytes(one_group[-8:-4], "little")
+    padding = paths[1].stat().st_size - len(one_group)
+    assert padding > 0
+    padded = one_group[:-footer] + b"\0" * padding + one_group[-footer:]
+    rows = ParquetRows(paths)
+    assert rows[0] == {"i": 0}  # shard 0 open, shard 1 not yet
+    rewrite_in_place(paths[1], padded)
+    assert pq.read_metadata(paths[1]).num_row_groups == 1 and pq.read_table(paths[1]).equals(table)
+    with pytest.raises(InputError) as error:
+        rows[12]
+    assert str(error.value) == (f"parquet shard {paths[1]}, row group 0: the shard's row groups changed after the "
+                                f"launch read it; restore it, or relaunch to train on the data as it is now")
+
+
+def test_a_shard_touched_deleted_or_with_a_damaged_footer_stops_naming_it(tmp_path):
+    paths = write_split(tmp_path, "train", [6, 6, 6], row_group=3)
+    rows = ParquetRows(paths)
+    stat = paths[0].stat()
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(InputError) as error:
+        rows[4]
+    assert str(error.value) == (f"parquet shard {paths[0]}, row group 1: the shard changed after the launch read it "
+                                f"(modified since); restore it, or relaunch to train on the data as it is now")
+    paths[1].unlink()
+    with pytest.raises(InputError) as error:
+        rows[6]
+    assert str(error.value) == (f"parquet shard {paths[1]}, row group 0: the shard cannot be read any more "
+                                f"([Errno 2] No such file or directory: {str(paths[1])!r})")
+    content = paths[2].read_bytes()
+    rewrite_in_place(paths[2], content[:-4] + b"\0" * 4)  # the magic bytes after the footer
+    pyarrows = error_of(pq.ParquetFile, paths[2])
+    assert pyarrows.startswith("ArrowInvalid: ")
+    for _ in range(2):  # the shard was not left open: the second read fails the same way
+        assert error_of(rows.__getitem__, 15) == (f"InputError: parquet shard {paths[2]}, row group 1 cannot be read "
+                                                  f"({pyarrows}); the shard is damaged: download or write it again")
+    assert open_shards(paths) == []
+
+
+def test_a_damaged_row_group_is_closed_and_the_others_still_read(tmp_path):
+    """Zeros over row group 2's data (footer intact): reading it fails as pyarrow's own read of that
+    group fails, quoted by its first line; the shard's file is closed; the other groups read."""
+    path = write_split(tmp_path, "train", [40], row_group=10)[0]
+    column = pq.read_metadata(path).row_group(2).column(0)
+    with open(path, "r+b") as file:
+        file.seek(column.data_page_offset)
+        file.write(b"\0" * column.total_compressed_size)
+    pyarrows = error_of(pq.ParquetFile(path).read_row_group, 2)
+    assert pyarrows.startswith("OSError: ")
+    rows = ParquetRows([path])
+    assert rows[5] == pq.ParquetFile(path).read_row_group(0).to_pylist()[5] and open_shards([path]) == [0]
+    assert error_of(rows.__getitem__, 25) == (f"InputError: parquet shard {path}, row group 2 cannot be read "
+                                              f"({pyarrows}); the shard is damaged: download or write it again")
+    assert open_shards([path]) == []
+    assert rows[35]["image"] == {"bytes": b"image 35", "path": "train_35.JPEG"}
