@@ -1,8 +1,9 @@
 """Tests for clsvit.data.agreement: what identifies a split (a folder listing's digest, parquet shard
 footers), the main process's listing served as it is by the others, and the one line that stops a
-launch whose processes loaded different data. The 2-process runs are in test_imagefolder.py (a
-folder changed after the main process's scan) and test_fault_tolerance.py (processes that see
-different trees)."""
+launch whose processes loaded different data. Two processes run here as accelerate's debug_launcher
+forks them (gloo), each on its own "node" folder; the launches of train.py and eval.py are in
+test_imagefolder.py (a folder changed after the main process's scan) and test_fault_tolerance.py
+(processes that see different trees)."""
 
 import hashlib
 import json
@@ -141,7 +142,8 @@ def test_shard_footers_name_each_file_from_their_common_folder_and_hash_its_foot
     its footer, the bytes before the last 8 that pyarrow's FileMetaData.serialized_size counts; an
     encrypted footer (the file ends with "PARE", parquet-format's Encryption.md) as well."""
     shards = write_split(tmp_path / "a", "train", [5]) + write_split(tmp_path / "b" / "c", "train", [3])
-    encrypted = write_bytes(tmp_path / "a" / "encrypted.parquet", b"PARE" + b"data" + b"footer 10" + bytes([9, 0, 0, 0]) + b"PARE")
+    encrypted = write_bytes(tmp_path / "a" / "encrypted.parquet",
+                            b"PARE" + b"data" + b"footer 10" + (9).to_bytes(4, "little") + b"PARE")
     parts = list(shard_footers([str(path) for path in shards] + [encrypted]))
     names = ["a/train-00000-of-00001.parquet", "b/c/train-00000-of-00001.parquet", "a/encrypted.parquet"]
     assert [json.loads(part) for part in parts[0::2]] == [[name, (tmp_path / name).stat().st_size] for name in names]
@@ -203,6 +205,7 @@ def test_the_identity_goes_into_provenance_whole():
 DATA = dict(source="imagefolder", path="/proc/self/cwd/imagenet", train_split="train", val_split="validation",
             val_layout="class_folders", image_column="image", label_column="label")
 SOURCE = "data.source=imagefolder data.path='/proc/self/cwd/imagenet'"
+CWD_CACHE = Path("/proc/self/cwd/hf_cache")  # each process's own node's datasets cache
 EVERY_PROCESS = ("every process must see the same files (a node's own copy of the tree or datasets cache that "
                  "differs, or data that changed while the launch started)")
 
@@ -239,9 +242,6 @@ def _on_node(nodes: Path, own_cache: bool, results: Path):
     except SystemExit as stop:
         outcome = {"SystemExit": stop.code}
     (results / f"rank{rank}.json").write_text(json.dumps(outcome))
-
-
-CWD_CACHE = Path("/proc/self/cwd/hf_cache")
 
 
 def loaded_on(node: Path, monkeypatch, cache: Path = CWD_CACHE):
