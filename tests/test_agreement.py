@@ -189,7 +189,10 @@ def test_a_disagreement_is_one_line_naming_the_processes_and_what_each_loaded():
         f"2 classes; process 2: train 119,999 images (digest {'b' * 12}), validation 10 images (digest {'e' * 12}), "
         "2 classes; process 5: data.path '/scratch/imagenet' does not exist; every process must see the same files "
         "(a node's own copy of the tree or datasets cache that differs, or data that changed while the launch started)")
-    assert "(their class names differ)" in disagreement([same, identity(120_000, "a", ("a", "c"))], "x")
+    renamed = identity(120_000, "a", ("a", "c"))  # the same listing digest: only the class names tell them apart
+    assert disagreement([same, same, renamed], "data.source=parquet data.path='/data'") == (
+        "the processes loaded different data from data.source=parquet data.path='/data' (their class names differ): "
+        f"processes 0-1: {same.describe()}; process 2: {renamed.describe()}; {EVERY_PROCESS}")
 
 
 def test_an_identity_without_labels_names_no_classes():
