@@ -121,7 +121,7 @@ def test_other_datasets_are_identified_by_their_cache_files_or_content():
 def test_a_dataset_from_cache_files_is_identified_by_their_names_and_sizes(tmp_path):
     """A dataset memory-mapped from its Arrow cache files: the same digest from a copy of the files
     in another folder (a node's own cache), another one when a file's size differs with the same
-    rows and features."""
+    rows and features, or for fewer rows of the same files."""
     rows = {"image": ["a.jpg", "b.jpg"], "label": [0, 1]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
     shutil.copytree(tmp_path / "one", tmp_path / "copy")
@@ -129,6 +129,8 @@ def test_a_dataset_from_cache_files_is_identified_by_their_names_and_sizes(tmp_p
     one, copy, other = (datasets.load_from_disk(str(tmp_path / name)) for name in ("one", "copy", "other"))
     assert one.cache_files and one.cache_files[0]["filename"] != copy.cache_files[0]["filename"]
     assert split_digest(one) == split_digest(copy) != split_digest(other)
+    first_row = one.select(range(1))  # a slice of the same memory-mapped file
+    assert first_row.cache_files == one.cache_files and split_digest(first_row) != split_digest(one)
     assert len(other) == len(one) and other.features == one.features
 
 
