@@ -5,17 +5,20 @@
 #   scripts/mutation.sh                         every core module
 #   scripts/mutation.sh clsvit/checkpoint.py    one module (or several)
 #   scripts/mutation.sh --summary [MODULE...]   the scores of the last runs, without running
+#   scripts/mutation.sh --survivors [MODULE...] run again the mutants that survived or were not checked
 #
 # Each mutant runs only the fast tests (-m "not slow") that reach the function it changes. The first
 # run records which tests reach which function (one pass of the fast loop, cached in mutants/);
-# later runs test only the mutants of functions or tests that changed. It ends with killed/total per
+# later runs test only the mutants of functions that changed (a survivor of an unchanged function
+# keeps its result until --survivors runs it again with the tests as they are now). It ends with killed/total per
 # module and the survivors (inspect one: .venv/bin/mutmut show NAME). MUTATION_JOBS (default 2) sets
 # the parallel test processes; everything runs under `nice -n 10`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-run=1
+run=1 survivors=0
 if [ "${1:-}" = "--summary" ]; then run=0; shift; fi
+if [ "${1:-}" = "--survivors" ]; then survivors=1; shift; fi
 
 patterns=()
 for module in "$@"; do
@@ -25,11 +28,26 @@ for module in "$@"; do
   patterns+=("${name//\//.}.*")
 done
 
+run_args=("${patterns[@]}")
+if [ "$survivors" = 1 ]; then
+  # mutmut runs a mutant named on its command line again even when it has a result
+  mapfile -t run_args < <(.venv/bin/mutmut results 2>/dev/null | .venv/bin/python -c '
+import fnmatch, sys
+patterns = sys.argv[1:] or ["*"]
+for line in sys.stdin:
+    name, _, status = line.strip().rpartition(": ")
+    if status in ("survived", "no tests", "not checked") and any(fnmatch.fnmatch(name, p) for p in patterns):
+        print(name)
+' "${patterns[@]}")
+  echo "mutation.sh: running ${#run_args[@]} surviving or unchecked mutants again"
+  [ "${#run_args[@]}" -gt 0 ] || exit 0
+fi
+
 if [ "$run" = 1 ]; then
   start=$SECONDS
   # mutmut's exit status says nothing about the score; the summary below does
   mkdir -p mutants
-  nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${patterns[@]}" > mutants/mutation.log 2>&1 || true
+  nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${run_args[@]}" > mutants/mutation.log 2>&1 || true
   tr "\r" "\n" < mutants/mutation.log | grep -v "^[^ -~]" | tail -n 5
   echo "mutation.sh: ran in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 fi
