@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from clsvit.data.augment import BOX, JPEG, ROW
 from clsvit.errors import InputError
-from clsvit.data.images import ImageClassDataset, check_pixels, seeded_rngs, to_rgb
+from clsvit.data.images import ImageClassDataset, check_pixels, seeded_rngs, size_checked_by_caller, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
 
@@ -67,8 +66,7 @@ def open_image(data: bytes) -> tuple[int, int, Image.Image | None]:
             colorspace = None
         if colorspace in ("YCbCr", "Gray") and width * height <= (Image.MAX_IMAGE_PIXELS or math.inf):
             return width, height, None
-    with warnings.catch_warnings():  # Pillow's DecompressionBombWarning
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with size_checked_by_caller():
         image = Image.open(io.BytesIO(data))
     return *image.size, image
 

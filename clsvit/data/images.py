@@ -55,6 +55,15 @@ def check_pixels(width: int, height: int, max_pixels: int | None):
                                            f"data.max_image_pixels={max_pixels:,}")
 
 
+@contextlib.contextmanager
+def size_checked_by_caller():
+    """Pillow's ``DecompressionBombWarning`` silenced while an image is opened: the caller checks
+    its size with :func:`check_pixels`, which names the image and the key."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def _without_decoding(dataset, columns: list[str]):
     """Keep ``columns`` and stop HF from decoding images: we decode ourselves, only what we use."""
     dataset = dataset.select_columns(columns)
@@ -143,8 +152,7 @@ class ImageClassDataset(Dataset):
     def _decode(self, value, sample_seed, position: int):
         """The stored image value of row ``position`` -> what :meth:`_transform` takes; raises for a
         broken file."""
-        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the size is checked here
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with size_checked_by_caller():
             image = decode_image(value)
         check_pixels(*image.size, self.max_pixels)
         return to_rgb(image)
