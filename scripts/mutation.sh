@@ -28,39 +28,22 @@ for module in "$@"; do
   patterns+=("${name//\//.}.*")
 done
 
-run_args=("${patterns[@]}")
-if [ "$survivors" = 1 ]; then
-  # mutmut runs a mutant named on its command line again even when it has a result
-  mapfile -t run_args < <(.venv/bin/mutmut results 2>/dev/null | .venv/bin/python -c '
-import fnmatch, sys
-patterns = sys.argv[1:] or ["*"]
-for line in sys.stdin:
-    name, _, status = line.strip().rpartition(": ")
-    if status in ("survived", "no tests", "not checked") and any(fnmatch.fnmatch(name, p) for p in patterns):
-        print(name)
-' "${patterns[@]}")
-  echo "mutation.sh: running ${#run_args[@]} surviving or unchecked mutants again"
-  [ "${#run_args[@]}" -gt 0 ] || exit 0
-fi
-
-if [ "$run" = 1 ]; then
-  start=$SECONDS
-  # mutmut's exit status says nothing about the score; the summary below does
-  mkdir -p mutants
-  nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${run_args[@]}" > mutants/mutation.log 2>&1 || true
-  tr "\r" "\n" < mutants/mutation.log | grep -v "^[^ -~]" | tail -n 5
-  echo "mutation.sh: ran in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
-fi
-
-.venv/bin/mutmut results --all true 2>/dev/null | .venv/bin/python -c '
+# mutmut's results for the modules given: "names" lists the mutants whose tests passed (survivors,
+# "no tests", not yet run); "summary" prints killed/total per module and those mutants
+results() {
+  .venv/bin/mutmut results --all true 2>/dev/null | .venv/bin/python -c '
 import collections, fnmatch, re, sys
-patterns = sys.argv[1:] or ["*"]
+mode, patterns = sys.argv[1], sys.argv[2:] or ["*"]
 # the tests did not pass: they failed, hung (timeout), or their process died (suspicious: a signal)
 DETECTED = ("killed", "timeout", "suspicious", "segfault")
 counts, survivors = collections.defaultdict(collections.Counter), collections.defaultdict(list)
 for line in sys.stdin:
     name, _, status = line.strip().rpartition(": ")
     if not name or not any(fnmatch.fnmatch(name, p) for p in patterns):
+        continue
+    if mode == "names":
+        if status not in DETECTED:
+            print(name)
         continue
     module = re.split(r"\.x(?:_|\u01c1)", name, maxsplit=1)[0]  # clsvit.runlock.x_f__mutmut_3 -> clsvit.runlock
     counts[module][status] += 1
@@ -75,4 +58,24 @@ for module in sorted(counts):
 for module in sorted(survivors):
     for name in survivors[module]:
         print("  " + name)
-' "${patterns[@]}"
+' "$@"
+}
+
+run_args=("${patterns[@]}")
+if [ "$survivors" = 1 ]; then
+  # mutmut runs a mutant named on its command line again even when it has a result
+  mapfile -t run_args < <(results names "${patterns[@]}")
+  echo "mutation.sh: running ${#run_args[@]} surviving or unchecked mutants again"
+  [ "${#run_args[@]}" -gt 0 ] || exit 0
+fi
+
+if [ "$run" = 1 ]; then
+  start=$SECONDS
+  # mutmut's exit status says nothing about the score; the summary below does
+  mkdir -p mutants
+  nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${run_args[@]}" > mutants/mutation.log 2>&1 || true
+  tr "\r" "\n" < mutants/mutation.log | grep -v "^[^ -~]" | tail -n 5
+  echo "mutation.sh: ran in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+fi
+
+results summary "${patterns[@]}"
