@@ -156,6 +156,16 @@ def test_shard_footers_name_each_file_from_their_common_folder_and_hash_its_foot
     assert parts[1::2] == [hashlib.sha256(footer).digest() for footer in [*footers, b"footer 10"]]
 
 
+def test_a_footer_that_fills_the_file_after_its_leading_magic_is_read(tmp_path):
+    """The longest footer a file can hold fills everything between the leading "PAR1" and the last 8
+    bytes, as in pyarrow's file of a table with no column."""
+    path = tmp_path / "no-column.parquet"
+    pq.write_table(pa.table({}), path)
+    data, length = path.read_bytes(), pq.read_metadata(path).serialized_size
+    assert len(data) == 4 + length + 8
+    assert list(shard_footers([str(path)]))[1] == hashlib.sha256(data[4:-8]).digest()
+
+
 def test_a_file_without_a_parquet_footer_is_named_with_its_size(tmp_path):
     """A file that does not end with a footer (not parquet, shorter than the 8 bytes that end one, or
     a footer length that leaves no room for the leading "PAR1") or cannot be read: a one-line error
@@ -163,7 +173,7 @@ def test_a_file_without_a_parquet_footer_is_named_with_its_size(tmp_path):
     cases = {
         "image.jpg": b"\xff\xd8\xff\xe0" + bytes(96),
         "short.parquet": b"PAR1",
-        "overlong.parquet": b"PAR1" + bytes(20) + (22).to_bytes(4, "little") + b"PAR1",  # 32 bytes: at most 20
+        "overlong.parquet": b"PAR1" + bytes(20) + (21).to_bytes(4, "little") + b"PAR1",  # 32 bytes: at most 20
     }
     for name, data in cases.items():
         path = write_bytes(tmp_path / name, data)

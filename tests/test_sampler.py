@@ -267,3 +267,11 @@ def test_an_evaluation_pass_on_hand_cut_streams(sizes, processes, workers, batch
         assert all(1 <= len(rows) <= batch for rows in batches) and len(batches.valid) == len(batches)
         counted.update(row for valid, rows in zip(batches.valid, batches) for row in rows[:valid])
     assert counted == Counter(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [0, 0, 0]], ids=["no row group", "one empty group", "empty groups"])
+def test_an_evaluation_pass_over_no_rows_is_refused(sizes):
+    """An evaluation split of 0 rows is refused in one line, not served as a padding batch whose row
+    does not exist."""
+    with pytest.raises(InputError, match=r"^the evaluation split has no rows: nothing to evaluate$"):
+        EvalBatches(sizes, 4, num_replicas=2, rank=0, workers=1)

@@ -38,6 +38,7 @@ from clsvit.data.sources import load_splits
 from clsvit.errors import InputError
 
 PARQUET_TAIL = 8  # a parquet file ends with its footer's length (4 bytes, little-endian) and "PAR1"
+PARQUET_HEAD = 4  # and starts with "PAR1" (parquet-format README, "File Format")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def shard_footers(files: list[str]):
                 file.seek(max(size - PARQUET_TAIL, 0))
                 tail = file.read(PARQUET_TAIL)
                 length = int.from_bytes(tail[:4], "little")
-                if len(tail) < PARQUET_TAIL or tail[4:] not in (b"PAR1", b"PARE") or length > size - 2 * PARQUET_TAIL:
+                if len(tail) < PARQUET_TAIL or tail[4:] not in (b"PAR1", b"PARE") or length > size - PARQUET_HEAD - PARQUET_TAIL:
                     raise InputError(f"{path} is not a parquet file: it does not end with a footer ({size} bytes)")
                 file.seek(size - PARQUET_TAIL - length)
                 footer = file.read(length)

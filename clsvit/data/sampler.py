@@ -341,8 +341,10 @@ class EvalBatches(Sampler):
         row_groups = np.asarray(row_groups, dtype=np.int64)
         streams_per_rank = max(1, workers)
         streams = num_replicas * streams_per_rank
+        total = int(row_groups.sum())
+        if total == 0:
+            raise InputError("the evaluation split has no rows: nothing to evaluate")
         ends = np.cumsum(row_groups)
-        total = int(ends[-1])
         # stream s ends at the group boundary nearest to (s + 1) / streams of the rows
         cuts = [0] + [int(ends[np.abs(ends - total * (s + 1) / streams).argmin()]) for s in range(streams - 1)] + [total]
         cuts = np.maximum.accumulate(cuts)
@@ -351,7 +353,7 @@ class EvalBatches(Sampler):
         self.batches, self.valid = [], []
         mine = [np.array_split(np.arange(cuts[s], cuts[s + 1]), count)
                 for s in range(rank * streams_per_rank, (rank + 1) * streams_per_rank)]
-        filler = next((int(cuts[s]) for s in range(streams) if rows[s] > 0), 0)
+        filler = next(int(cuts[s]) for s in range(streams) if rows[s] > 0)
         for k in range(count):
             for stream in mine:
                 batch = stream[k].tolist()
