@@ -28,6 +28,7 @@ from clsvit.checkpoint import (COMPLETE_MARKER, CheckpointError, EvalSnapshot, _
                                remove_partial_checkpoints, same_snapshot_on_every_process, save_checkpoint,
                                save_weights)
 from clsvit.errors import InputError
+from clsvit.model import recorded_tokens
 from clsvit.runlock import Owner, RunDirectoryInUse, RunLock
 from clsvit.training import Progress
 from model_utils import images, make_run
@@ -298,6 +299,22 @@ def test_eval_copy_of_a_checkpoint_drops_the_ddp_and_compile_prefixes(tmp_path, 
         assert (copy / "config.yaml").read_text() == f"run:\n  name: {name}\n"
         assert not copy.is_relative_to(tmp_path)  # a private copy: the training may rotate the checkpoint away
         assert copy.name.startswith("clsvit-eval-step_4-")  # a leftover of a killed eval.py says what it is
+
+
+@pytest.mark.parametrize("specialize, recorded", [
+    ({"tokens": "global"}, None),  # a baseline: no copies, nothing recorded
+    ({"tokens": "cls", "norm": 0.5}, "cls"),
+    ({"tokens": [2, 3], "qkv": [0]}, [2, 3]),
+    ({"tokens": "registers", "final_norm": True}, "registers"),
+], ids=["baseline", "cls", "patch position", "final norm only"])
+def test_eval_copy_of_a_checkpoint_records_the_tokens_of_its_copies(tmp_path, specialize, recorded):
+    """The copy eval.py reads records which tokens the checkpoint's copies are for, as a finished
+    run's model.safetensors does (read back by clsvit.model.recorded_tokens); a baseline's records none."""
+    checkpoint = tmp_path / "step_4"
+    checkpoint.mkdir()
+    save_file({"weight": torch.ones(2)}, checkpoint / "model.safetensors")
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump({"model": {"specialize": specialize}}))
+    assert recorded_tokens(_copy_checkpoint_weights(checkpoint) / "model.safetensors") == recorded
 
 
 COPY_THEN_EXIT = """
