@@ -5,6 +5,7 @@ progress display."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ from accelerate.launchers import debug_launcher
 from accelerate.state import AcceleratorState
 
 from clsvit.config import ConfigError
-from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, Progress, ProgressDisplay, gradient_norm,
-                             is_due, nonfinite_on_any_process, split_global_batch, use_deterministic_algorithms)
+from clsvit.training import (LogWindow, MicroBatchStream, PreemptionSignals, PreparedAhead, Progress, ProgressDisplay,
+                             gradient_norm, is_due, nonfinite_on_any_process, split_global_batch,
+                             use_deterministic_algorithms)
 
 
 @pytest.mark.parametrize("global_batch, cap, processes, even, expected", [
@@ -140,6 +142,63 @@ def test_prepared_ahead_raises_a_preparation_error_at_its_batch():
     assert next(stream) == [0, 1] and next(stream) == [2, 3]
     with pytest.raises(ValueError, match="broken batch"):
         next(stream)
+
+
+@pytest.mark.parametrize("options", [{}, {"ahead": False}], ids=["default", "ahead=False"])
+def test_micro_batch_stream_prepares_on_the_callers_thread_unless_ahead(options):
+    """Without ``ahead`` (its default) a batch is prepared on the caller's thread when the caller asks
+    for it: after three batches exactly those three were prepared, none ahead."""
+    prepared = []
+
+    def prepare(batch):
+        prepared.append((batch, threading.current_thread()))
+        return batch
+
+    sampler = _Sampler(size=10)
+    stream = MicroBatchStream(_Batches(sampler, 2), sampler, Progress(), micro_batch=2, epoch_samples=8, prepare=prepare,
+                              **options)
+    assert [next(stream) for _ in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    caller = threading.current_thread()
+    assert prepared == [([0, 1], caller), ([2, 3], caller), ([4, 5], caller)]
+
+
+class _SlowToFree:
+    """An item that takes a while to release. PreparedAhead's thread drops the last reference to an
+    item once it has prepared it, so that thread is still busy when the caller asks for the next."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __del__(self):
+        time.sleep(0.2)
+
+
+def test_prepared_ahead_prepares_on_one_named_background_thread():
+    """Every preparation runs on the one background thread of the PreparedAhead, named
+    ``clsvit-prepare-ahead_0`` (what ``threading.enumerate()`` and a py-spy dump show), never on the
+    caller's: also when that thread is still releasing the previous item as the caller asks for the
+    next, the next preparation waits for it instead of starting a second thread."""
+    threads = []
+
+    def prepare(item):
+        threads.append(threading.current_thread())
+        return 10 * item.value
+
+    ahead = PreparedAhead((_SlowToFree(k) for k in itertools.count()), prepare, device=torch.device("cpu"))
+    assert [next(ahead) for _ in range(3)] == [0, 10, 20]
+    assert {thread.name for thread in threads} == {"clsvit-prepare-ahead_0"} and len(set(threads)) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA device")
+@pytest.mark.parametrize("device", ["cuda", torch.device("cuda", 0)], ids=str)
+def test_preparing_ahead_for_cuda_needs_a_cuda_device(device):
+    """Preparing ahead for a CUDA device creates the preparation's stream on that device at once:
+    without a usable CUDA device the batch stream fails when it is built (torch.cuda.Stream raises),
+    instead of preparing on the host without the overlap."""
+    sampler = _Sampler(size=10)
+    with pytest.raises(RuntimeError):
+        MicroBatchStream(_Batches(sampler, 2), sampler, Progress(), micro_batch=2, epoch_samples=8, ahead=True,
+                         device=device)
 
 
 class _Batches:
