@@ -141,6 +141,9 @@ class MicroBatchStream:
                     break
 
 
+_NO_MORE_ITEMS = object()  # PreparedAhead.pending once the items are exhausted
+
+
 class PreparedAhead:
     """``prepare(item)`` for each item of ``items``, one item ahead: while the caller uses item k,
     a background thread prepares item k+1 (the items themselves are drawn on the caller's thread).
@@ -172,8 +175,11 @@ class PreparedAhead:
     def __next__(self):
         if self.pending is None:
             self.pending = self.pool.submit(self._prepare, next(self.items))
+        if self.pending is _NO_MORE_ITEMS:
+            raise StopIteration
         prepared, done = self.pending.result()
-        self.pending = self.pool.submit(self._prepare, next(self.items))  # runs while the caller uses `prepared`
+        item = next(self.items, _NO_MORE_ITEMS)  # prepared while the caller uses `prepared`
+        self.pending = item if item is _NO_MORE_ITEMS else self.pool.submit(self._prepare, item)
         if done is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(done)

@@ -144,6 +144,16 @@ def test_prepared_ahead_raises_a_preparation_error_at_its_batch():
         next(stream)
 
 
+@pytest.mark.parametrize("items", [[], [1], [1, 2, 3]], ids=["none", "one", "three"])
+def test_prepared_ahead_returns_every_item_of_a_finite_stream(items):
+    """A finite stream ends after its last item, which is returned (drawing the next item ahead
+    finds none), and stays ended: as the items' own iterator does."""
+    prepared = PreparedAhead(items, lambda item: 10 * item)
+    assert list(prepared) == [10 * item for item in items]
+    with pytest.raises(StopIteration):
+        next(prepared)
+
+
 @pytest.mark.parametrize("options", [{}, {"ahead": False}], ids=["default", "ahead=False"])
 def test_micro_batch_stream_prepares_on_the_callers_thread_unless_ahead(options):
     """Without ``ahead`` (its default) a batch is prepared on the caller's thread when the caller asks
