@@ -354,6 +354,87 @@ def test_image_modes_decode_to_rgb():
     assert torch.allclose(sixteen[0], expected)  # scaled to 8 bits, not clipped white
 
 
+def test_palette_images_with_transparency_decode_to_their_palette_colours_without_a_warning():
+    """A palette PNG with per-entry alpha (Pillow opens its tRNS as bytes) and a GIF with one
+    transparent index decode to the RGB of their palette entries, the colours Pillow's own RGBA
+    conversion gives with the alpha dropped, and without Pillow's "Palette images with Transparency
+    expressed in bytes should be converted to RGBA images" warning, which a direct RGB conversion
+    raises for every such file. The RGB image is a plain one: an augmentation's own Pillow
+    conversions (timm's Color op, through ImageEnhance.Color) neither warn nor fail on it."""
+    from PIL import ImageEnhance
+
+    from clsvit.data.images import to_rgb
+
+    palette = Image.new("P", (4, 2))
+    palette.putpalette(bytes(range(3, 3 + 3 * 16)))
+    palette.putdata(list(range(8)))
+    alpha_png, gif = io.BytesIO(), io.BytesIO()
+    palette.save(alpha_png, "PNG", transparency=bytes([0, 128, 255, 64, 255, 255, 255, 255]))
+    palette.save(gif, "GIF", transparency=2)
+    opened = [Image.open(alpha_png), Image.open(gif)]
+    assert [(image.mode, type(image.info["transparency"])) for image in opened] == [("P", bytes), ("P", int)]
+    by_hand = np.arange(3, 3 + 3 * 8, dtype=np.uint8).reshape(2, 4, 3)  # entry i is (3 + 3i, 4 + 3i, 5 + 3i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = [to_rgb(image) for image in opened]
+        for rgb in converted:
+            ImageEnhance.Color(rgb).enhance(0.5)
+            rgb.convert("RGBA")
+    for image, rgb in zip(opened, converted):
+        pixels = np.asarray(rgb)
+        assert rgb.mode == "RGB" and np.array_equal(pixels, by_hand)
+        assert np.array_equal(pixels, np.asarray(image.convert("RGBA"))[..., :3])
+    with pytest.warns(UserWarning, match="Palette images with Transparency expressed in bytes"):
+        opened[0].convert("RGB")  # what to_rgb avoids
+
+
+def test_a_missing_column_is_named_with_the_columns_there_are():
+    """Each of the image and label columns must be there; the error names the first one missing
+    and lists the dataset's columns."""
+    hf = Dataset.from_dict({"img": [png_bytes(random_image(0))], "cls": [0]},
+                           features=Features(img=ImageFeature(), cls=ClassLabel(num_classes=3)))
+    with pytest.raises(ValueError) as error:
+        ImageClassDataset(hf, T.ToTensor(), num_classes=3)
+    assert str(error.value) == "column 'image' not in the dataset; available columns: img, cls"
+    with pytest.raises(ValueError) as error:
+        ImageClassDataset(hf, T.ToTensor(), num_classes=3, image_column="img")
+    assert str(error.value) == "column 'label' not in the dataset; available columns: img, cls"
+    assert ImageClassDataset(hf, T.ToTensor(), num_classes=3, image_column="img", label_column="cls")[0][1] == 0
+
+
+def test_a_label_equal_to_num_classes_is_refused_naming_the_file():
+    """Labels are 0 .. num_classes - 1: the label num_classes is outside, and the error names the
+    sample by its file when the dataset knows it."""
+    images = [{**png_bytes(random_image(i)), "path": f"train/n0{i}.png"} for i in range(3)]
+    dataset = ImageClassDataset(class_dataset(images, [2, 3, 0], num_classes=4), T.ToTensor(), num_classes=3)
+    assert dataset[0][1] == 2
+    with pytest.raises(ValueError) as error:
+        dataset[1]
+    assert str(error.value).startswith("sample train/n01.png (row 1): label 3 is outside [0, 3) (column 'label';")
+
+
+def test_sample_name_is_the_file_else_the_row():
+    """A stored value with a path is named by it; one without (bytes only, a decoded PIL image,
+    which decode_image also takes, or nothing) by its row."""
+    from clsvit.data.images import sample_name
+
+    assert sample_name({"bytes": b"", "path": "a/b.jpg"}, 4) == "a/b.jpg (row 4)"
+    assert sample_name({"bytes": b"", "path": None}, 4) == "row 4"
+    assert sample_name(random_image(0), 4) == "row 4"
+    assert sample_name(None, 4) == "row 4"
+
+
+def test_an_error_is_recorded_by_its_first_line_at_most_200_characters():
+    """An undecodable file's error is recorded by the first line of its message, cut to 200
+    characters, or "(no message)" when it has none."""
+    from clsvit.data.images import _first_line
+
+    assert _first_line(OSError("x" * 200 + "y\nsecond line")) == "x" * 200
+    assert _first_line(ValueError("  short\n\n more")) == "short"
+    assert _first_line(OSError()) == "(no message)"
+    assert _first_line(SyntaxError("  \n ")) == "(no message)"
+
+
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels (PIL checks the size when it opens the file)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -439,6 +520,29 @@ def test_undecodable_policy_counts_distinct_files_and_stops_beyond_the_fraction(
                                          r"data.max_bad_fraction=0.002 allows; first: x: a.jpg \(row 3\), "
                                          r"x: a.jpg \(row 4\), row 9"):
         restored.check()
+
+
+def test_undecodable_policy_counts_a_file_reported_twice_in_one_batch_once_and_names_three():
+    """Records gathered from several processes can hold one file twice: it is one file. Beyond the
+    limit the error names the first three files and no more."""
+    policy = UndecodableImages(dataset_size=100, max_fraction=0.03)  # 3 files tolerated
+    a, b = UndecodableImage("a.jpg", 0, "OSError: x"), UndecodableImage("b.jpg", 1, "OSError: x")
+    assert policy.add([a, b, a, b]) == [a, b]
+    assert policy.state_dict() == {"names": ["a.jpg (row 0)", "b.jpg (row 1)"]}
+    policy.add([UndecodableImage(None, 7, "OSError: x"), UndecodableImage("d.jpg", 9, "OSError: x")])
+    with pytest.raises(ValueError) as error:
+        policy.check()
+    assert str(error.value).endswith("data.max_bad_fraction=0.03 allows; first: a.jpg (row 0), b.jpg (row 1), row 7")
+
+
+def test_batch_transform_moves_the_images_to_the_given_device():
+    """The loader's images go to the device the caller names (the meta device stands in for an
+    accelerator here: the copy must land there, not stay on the host)."""
+    dataset = ImageClassDataset(class_dataset([png_bytes(random_image(0))], [0]), T.ToTensor(), num_classes=3)
+    images = torch.rand(2, 3, 4, 4)
+    moved = dataset.batch_transform(torch.device("meta"))(images)
+    assert moved.device.type == "meta" and moved.shape == images.shape and moved.dtype == images.dtype
+    assert torch.equal(dataset.batch_transform(torch.device("cpu"))(images), images)
 
 
 def constant_png(width: int, height: int, rgb: tuple[int, int, int], rows_per_block: int = 100) -> bytes:
