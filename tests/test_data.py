@@ -471,6 +471,20 @@ def test_undecodable_images_are_replaced_and_recorded():
         only_bad[0]
 
 
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_a_row_without_an_image_is_replaced_and_recorded(augment_on):
+    """A null in the image column (a row of a parquet shard with no image) is a broken sample on
+    both data paths: replaced by the next sample and recorded by its row."""
+    images = [png_bytes(random_image(0, size=(32, 32))), None, png_bytes(random_image(2, size=(32, 32)))]
+    cfg = recipe()
+    cfg["data"]["augment_on"] = augment_on
+    dataset = D.build_image_dataset(class_dataset(images, [0, 1, 2]), cfg, train=False, num_classes=3)
+    _, label, problems = dataset[1]
+    assert label == 2 and [(p.path, p.row, p.error, p.name) for p in problems] == [
+        (None, 1, "ValueError: no image (the row's image is null)", "row 1")]
+    assert dataset[0][2] == ()
+
+
 def test_undecodable_records_travel_through_loader_workers():
     """Records from two DataLoader workers arrive as they were made (paths with ": " intact)."""
     images = [png_bytes(random_image(i)) for i in range(6)]

@@ -33,13 +33,16 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from clsvit.data.augment import BOX, JPEG, ROW
 from clsvit.errors import InputError
-from clsvit.data.images import ImageClassDataset, check_pixels, seeded_rngs, size_checked_by_caller, to_rgb
+from clsvit.data.images import NO_IMAGE, ImageClassDataset, check_pixels, seeded_rngs, size_checked_by_caller, to_rgb
 
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg-turbo's fast reduced IDCTs: 1/1, 1/2, 1/4, 1/8
 
 
 def read_bytes(value) -> bytes:
-    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) -> the file's bytes."""
+    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) -> the file's bytes; a null value
+    raises ``ValueError``, as :func:`~clsvit.data.images.decode_image` does."""
+    if value is None:
+        raise ValueError(NO_IMAGE)
     if value.get("bytes") is not None:
         return value["bytes"]
     with open(value["path"], "rb") as file:

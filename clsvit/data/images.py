@@ -22,10 +22,16 @@ from clsvit.errors import InputError
 
 # ---------------------------------------------------------------- decoding
 
+NO_IMAGE = "no image (the row's image is null)"
+
+
 def decode_image(value) -> Image.Image:
-    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL image."""
+    """An undecoded HF ``Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL image; a null
+    value (a row without an image) raises ``ValueError``, a broken sample."""
     if isinstance(value, Image.Image):
         return value
+    if value is None:
+        raise ValueError(NO_IMAGE)
     if value.get("bytes") is not None:
         return Image.open(io.BytesIO(value["bytes"]))
     return Image.open(value["path"])
@@ -122,7 +128,7 @@ class ImageClassDataset(Dataset):
     of (index, seed) whichever worker process runs it.
 
     ``problems`` is a tuple of :class:`UndecodableImage`, empty for a clean sample. An image that
-    cannot be decoded (truncated, empty, not an image) or holds more than ``max_pixels`` pixels
+    cannot be decoded (truncated, empty, not an image, null) or holds more than ``max_pixels`` pixels
     (:func:`check_pixels`, read from the header before anything is decoded) is replaced by the next
     decodable sample and recorded, so the training loop can count and report broken files across
     DataLoader workers and processes (:class:`UndecodableImages` holds the policy). A label
