@@ -617,6 +617,10 @@ def test_bad_inputs_are_one_line_errors_naming_the_file():
     with pytest.raises(InputError, match=r"depth row 0 must be a 16-bit or float single-channel image"):
         DenseDataset(hf([png(photo)], [png(eight_bit)], "depth"), "depth", image_column="image",
                      target_column="depth")[0]
+    for images, masks, column in [([png(photo), None], [png(small)] * 2, "image"),
+                                  ([png(photo)] * 2, [png(small), None], "mask")]:
+        with pytest.raises(InputError, match=rf"^eval: row 1 has no {column} \(the value is null\)$"):
+            DenseDataset(hf(images, masks), "seg", image_column="image", target_column="mask", num_classes=3)[1]
     with pytest.raises(InputError, match=r"eval.seg.protocol must be one of dinov2_linear \| dinov3_linear"):
         seg_settings(protocol="dinov1")
 

@@ -121,6 +121,9 @@ class DenseDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
+        for column in (self.image_column, self.target_column):
+            if row[column] is None:
+                raise InputError(f"{self.name}: row {int(index)} has no {column} (the value is null)")
         image = np.asarray(to_rgb(decode_image(row[self.image_column])))
         target_value = row[self.target_column]
         where = sample_name(target_value, int(index))
