@@ -17,8 +17,9 @@ import torch
 import yaml
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from safetensors.torch import load_file
-from timm.data.auto_augment import AugmentOp
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data import create_transform
+from timm.data.auto_augment import AugmentOp, AutoAugment
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F
@@ -26,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clsvit.data import augment as A
 from clsvit import data as D
-from clsvit.data.images import seeded_rngs
+from clsvit.data.images import ImageClassDataset, seeded_rngs
+from clsvit.errors import InputError
 from clsvit.training import MicroBatchStream, Progress
 from clsvit.data import crops
 from clsvit.data.crops import CropBatch, CropDataset, dct_scale, decode_crop, open_image
@@ -494,3 +496,193 @@ def test_resume_is_bit_identical_with_augment_on_device(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     evals = [e for e in read_jsonl(tmp_path / "straight" / "tiny" / "metrics.jsonl") if "val/top1" in e]
     assert [(e["step"], e["val/images"]) for e in evals] == [(8, 50)]
+
+
+# ---------------------------------------------------------------- recipe options and refusals
+
+def train_transform(size=48, *, policy=None, **options):
+    """timm's training transform (create_transform) with DeiT-III's defaults unless ``options`` say
+    otherwise; ``policy`` replaces 3-Augment's sub-policies by timm AugmentOps ``(name, prob, magnitude)``."""
+    options = dict(dict(scale=(0.08, 1.0), hflip=0.5, auto_augment="3a", color_jitter=0.3, interpolation="bicubic",
+                        re_prob=0.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), **options)
+    transform = create_transform(size, is_training=True, **options)
+    if policy is not None:
+        (three_augment,) = [step for step in transform.transforms if isinstance(step, AutoAugment)]
+        three_augment.policy = [[AugmentOp(*op) for op in sub_policy] for sub_policy in policy]
+    return transform
+
+
+def eval_transform(size=32, **options):
+    return create_transform(size, is_training=False, interpolation="bicubic", **options)
+
+
+RECIPES = {
+    # every option the device path reads, none at its DeiT-III value; contrast off (its factor is None)
+    "options": dict(scale=(0.3, 0.9), ratio=(0.5, 2.0), hflip=0.7, color_jitter=(0.4, 0.0, 0.2),
+                    interpolation="bilinear", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25)),
+    # 3-Augment's magnitudes read per op: solarize at 230, keep 0.3 of the colour, blur radius up to 1.0
+    "magnitudes": dict(policy=[[("Solarize", 1.0, 9)], [("Desaturate", 1.0, 4)], [("GaussianBlurRand", 1.0, 5)]]),
+    # solarize at 179, keep half the colour, blur radius uniform(0.1, 0) (timm's level 0)
+    "lowest levels": dict(policy=[[("Solarize", 1.0, 7)], [("Desaturate", 1.0, 0)], [("GaussianBlurRand", 1.0, 0)]]),
+    # no flip, no 3-Augment, no colour jitter: timm leaves their steps out
+    "nothing random": dict(hflip=0.0, auto_augment=None, color_jitter=None),
+}
+
+
+@pytest.mark.parametrize("options", RECIPES.values(), ids=RECIPES.keys())
+def test_device_path_follows_each_recipe_option_as_timm(options):
+    """TrainAugment built from timm transforms other than the default recipe's: crop scale and
+    ratio, flip probability, bilinear resize, colour jitter with a factor off, mean/std, 3-Augment
+    magnitudes, and every optional step left out. Against timm's own PIL transform on the same
+    seeds: PSNR >= 40 dB for every image."""
+    transform = train_transform(**options)
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    images = [{"bytes": jpeg(photo.resize((100 + 3 * i, 90 + i), Image.BICUBIC)), "path": None} for i in range(18)]
+    hf = class_dataset(images, [0] * 18)
+    cpu = ImageClassDataset(hf, transform, num_classes=3)
+    device = CropDataset(hf, A.TrainAugment(transform), num_classes=3)
+    batch = device.collate([device[(i, 80 + i)] for i in range(18)])[0]
+    mean, std = (torch.as_tensor(value).view(3, 1, 1) for value in (options.get("mean", MEAN), options.get("std", STD)))
+    ours = device.batch_transform("cpu")(batch) * std + mean
+    reference = torch.stack([cpu[(i, 80 + i)][0] for i in range(18)]) * std + mean
+    assert min(psnr(a, b) for a, b in zip(ours, reference)) >= 40
+    if "policy" in options:
+        assert set(batch.params[:, A.THREE_AUG].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("policy", [[[("Solarize", 1.0, 0.5)], [("Desaturate", 1.0, 4)], [("GaussianBlurRand", 1.0, 5)]],
+                                    [[("Solarize", 1.0, 7)], [("Desaturate", 1.0, 0)], [("GaussianBlurRand", 1.0, 0)]]],
+                         ids=["solarize below magnitude 1", "lowest levels"])
+def test_three_augment_levels_are_the_ones_timm_passes_to_pil(monkeypatch, policy):
+    """Per seed, with 3-Augment magnitudes other than 3a's: the op, the solarize threshold, the
+    colour-enhance factor and the blur radius that timm's ops hand to PIL are the device path's
+    (colour jitter off: its saturation calls PIL's colour enhance too)."""
+    transform = train_transform(policy=policy, color_jitter=None)
+    augment = A.TrainAugment(transform)
+    spy = Spy(monkeypatch)
+    solarize, enhance = ImageOps.solarize, ImageEnhance.Color.enhance
+    monkeypatch.setattr(ImageOps, "solarize", lambda image, threshold: spy._record("threshold", threshold)
+                        and solarize(image, threshold))
+    monkeypatch.setattr(ImageEnhance.Color, "enhance", lambda self, factor: spy._record("keep", factor) is None
+                        or enhance(self, factor))
+    image = random_image(0, size=(60, 50))
+    seen = set()
+    for seed in range(30):
+        with seeded_rngs(seed):
+            transform(image)
+            timm_state = random.getstate()
+        timm = spy.take()
+        with seeded_rngs(seed):
+            row = augment.draw(*image.size)
+            assert random.getstate() == timm_state, seed
+        seen.add(timm["op"])
+        assert A.OPS[int(row[A.THREE_AUG])] == timm["op"]
+        if timm["op"] == "Solarize":
+            assert augment.solarize_threshold == timm["threshold"]
+        elif timm["op"] == "Desaturate":
+            assert augment.desaturate_keep == timm["keep"]
+        else:
+            assert row[A.BLUR_SIGMA] == timm["sigma"]
+    assert seen == set(A.OPS)
+
+
+def test_rows_without_random_choices_encode_none():
+    """A training transform with no flip, 3-Augment or jitter draws a row that says so in the
+    encoding the accelerator reads (A.THREE_AUG, A.JITTER_OPS: -1 none; jitter factor 1, the
+    identity of torchvision's adjust_*), the same as the evaluation transform's row, whose box is
+    the whole image."""
+    augment = A.TrainAugment(train_transform(**RECIPES["nothing random"]))
+    evaluate = A.EvalTransform(eval_transform())
+    none = [0.0, -1.0, 0.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0]  # FLIP .. JITTER_FACTORS
+    for seed in range(5):
+        with seeded_rngs(seed):
+            row = augment.draw(90, 70)
+        assert row[4:13].tolist() == none
+    row = evaluate.draw(90, 70)
+    assert row[A.BOX].tolist() == [0, 0, 70, 90] and row[4:13].tolist() == none
+
+
+def test_flip_on_a_tie_follows_torchvision():
+    """torchvision's RandomHorizontalFlip flips when torch.rand(1) < p: with p exactly the value the
+    generator draws, neither it nor the row flips; with p one step above, both do."""
+    transform = train_transform()
+    augment = A.TrainAugment(transform)
+    image = torch.arange(2 * 3 * 5, dtype=torch.uint8).view(3, 2, 5)
+    for seed in range(3):
+        with seeded_rngs(seed):
+            drawn = torch.rand(1).item()  # the first draw from torch: the flip's (the crop draws from Python's random)
+        for p, flipped in ((drawn, False), (float(np.nextafter(np.float32(drawn), np.float32(1))), True)):
+            augment.flip.p = p
+            with seeded_rngs(seed):
+                assert torch.equal(augment.flip(image), image.flip(-1) if flipped else image)
+            with seeded_rngs(seed):
+                assert augment.draw(50, 40)[A.FLIP] == float(flipped), (seed, p)
+
+
+def refusal(build, transform) -> str:
+    with pytest.raises(InputError) as error:
+        build(transform)
+    return str(error.value)
+
+
+def test_train_transforms_the_device_path_cannot_run_are_refused_word_for_word():
+    """Each timm training option the accelerator does not implement stops in one line that names
+    it and the key to set."""
+    extra = train_transform(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    assert refusal(A.TrainAugment, extra) == (
+        "data.augment_on=device runs RandomResizedCrop, flip, 3-Augment, colour jitter and normalisation on the "
+        "accelerator; this recipe's transform also has RandAugment, RandomErasing: set data.augment_on=cpu")
+    assert refusal(A.TrainAugment, train_transform(interpolation="random")) == (
+        "data.augment_on=device needs one aug.interpolation, not a random choice")
+    assert refusal(A.TrainAugment, train_transform(color_jitter=(0.3, 0.3, 0.3, 0.1))) == (
+        "data.augment_on=device has no hue jitter (DeiT-III uses none): set data.augment_on=cpu")
+    policies = {"a probability below 1": [[("Solarize", 0.5, 5)]], "an op outside 3a": [[("Rotate", 1.0, 5)]],
+                "two ops": [[("Solarize", 1.0, 5), ("Desaturate", 1.0, 10)]]}
+    transforms = [train_transform(policy=policy) for policy in policies.values()]
+    transforms.append(train_transform(auto_augment="3a-mstd0.5"))  # timm's magnitude noise
+    for transform in transforms:
+        (three_augment,) = [step for step in transform.transforms if isinstance(step, AutoAugment)]
+        assert refusal(A.TrainAugment, transform) == (
+            f"data.augment_on=device implements timm's 3-Augment policy only, got {three_augment.policy[0]}: "
+            f"set data.augment_on=cpu")
+
+
+def test_eval_transforms_the_device_path_cannot_run_are_refused_word_for_word():
+    """timm's border and squash crop modes, a transform without a centre crop and a crop larger
+    than the resize (crop_pct > 1) each stop in one line."""
+    assert refusal(A.EvalTransform, eval_transform(crop_mode="border")) == (
+        "data.augment_on=device runs resize, centre crop and normalisation on the accelerator; this recipe's "
+        "transform also has ResizeKeepRatio, CenterCropOrPad: set data.augment_on=cpu")
+    squash = eval_transform(crop_mode="squash")
+    no_crop = T.Compose([T.Resize(32), MaybeToTensor(), T.Normalize((0.5,) * 3, (0.2,) * 3)])
+    for transform in (squash, no_crop):
+        assert refusal(A.EvalTransform, transform) == (
+            f"data.augment_on=device expects timm's centre-crop eval transform, got {transform}")
+    assert refusal(A.EvalTransform, eval_transform(crop_pct=1.2)) == (
+        "data.augment_on=device crops the resized image; aug.eval_crop_pct > 1 pads it instead (resize to 26, "
+        "crop [32, 32]): set data.augment_on=cpu")
+
+
+def test_size_only_stands_in_for_the_rgb_image():
+    """torchvision reads the same channels, height and width from the stand-in as from the PIL image."""
+    assert TF.get_dimensions(A.size_only(70, 50)) == TF.get_dimensions(Image.new("RGB", (70, 50))) == [3, 50, 70]
+
+
+def test_normalize_is_torchvisions_bit_for_bit():
+    """Normalize == torchvision's Normalize (which computes in the image's float32) bit for bit, with
+    mean/std given as Python numbers and as float64 tensors."""
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for m, s in ((mean, std), (torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))):
+        assert torch.equal(A.Normalize(m, s)(x.clone()), T.Normalize(m, s)(x.clone()))
+
+
+def test_host_values_are_copied_to_the_images_device():
+    """The per-sample masks and normalisation's mean/std end on the images' device (here the meta
+    device, which runs without an accelerator), once for mean/std."""
+    meta = torch.device("meta")
+    mask = A._column(torch.tensor([True, False, True]), meta)
+    assert mask.device == meta and mask.shape == (3, 1, 1, 1)
+    normalize = A.Normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.25))
+    assert normalize(torch.empty(2, 3, 4, 4, device=meta)).device == meta
+    assert list(normalize.on_device) == [meta] and all(t.device == meta for t in normalize.on_device[meta])
