@@ -207,6 +207,7 @@ def test_seg_on_dataset_without_masks_is_an_error(eval_script, tmp_path):
 # ----------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow  # launches eval.py on two processes
 def test_two_processes_give_the_single_process_numbers(eval_script, tmp_path, shapes_cache):
     """Uneven shards (10 validation images, batches of 4, 2 processes) must not change any number; the
     segmentation probe draws fresh views every step and has dropout (DINOv3's protocol)."""
