@@ -5,7 +5,8 @@
 #   scripts/mutation.sh                         every core module
 #   scripts/mutation.sh clsvit/checkpoint.py    one module (or several)
 #   scripts/mutation.sh --summary [MODULE...]   the scores of the last runs, without running
-#   scripts/mutation.sh --survivors [MODULE...] run again the mutants that survived or were not checked
+#   scripts/mutation.sh --survivors [MODULE...] run again the mutants that survived (less the listed
+#                                               equivalents) or were not checked
 #
 # Each mutant runs only the fast tests (-m "not slow") that reach the function it changes. The first
 # run records which tests reach which function (one pass of the fast loop, cached in mutants/);
@@ -29,32 +30,42 @@ for module in "$@"; do
 done
 
 # mutmut's results for the modules given: "names" lists the mutants whose tests passed (survivors,
-# "no tests", not yet run); "summary" prints killed/total per module and those mutants
+# "no tests", not yet run) less the survivors listed in tests/mutation_equivalents.md; "summary"
+# prints killed/total per module, the score without the listed ones, and the unlisted survivors
 results() {
   .venv/bin/mutmut results --all true 2>/dev/null | .venv/bin/python -c '
 import collections, fnmatch, re, sys
 mode, patterns = sys.argv[1], sys.argv[2:] or ["*"]
 # the tests did not pass: they failed, hung (timeout), or their process died (suspicious: a signal)
 DETECTED = ("killed", "timeout", "suspicious", "segfault")
+# a row names mutants as `clsvit.m.x_f__mutmut_3`, `_5`: the short ones share the last full name
+listed = set()
+for row in re.findall(r"^\| (.*?) \|", open("tests/mutation_equivalents.md").read(), re.M):
+    for token in re.findall(r"`(clsvit\.[^`]+|_\d+)`", row):
+        listed.add(token if token.startswith("clsvit.") else last.rsplit("_", 1)[0] + token)
+        last = token if token.startswith("clsvit.") else last
 counts, survivors = collections.defaultdict(collections.Counter), collections.defaultdict(list)
 for line in sys.stdin:
     name, _, status = line.strip().rpartition(": ")
     if not name or not any(fnmatch.fnmatch(name, p) for p in patterns):
         continue
+    if status in ("survived", "no tests") and name in listed:
+        status = "listed"
     if mode == "names":
-        if status not in DETECTED:
+        if status not in DETECTED + ("listed",):
             print(name)
         continue
     module = re.split(r"\.x(?:_|\u01c1)", name, maxsplit=1)[0]  # clsvit.runlock.x_f__mutmut_3 -> clsvit.runlock
     counts[module][status] += 1
-    if status not in DETECTED:
+    if status not in DETECTED + ("listed",):
         survivors[module].append(f"{name} ({status})")
 for module in sorted(counts):
     c = counts[module]
     total, killed = sum(c.values()), sum(c[s] for s in DETECTED)
     rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in DETECTED)
     rest = "  (" + rest + ")" if rest else ""
-    print(f"{module:36s} {killed:4d}/{total:<4d} killed ({100 * killed / total:5.1f} %){rest}")
+    scored = total - c["listed"]
+    print(f"{module:36s} {killed:4d}/{total:<4d} killed, score {killed}/{scored} ({100 * killed / max(scored, 1):5.1f} %){rest}")
 for module in sorted(survivors):
     for name in survivors[module]:
         print("  " + name)
