@@ -234,17 +234,18 @@ for _tag, _regexp, _first in _CORE_SCHEMA:
 
 
 def _parse_yaml(text, name):
-    loader = _RecipeLoader(text)
-    loader.name = name  # shown in marks: duplicate-key and syntax errors name the file
     try:
-        return loader.get_single_data()
+        loader = _RecipeLoader(text)  # its reader refuses control characters here
+        loader.name = name  # shown in marks: duplicate-key and syntax errors name the file
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         where = f" line {err.problem_mark.line + 1}" if err.problem_mark else ""
         raise ConfigError(f"invalid YAML in {name}{where}: {err.problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid YAML in {name}: {' '.join(str(err).split())}") from None
-    finally:
-        loader.dispose()
 
 
 def _read_recipe(path):
@@ -252,6 +253,9 @@ def _read_recipe(path):
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read recipe {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start})") from None
     data = _parse_yaml(text, str(path))
     if data is None:
         return {}

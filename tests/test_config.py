@@ -3,16 +3,20 @@
 import copy
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from clsvit.config import (CHOICES, DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, diff, dotted_items, flatten,
                            load_config, recipe_leaves, save_config)
+from trainer_utils import REPO
 
 # The independent reference: default.yaml read by plain PyYAML (its floats all have a dot, so
 # YAML 1.1 reads them as floats too).
-DEFAULT = yaml.safe_load(DEFAULT_RECIPE.read_text())
+DEFAULT = yaml.safe_load(DEFAULT_RECIPE.read_text(encoding="utf-8"))
 
 
 def write(path, text):
@@ -127,13 +131,70 @@ def test_base_cycle_is_an_error_naming_the_files(tmp_path):
     a = write(tmp_path / "a.yaml", "base: b.yaml\n")
     write(tmp_path / "b.yaml", "base: a.yaml\n")
     message = expect_error("base cycle", a)
-    assert "a.yaml" in message and "b.yaml" in message
+    assert message == f"base cycle: {a} -> {tmp_path / 'b.yaml'} -> {a}"
 
 
 def test_missing_files(tmp_path):
-    expect_error(f"recipe not found: {tmp_path / 'absent.yaml'}", tmp_path / "absent.yaml")
+    message = expect_error(f"recipe not found: {tmp_path / 'absent.yaml'}", tmp_path / "absent.yaml")
+    assert message == f"recipe not found: {tmp_path / 'absent.yaml'}"
     child = write(tmp_path / "child.yaml", "base: nope.yaml\n")
     expect_error(f"recipe not found: {tmp_path / 'nope.yaml'} (named as base by {child})", child)
+    overlay = tmp_path / "absent_overlay.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_RECIPE, overlays=[overlay])
+    assert str(info.value) == f"recipe not found: {overlay}"
+
+
+def test_a_recipe_is_a_utf8_mapping_with_a_path_as_base(tmp_path):
+    listed = write(tmp_path / "list.yaml", "- optim\n- lr\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  name: café\n".encode("latin-1"))
+    numbered = write(tmp_path / "numbered.yaml", "base: 7\n")
+    for recipe, message in [(listed, f"recipe {listed} must be a mapping of sections, got list"),
+                            (latin1, f"recipe {latin1} is not UTF-8 text (byte 0xe9 at offset 16)"),
+                            (numbered, f"'base' in {numbered} must be a path string, got 7")]:
+        assert expect_error(message, recipe) == message
+    # a file that cannot be read: /proc/self/mem is a regular file whose offset 0 (unmapped) the kernel
+    # refuses to read (EIO); as root, permissions would not stop the read
+    message = "cannot read recipe /proc/self/mem: Input/output error"
+    assert expect_error(message, Path("/proc/self/mem")) == message
+
+
+def test_recipes_are_read_as_utf8_whatever_the_locale():
+    """default.yaml's comments hold non-ASCII characters: under the POSIX locale without UTF-8 mode
+    (Python's default text encoding is then ASCII) it still loads, and a saved config reads back."""
+    assert any(ord(c) > 127 for c in DEFAULT_RECIPE.read_text(encoding="utf-8"))
+    script = ("import sys, tempfile, locale; from pathlib import Path; "
+              "from clsvit.config import DEFAULT_RECIPE, load_config, save_config; "
+              "assert locale.getpreferredencoding(False) == 'ANSI_X3.4-1968', locale.getpreferredencoding(False); "
+              "config = load_config(DEFAULT_RECIPE, ['run.name=caf\\u00e9']); "
+              "path = Path(tempfile.mkdtemp()) / 'config.yaml'; save_config(config, path); "
+              "assert load_config(path) == config; print(config['run']['name'].encode('utf-8').hex())")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "café".encode("utf-8").hex()
+
+
+def test_overlays_apply_after_the_chain_and_are_named_in_errors(tmp_path):
+    """Overlays (recipes/eval/*.yaml over a run's config.yaml) apply over the recipe and before the
+    overrides; they cannot name a base, and their errors name the overlay file."""
+    run_config = write(tmp_path / "config.yaml", "optim:\n  lr: 0.5\n")
+    overlay = write(tmp_path / "overlay.yaml", "optim:\n  lr: 0.25\nschedule:\n  epochs: 9\n")
+    config = load_config(run_config, ["schedule.epochs=11"], overlays=[overlay])
+    assert (config["optim"]["lr"], config["schedule"]["epochs"]) == (0.25, 11)
+    with_base = write(tmp_path / "with_base.yaml", "base: config.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(run_config, overlays=[with_base])
+    assert str(info.value) == f"{with_base} is applied over a run's config and cannot name a 'base'"
+    unknown = write(tmp_path / "unknown.yaml", "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(run_config, overlays=[unknown])
+    assert str(info.value) == f"unknown key 'optim.lrr' in {unknown}; did you mean 'optim.lr'?"
+
+
+def test_one_override_may_be_given_as_a_string():
+    assert load_config(DEFAULT_RECIPE, "optim.lr=0.125")["optim"]["lr"] == 0.125
 
 
 # --- strict keys -------------------------------------------------------------------------------
@@ -153,9 +214,29 @@ def test_unknown_key_in_override_suggests_nearest():
     expect_error("unknown key 'model.specialize.foo'", DEFAULT_RECIPE, ["model.specialize.foo.bar=1"])
 
 
+@pytest.mark.parametrize("override, unknown, suggestion", [
+    ("optim.names=adamw", "optim.names", "optim.name"),  # the sibling, though run.name comes first
+    ("specialise.qkv=0.5", "specialise", "model.specialize"),  # a section under another section
+    ("qvk=0.5", "qvk", "model.specialize.qkv"),  # a leaf three levels down, by its last part
+    ("data.shapes.num_classe=3", "data.shapes.num_classe", "data.shapes.num_classes"),  # not model.num_classes
+])
+def test_the_suggestion_is_the_sibling_else_the_nearest_key_anywhere(override, unknown, suggestion):
+    """The hint names the nearest key in the same section; failing that, the key anywhere (a section
+    or a leaf at any depth) whose last part is nearest, as difflib ranks them."""
+    expect_error(f"unknown key '{unknown}' in override '{override}'; did you mean '{suggestion}'?",
+                 DEFAULT_RECIPE, [override])
+
+
 def test_duplicate_key_names_file_key_and_line(tmp_path):
     recipe = write(tmp_path / "dup.yaml", "optim:\n  lr: 0.1\n  name: adamw\n  lr: 0.2\n")
     expect_error(f"duplicate key 'lr' in {recipe} line 4", recipe)
+
+
+@pytest.mark.parametrize("key, shown", [("7", "7"), ("[1, 2]", "[1, 2]"), ("{a: 1}", "{'a': 1}")])
+def test_a_key_that_is_not_a_string_names_file_key_and_line(tmp_path, key, shown):
+    recipe = write(tmp_path / "keys.yaml", f"optim:\n  lr: 0.1\n  ? {key}\n  : 3\n")
+    message = expect_error(f"key {shown} in {recipe} line 3 is not a string", recipe)
+    assert message == f"key {shown} in {recipe} line 3 is not a string"
 
 
 def test_yaml_syntax_error_names_file(tmp_path):
@@ -223,6 +304,7 @@ def test_enumerations_of_the_eval_sections():
                  DEFAULT_RECIPE, ["eval.seg.source=ade20k"])
     expect_error("'eval.tasks' takes a comma-separated subset of cls,seg,depth,analysis, got 'cls, sge' "
                  "('sge' unknown)", DEFAULT_RECIPE, ["eval.tasks=cls, sge"])
+    expect_error("got 'sge,cls,dpth' ('sge', 'dpth' unknown)", DEFAULT_RECIPE, ["eval.tasks=sge,cls,dpth"])
     assert load_config(DEFAULT_RECIPE, ["eval.tasks=depth,cls"])["eval"]["tasks"] == "depth,cls"
 
 
@@ -266,6 +348,8 @@ def test_cross_key_rules_accept_the_valid_combinations():
           ["train.finetune=true", "model.pretrained=runs/vit_s"],
           ["model.img_size=192"], ["model.timm_kwargs={patch_size: 14}", "model.img_size=518"],
           ["model.img_size=200", "model.timm_kwargs={dynamic_img_pad: true}"], ["data.std=[0.5,0.5,0.5]"],
+          ["model.arch=vit_base_mci_224"],  # a timm name without a patch size: nothing to check
+          ["model.timm_kwargs={patch_size: 0}"],  # not a patch size: timm refuses it when it builds the model
           ["train.keep_checkpoints=1"], ["log.every=1", "eval.every=1", "train.checkpoint_every=1"],
           ["train.global_batch=1", "train.batch_per_device=1", "eval.batch_per_device=1"]]
     for overrides in ok:
@@ -306,6 +390,7 @@ def test_tokens_take_a_group_or_a_patch_position(value, expected, tmp_path):
             "integers >= 0, got [7]"),
     ("[-1, 0]", "got [-1, 0]"), ("[1.5, 0]", "got [1.5, 0]"), ("[true, 0]", "got [True, 0]"), ("7", "got 7"),
     ("null", "'model.specialize.tokens' cannot be null"),
+    ("'a: b'", "'model.specialize.tokens': 'a: b' is none of global"),  # the value whole, though it holds ': '
 ])
 def test_tokens_refuse_what_names_no_token(value, message):
     expect_error(message, DEFAULT_RECIPE, [f"model.specialize.tokens={value}"])
@@ -348,6 +433,54 @@ def test_malformed_override(override):
     expect_error(f"override '{override}' is not of the form section.key=value", DEFAULT_RECIPE, [override])
 
 
+def test_default_yaml_and_the_key_tables_must_agree():
+    """A key named in config.py's tables but missing from default.yaml, or a null default without a
+    NULLABLE_TYPES entry (its type would be unknown), is caught where the schema is read."""
+    from clsvit.config import _check_schema
+    schema = load_config(DEFAULT_RECIPE)
+    _check_schema(schema)
+    missing = copy.deepcopy(schema)
+    del missing["eval"]["seg"]["test_ratios"]
+    with pytest.raises(ConfigError) as info:
+        _check_schema(missing)
+    assert str(info.value) == f"config.py's tables name 'eval.seg.test_ratios', which is not a key of {DEFAULT_RECIPE}"
+    untyped = copy.deepcopy(schema)
+    untyped["optim"]["lr"] = None
+    with pytest.raises(ConfigError) as info:
+        _check_schema(untyped)
+    assert str(info.value) == f"'optim.lr' defaults to null in {DEFAULT_RECIPE} but has no NULLABLE_TYPES entry"
+
+
+def test_an_unknown_key_without_a_near_one_gets_no_hint():
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_RECIPE, ["zzzzzz=1"])
+    assert str(info.value) == "unknown key 'zzzzzz' in override 'zzzzzz=1'"
+
+
+@pytest.mark.parametrize("value", ["abc", "[1, 2]", "7"])
+def test_a_free_mapping_takes_only_keyword_arguments(value):
+    """model.timm_kwargs is passed to timm.create_model as **kwargs: a mapping with string keys."""
+    override = f"model.timm_kwargs={value}"
+    parsed = yaml.safe_load(value)
+    expect_error(f"'model.timm_kwargs' needs a mapping of keyword arguments, got {parsed!r} (in override "
+                 f"'{override}')", DEFAULT_RECIPE, [override])
+
+
+def test_an_item_of_a_list_of_any_length_is_named_by_its_index():
+    expect_error("'eval.seg.test_ratios[1]' must be float, got 'x' (str) (in override "
+                 "'eval.seg.test_ratios=[1, x]')", DEFAULT_RECIPE, ["eval.seg.test_ratios=[1, x]"])
+
+
+def test_an_override_that_is_not_yaml_is_named(tmp_path):
+    expect_error("invalid YAML in override 'optim.lr=[1, 2' line 1: expected ',' or ']', but got '<stream end>'",
+                 DEFAULT_RECIPE, ["optim.lr=[1, 2"])
+    # a control character: PyYAML's reader refuses it before parsing (a ReaderError, with no line)
+    refused = 'unacceptable character #x0007: special characters are not allowed in "<unicode string>", position'
+    expect_error(f"invalid YAML in override 'run.name=a\\x07b': {refused} 1", DEFAULT_RECIPE, ["run.name=a\x07b"])
+    recipe = write(tmp_path / "bell.yaml", "run:\n  name: a\x07b\n")
+    expect_error(f"invalid YAML in {recipe}: {refused} 14", recipe)
+
+
 # --- save / flatten / diff ---------------------------------------------------------------------
 
 def test_save_then_load_round_trips(tmp_path):
@@ -364,6 +497,31 @@ def test_save_then_load_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text()) == config  # plain PyYAML reads the same values
     assert list(flatten(load_config(path))) == list(flatten(config))  # key order preserved
     assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]  # no temp file left
+    text = path.read_text()  # in the recipes' order, sections in block style, lists on one line
+    assert text.startswith("# resolved clsvit config (complete; no base)\nrun:\n")
+    assert "\noptim:\n  name: lamb\n  lr: 0.003\n" in text and "\n    qkv: [0, 1, 2]\n" in text
+    assert "{" not in text.replace("timm_kwargs: {}", "")
+
+
+def test_save_config_writes_a_hidden_sibling_then_renames_it(tmp_path, monkeypatch):
+    """The file is written whole beside its target under a hidden name and renamed over it (atomic on
+    one filesystem); a failure before the rename leaves the old file and no temporary one."""
+    path = tmp_path / "config.yaml"
+    save_config({"a": 1}, path)
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst)))
+    save_config({"a": 2}, path)
+    [(temporary, target)] = renames
+    assert target == path and temporary.parent == tmp_path
+    assert temporary.name.startswith(".config.yaml.") and temporary.name.endswith(".tmp")
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        save_config({"a": 3}, path)
+    assert yaml.safe_load(path.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
 def test_flatten():
@@ -395,5 +553,6 @@ def test_diff():
     assert diff(a, a, ["schedule.epochs", "schedule"]) == []
     del b["schedule"]["min_lr"]  # e.g. a checkpoint's config from before a key existed
     assert diff(a, b, ["schedule"]) == ["schedule.epochs", "schedule.min_lr"]
+    assert diff(b, a, ["schedule"]) == ["schedule.epochs", "schedule.min_lr"]  # missing from the first
     with pytest.raises(ConfigError, match="'sched' matches no config key"):
         diff(a, b, ["sched"])  # prefixes end at a dot
