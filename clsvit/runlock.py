@@ -163,11 +163,12 @@ class RunLock:
 
     def __init__(self, run_dir: Path, fd: int, os_lock: bool):
         self.run_dir, self.path, self.fd, self.os_lock = run_dir, run_dir / LOCK_FILE, fd, os_lock
+        self._held_as = run_dir.resolve()  # resolved now: a relative run_dir means another path after a chdir
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="clsvit-run-lock-heartbeat", daemon=True)
         self._heartbeat.start()
-        _HELD_HERE[run_dir.resolve()] = self
+        _HELD_HERE[self._held_as] = self
         atexit.register(self.release)
 
     @classmethod
@@ -216,7 +217,7 @@ class RunLock:
             pass
         os.close(self.fd)
         self.fd = -1
-        _HELD_HERE.pop(self.run_dir.resolve(), None)
+        del _HELD_HERE[self._held_as]
 
 
 def _lock(fd: int, run_dir: Path, attempts: int) -> bool:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,29 @@ def test_a_sigkilled_owner_is_taken_over_and_a_clean_exit_empties_the_record(hol
     assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
 
 
+def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monkeypatch):
+    """A process holds the lock but has written no record (a launch between its lock and its record,
+    or another program): after 2 s of retries the refusal says so."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(run_dir / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    slept = []
+    try:
+        assert process.stdout.readline().strip() == "held"
+        monkeypatch.setattr(time, "sleep", slept.append)  # the holder keeps the lock: no need to wait
+        with pytest.raises(RunDirectoryInUse) as refused:
+            RunLock.acquire(run_dir)
+    finally:
+        process.kill()
+        process.wait()
+    assert slept == [0.2] * 10  # ten tries 0.2 s apart
+    assert str(refused.value) == (f"run directory {run_dir} is in use by another launch (a process that has not "
+                                  f"written its record yet); one launch trains a run at a time: wait for it to end or "
+                                  f"stop it (lock file {run_dir / LOCK_FILE})")
+
+
 def _without_locks(monkeypatch):
     """A filesystem without POSIX locks (Lustre without `flock`): lockf fails with ENOLCK."""
     def lockf(fd, operation, *args):
@@ -107,6 +131,8 @@ def test_without_locks_the_record_decides_on_this_machine(holder, monkeypatch, t
     with pytest.raises(RunDirectoryInUse, match=f"pid {process.pid}"):  # alive: refused
         RunLock.acquire(run_dir)
     assert live_owner(run_dir).pid == process.pid
+    with pytest.raises(subprocess.TimeoutExpired):  # asking whether it runs sent it no signal
+        process.wait(timeout=0.5)
     process.kill()
     process.wait()
     RunLock.acquire(run_dir).release()  # gone: taken over
@@ -119,6 +145,69 @@ def test_without_locks_the_record_decides_on_this_machine(holder, monkeypatch, t
                                                 "process_start": runlock._process_start(parent) + 1}))
     assert live_owner(reused) is None
     RunLock.acquire(reused).release()
+
+
+def test_a_record_without_process_start_is_judged_by_its_pid(tmp_path):
+    """A record on this machine without the process start (written where /proc is missing) names a
+    live owner while its pid runs, and nobody once the pid is gone. A pid of another user's process
+    counts as running: signalling it is refused (EPERM), which only a live process can refuse."""
+    host, boot_id = runlock._machine()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert runlock._process_start(int(ended.stdout)) == -1
+    for name, pid, alive in [("running", os.getppid(), True), ("ended", int(ended.stdout), False)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / LOCK_FILE).write_text(json.dumps({"host": host, "boot_id": boot_id, "pid": pid, "since": "then"}))
+        assert (live_owner(tmp_path / name) is not None) is alive, name
+    init = runlock.Owner(host=host, boot_id=boot_id, pid=1, since="then")  # pid 1: root's, in any container
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(65534)  # nobody: signalling pid 1 is then refused, as for any user
+    try:
+        assert init.alive_here()
+    finally:
+        if as_root:
+            os.seteuid(0)
+
+
+def test_the_process_start_is_procs_for_any_command_name_and_a_zombie_has_ended(tmp_path):
+    """Field 22 of /proc/<pid>/stat read after the command name, which may hold ') ' itself, checked
+    against psutil's creation time; a process that has exited but was not yet waited for (a zombie)
+    has ended: its record names nobody."""
+    import psutil
+    script = ("import ctypes, sys; ctypes.CDLL(None).prctl(15, b'x) 1 2 (y', 0, 0, 0); "  # PR_SET_NAME
+              "print('named', flush=True); sys.stdin.read()")
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "named\n"
+        assert open(f"/proc/{process.pid}/comm").read() == "x) 1 2 (y\n"
+        ticks = (psutil.Process(process.pid).create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK")
+        start = runlock._process_start(process.pid)
+        assert abs(start - ticks) < 0.5, (start, ticks)
+        host, boot_id = runlock._machine()
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": host, "boot_id": boot_id, "pid": process.pid,
+                                                      "since": "then", "process_start": start}))
+        assert live_owner(tmp_path).pid == process.pid
+        process.stdin.close()  # it exits; not waited for, it stays a zombie
+        deadline = time.monotonic() + 30
+        while psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runlock._process_start(process.pid) == -1 and live_owner(tmp_path) is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_launch_that_exits_without_release_empties_its_record(tmp_path):
+    """The heartbeat thread does not keep the process alive (a daemon), and the lock is released at
+    exit: the record is empty, the directory free. Here the launch's standard input is closed, so its
+    lock file gets descriptor 0 (a launch detached from any terminal)."""
+    script = ("import sys; from pathlib import Path; from clsvit.runlock import RunLock; "
+              "print(RunLock.acquire(Path(sys.argv[1])).fd)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True, timeout=20, preexec_fn=lambda: os.close(0))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0\n"
+    assert (tmp_path / "run" / LOCK_FILE).read_text() == "" and live_owner(tmp_path / "run") is None
 
 
 def _elsewhere(run_dir, heartbeat_age: float) -> None:
@@ -149,13 +238,38 @@ def test_an_owner_on_another_machine_is_gone_once_its_heartbeat_stopped(tmp_path
     thread = threading.Thread(target=beat)
     thread.start()
     try:
-        with pytest.raises(RunDirectoryInUse, match="host other-node, .*its heartbeat goes on"):
+        with pytest.raises(RunDirectoryInUse) as refused:
             RunLock.acquire(beating)
+        assert str(refused.value).startswith(f"run directory {beating} is in use by another launch (host other-node, "
+                                             "pid ") and "since 2026-01-01 00:00:00; its heartbeat goes on); " in str(refused.value)
     finally:
         stop.set()
         thread.join()
     RunLock.acquire(beating).release()  # the heartbeat stopped: after STALE_S it is taken over
     assert (beating / LOCK_FILE).read_text() == ""
+
+
+def test_another_machines_owner_is_waited_on_for_what_is_left_of_stale_s(tmp_path, monkeypatch):
+    """The wait is STALE_S less the heartbeat's age when read: none for a heartbeat stopped longer
+    ago, the whole STALE_S for a file whose time is ahead of this machine's clock (its age reads 0)."""
+    monkeypatch.setattr(runlock, "STALE_S", 1.0)
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
+    slept, real_sleep = [], time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (slept.append(seconds), real_sleep(seconds)))
+    stale = tmp_path / "stale"
+    _elsewhere(stale, heartbeat_age=5.0)
+    RunLock.acquire(stale).release()
+    assert slept == []  # taken over at once
+    ahead = tmp_path / "ahead"
+    _elsewhere(ahead, heartbeat_age=-30.0)  # the other machine's clock is 30 s ahead
+    started = time.monotonic()
+    RunLock.acquire(ahead).release()
+    assert time.monotonic() - started >= 1.0 and set(slept) == {0.05}  # polled every HEARTBEAT_S / 4 ...
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 15.0)
+    slept.clear()
+    _elsewhere(ahead, heartbeat_age=-30.0)
+    RunLock.acquire(ahead).release()
+    assert slept == [1.0]  # ... and at least every second
 
 
 def test_eval_snapshot_of_a_live_run_is_its_newest_complete_checkpoint(holder, tmp_path):
@@ -193,9 +307,14 @@ def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatc
     process start (field 22 of /proc/<pid>/stat, proc(5)); the heartbeat moves the file's mtime every
     HEARTBEAT_S; release() stops it, empties the record and lets the directory be taken again."""
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "vit_s"  # created with its parents
     before = time.strftime("%Y-%m-%d %H:%M")
-    lock = RunLock.acquire(run_dir)
+    umask = os.umask(0o022)
+    try:
+        lock = RunLock.acquire(run_dir)
+    finally:
+        os.umask(umask)
+    assert oct(os.stat(run_dir / LOCK_FILE).st_mode & 0o777) == "0o644"  # rw-r--r--, as files are made
     try:
         written = json.loads(os.pread(lock.fd, 4096, 0))
         stat = open(f"/proc/{os.getpid()}/stat").read()
@@ -208,15 +327,30 @@ def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatc
         deadline = time.monotonic() + 30
         while os.fstat(lock.fd).st_mtime == first and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert os.fstat(lock.fd).st_mtime > first  # the heartbeat
+        assert os.fstat(lock.fd).st_mtime > first  # the heartbeat, a thread named in stack dumps (py-spy, faulthandler)
+        assert [t.name for t in threading.enumerate() if t.name.startswith("clsvit")] == ["clsvit-run-lock-heartbeat"]
         with pytest.raises(RunDirectoryInUse, match="is already held by this process"):
             RunLock.acquire(run_dir)
     finally:
         lock.release()
     assert lock.fd == -1 and not lock._heartbeat.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("clsvit")]
     assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
     lock.release()  # a second release (atexit after an explicit one) does nothing
     RunLock.acquire(run_dir).release()
+
+
+def test_a_relative_run_directory_is_released_after_a_chdir(tmp_path, monkeypatch):
+    """The lock remembers the directory it holds as resolved when taken: a launch that changes its
+    working directory afterwards still releases it, and can take it again."""
+    monkeypatch.chdir(tmp_path)
+    lock = RunLock.acquire(Path("run"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    lock.release()
+    assert (tmp_path / "run" / LOCK_FILE).read_text() == ""
+    monkeypatch.chdir(tmp_path)
+    RunLock.acquire(Path("run")).release()  # not "already held by this process"
 
 
 def test_one_process_holds_its_run_directory_until_released(tmp_path):
