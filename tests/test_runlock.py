@@ -109,10 +109,15 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
         monkeypatch.setattr(time, "sleep", slept.append)  # the holder keeps the lock: no need to wait
         with pytest.raises(RunDirectoryInUse) as refused:
             RunLock.acquire(run_dir)
+        assert slept == [0.2] * 10  # ten tries 0.2 s apart
+        (run_dir / LOCK_FILE).write_text('{"host": "node')  # a record being written: not yet JSON
+        slept.clear()
+        with pytest.raises(RunDirectoryInUse, match="a process that has not written its record yet"):
+            RunLock.acquire(run_dir)
+        assert slept == [0.05, 0.2] * 10  # read again once in each try
     finally:
         process.kill()
         process.wait()
-    assert slept == [0.2] * 10  # ten tries 0.2 s apart
     assert str(refused.value) == (f"run directory {run_dir} is in use by another launch (a process that has not "
                                   f"written its record yet); one launch trains a run at a time: wait for it to end or "
                                   f"stop it (lock file {run_dir / LOCK_FILE})")
@@ -145,6 +150,30 @@ def test_without_locks_the_record_decides_on_this_machine(holder, monkeypatch, t
                                                 "process_start": runlock._process_start(parent) + 1}))
     assert live_owner(reused) is None
     RunLock.acquire(reused).release()
+
+
+def test_without_locks_of_two_launches_starting_together_the_last_to_write_goes_on(tmp_path, monkeypatch):
+    """With no locks to serialise on, a launch writes its record, waits 0.5 s and reads it again: if
+    another launch wrote its own meanwhile, this one is refused naming it; else it holds the run."""
+    _without_locks(monkeypatch)
+    slept = []
+    lock = RunLock.acquire(tmp_path / "alone")
+    monkeypatch.setattr(time, "sleep", slept.append)
+    try:
+        assert lock.os_lock is False and live_owner(tmp_path / "alone").pid == os.getpid()
+    finally:
+        lock.release()
+    other = '{"host": "node7", "pid": 4242, "since": "2026-01-01 00:00:00 +0000", "boot_id": "b", "process_start": 9}'
+
+    def another_launch_writes(seconds):  # while this one waits, the other launch writes its record
+        slept.append(seconds)
+        (tmp_path / "contended" / LOCK_FILE).write_text(other)
+    monkeypatch.setattr(time, "sleep", another_launch_writes)
+    with pytest.raises(RunDirectoryInUse) as refused:
+        RunLock.acquire(tmp_path / "contended")
+    assert slept == [0.5]
+    assert str(refused.value).startswith(f"run directory {tmp_path / 'contended'} is in use by another launch (host "
+                                         "node7, pid 4242, since 2026-01-01 00:00:00 +0000); ")
 
 
 def test_a_record_without_process_start_is_judged_by_its_pid(tmp_path):
@@ -315,6 +344,7 @@ def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatc
     finally:
         os.umask(umask)
     assert oct(os.stat(run_dir / LOCK_FILE).st_mode & 0o777) == "0o644"  # rw-r--r--, as files are made
+    assert lock.os_lock is True  # the kernel's lock: no waiting for other launches' records
     try:
         written = json.loads(os.pread(lock.fd, 4096, 0))
         stat = open(f"/proc/{os.getpid()}/stat").read()
