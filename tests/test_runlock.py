@@ -115,6 +115,20 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
         with pytest.raises(RunDirectoryInUse, match="a process that has not written its record yet"):
             RunLock.acquire(run_dir)
         assert slept == [0.05, 0.2] * 10  # read again once in each try
+        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        host, boot_id = runlock._machine()
+        (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "boot_id": boot_id, "pid": int(ended.stdout),
+                                                     "since": "then", "process_start": 1}))
+        slept.clear()
+        with pytest.raises(RunDirectoryInUse, match="a process that has not written its record yet"):
+            RunLock.acquire(run_dir)  # the record of a dead owner: the holder is about to write its own
+        assert slept == [0.2] * 10
+        (run_dir / LOCK_FILE).write_text(json.dumps({"host": "other-node", "boot_id": "b", "pid": 1, "since": "then"}))
+        os.utime(run_dir / LOCK_FILE, (time.time() - 3600,) * 2)  # its heartbeat stopped an hour ago
+        slept.clear()
+        with pytest.raises(RunDirectoryInUse, match=r"\(host other-node, pid 1, since then\)"):
+            RunLock.acquire(run_dir)  # the kernel's lock is held: refused at once, whatever the record says
+        assert slept == []
     finally:
         process.kill()
         process.wait()
