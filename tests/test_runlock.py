@@ -110,6 +110,7 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
         with pytest.raises(RunDirectoryInUse) as refused:
             RunLock.acquire(run_dir)
         assert slept == [0.2] * 10  # ten tries 0.2 s apart
+        assert live_owner(run_dir) == runlock.Owner(host="?", pid=-1, since="?")  # someone trains it: unknown
         (run_dir / LOCK_FILE).write_text('{"host": "node')  # a record being written: not yet JSON
         slept.clear()
         with pytest.raises(RunDirectoryInUse, match="a process that has not written its record yet"):
@@ -135,6 +136,18 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
     assert str(refused.value) == (f"run directory {run_dir} is in use by another launch (a process that has not "
                                   f"written its record yet); one launch trains a run at a time: wait for it to end or "
                                   f"stop it (lock file {run_dir / LOCK_FILE})")
+
+
+def test_a_reader_reads_a_record_being_written_again_for_half_a_second(tmp_path, monkeypatch):
+    """A record that is not (yet) JSON is read ten times 0.05 s apart, then counts as no record; an
+    empty file is no record at once."""
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    for text, retries in [("", 0), ("{", 10), ('{"host": "node7", "pid": 42', 10)]:
+        (tmp_path / LOCK_FILE).write_text(text)
+        slept.clear()
+        assert live_owner(tmp_path) is None
+        assert slept == [0.05] * retries, text
 
 
 def _without_locks(monkeypatch):
