@@ -318,6 +318,7 @@ def test_another_machines_owner_is_waited_on_for_what_is_left_of_stale_s(tmp_pat
     assert slept == []  # taken over at once
     ahead = tmp_path / "ahead"
     _elsewhere(ahead, heartbeat_age=-30.0)  # the other machine's clock is 30 s ahead
+    assert live_owner(ahead).host == "other-node"  # its heartbeat reads 0 s old
     started = time.monotonic()
     RunLock.acquire(ahead).release()
     assert time.monotonic() - started >= 1.0 and set(slept) == {0.05}  # polled every HEARTBEAT_S / 4 ...
