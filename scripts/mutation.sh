@@ -11,7 +11,8 @@
 # Each mutant runs only the fast tests (-m "not slow") that reach the function it changes. The first
 # run records which tests reach which function (one pass of the fast loop, cached in mutants/);
 # later runs test only the mutants of functions that changed (a survivor of an unchanged function
-# keeps its result until --survivors runs it again with the tests as they are now). It ends with killed/total per
+# keeps its result until --survivors runs it again with the tests as they are now), after mapping again
+# the tests of the test files changed since. It ends with killed/total per
 # module and the survivors (inspect one: .venv/bin/mutmut show NAME). MUTATION_JOBS (default 2) sets
 # the parallel test processes; everything runs under `nice -n 10`.
 set -euo pipefail
@@ -82,6 +83,24 @@ fi
 
 if [ "$run" = 1 ]; then
   start=$SECONDS
+  # mutmut maps tests to functions once, and again only for tests it has not seen: a test edited since
+  # keeps its old map (an assertion added to it never runs against the functions it now reaches).
+  # Forget the tests of every test file changed since the map was written, so mutmut maps them again.
+  if [ -f mutants/mutmut-stats.json ]; then
+    .venv/bin/python - <<'PY'
+import json, os, pathlib
+path = pathlib.Path("mutants/mutmut-stats.json")
+stats, written = json.loads(path.read_text()), path.stat().st_mtime
+changed = {str(f) for f in pathlib.Path("tests").glob("**/test_*.py") if f.stat().st_mtime > written}
+if changed:
+    edited = lambda test: test.split("::")[0] in changed
+    stats["duration_by_test"] = {t: d for t, d in stats["duration_by_test"].items() if not edited(t)}
+    stats["tests_by_mangled_function_name"] = {
+        f: [t for t in tests if not edited(t)] for f, tests in stats["tests_by_mangled_function_name"].items()}
+    path.write_text(json.dumps(stats))
+    print(f"mutation.sh: mapping the tests of {len(changed)} changed test files again: {' '.join(sorted(changed))}")
+PY
+  fi
   # mutmut's exit status says nothing about the score; the summary below does
   mkdir -p mutants
   nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${run_args[@]}" > mutants/mutation.log 2>&1 || true

@@ -216,13 +216,15 @@ def test_a_record_without_process_start_is_judged_by_its_pid(tmp_path):
         assert (live_owner(tmp_path / name) is not None) is alive, name
     init = runlock.Owner(host=host, boot_id=boot_id, pid=1, since="then")  # pid 1: root's, in any container
     as_root = os.geteuid() == 0
-    if as_root:
-        os.seteuid(65534)  # nobody: signalling pid 1 is then refused, as for any user
+    if as_root:  # become nobody (real and effective; root kept as the saved id to come back)
+        os.setresuid(65534, 65534, 0)
     try:
+        with pytest.raises(PermissionError):
+            os.kill(1, 0)
         assert init.alive_here()
     finally:
         if as_root:
-            os.seteuid(0)
+            os.setresuid(0, 0, 0)
 
 
 def test_the_process_start_is_procs_for_any_command_name_and_a_zombie_has_ended(tmp_path):
@@ -251,19 +253,6 @@ def test_the_process_start_is_procs_for_any_command_name_and_a_zombie_has_ended(
     finally:
         process.kill()
         process.wait()
-
-
-def test_a_launch_that_exits_without_release_empties_its_record(tmp_path):
-    """The heartbeat thread does not keep the process alive (a daemon), and the lock is released at
-    exit: the record is empty, the directory free. Here the launch's standard input is closed, so its
-    lock file gets descriptor 0 (a launch detached from any terminal)."""
-    script = ("import sys; from pathlib import Path; from clsvit.runlock import RunLock; "
-              "print(RunLock.acquire(Path(sys.argv[1])).fd)")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                          text=True, timeout=20, preexec_fn=lambda: os.close(0))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "0\n"
-    assert (tmp_path / "run" / LOCK_FILE).read_text() == "" and live_owner(tmp_path / "run") is None
 
 
 def _elsewhere(run_dir, heartbeat_age: float) -> None:
@@ -362,7 +351,8 @@ def test_eval_snapshot_of_a_live_run_is_its_newest_complete_checkpoint(holder, t
 def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatch):
     """host, pid, since (local time, ISO 8601), the boot id (/proc/sys/kernel/random/boot_id) and the
     process start (field 22 of /proc/<pid>/stat, proc(5)); the heartbeat moves the file's mtime every
-    HEARTBEAT_S; release() stops it, empties the record and lets the directory be taken again."""
+    HEARTBEAT_S; release() stops it, empties the record and lets the directory be taken again; so
+    does the exit of a launch that never called it."""
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
     run_dir = tmp_path / "runs" / "vit_s"  # created with its parents
     before = time.strftime("%Y-%m-%d %H:%M")
@@ -396,6 +386,16 @@ def test_the_record_names_this_process_as_proc_describes_it(tmp_path, monkeypatc
     assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
     lock.release()  # a second release (atexit after an explicit one) does nothing
     RunLock.acquire(run_dir).release()
+
+    # A launch that exits without release(): the heartbeat thread does not keep it alive (a daemon),
+    # and the lock is released at exit. Its standard input is closed here, so its lock file gets
+    # descriptor 0 (a launch detached from any terminal).
+    script = ("import sys; from pathlib import Path; from clsvit.runlock import RunLock; "
+              "print(RunLock.acquire(Path(sys.argv[1])).fd)")
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=20, preexec_fn=lambda: os.close(0))
+    assert done.returncode == 0 and done.stdout == "0\n", done.stderr
+    assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
 
 
 def test_a_relative_run_directory_is_released_after_a_chdir(tmp_path, monkeypatch):
