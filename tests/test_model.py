@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import DropPath, LayerScale, resample_abs_pos_embed
 from timm.models import group_parameters
+from timm.models.vision_transformer import ParallelScalingBlock
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -551,6 +552,19 @@ def test_fresh_copies_follow_timm_init_and_leave_shared_weights_alone():
     assert checked["LayerNorm"] == 9 and checked["LayerScale"] == 8 and checked["Linear"] == 16
 
 
+def test_fresh_copies_follow_the_models_own_init_scheme_by_module_name():
+    """A model built with timm's weight_init="jax" re-initialises its copies by that scheme, which
+    reads each module's name (timm init_weights_vit_jax): Xavier-uniform weights, the MLP's biases
+    drawn with std 1e-6 and the other biases zero."""
+    model = tiny_vit(embed_dim=128, weight_init="jax")
+    specialize(model, qkv=1.0, mlp=1.0, init="fresh")
+    for i in range(4):
+        fc1, qkv = model.blocks[i].mlp.global_copy.fc1, model.blocks[i].attn.qkv.global_copy
+        assert 0 < fc1.bias.abs().max().item() < 1e-5 and torch.equal(qkv.bias, torch.zeros_like(qkv.bias))
+        bound = (6 / (qkv.in_features + qkv.out_features)) ** 0.5  # xavier_uniform_
+        assert 0.95 * bound < qkv.weight.abs().max().item() <= bound
+
+
 # --- state dicts -------------------------------------------------------------------------------
 
 def test_specialized_state_dict_round_trips_through_safetensors(tmp_path):
@@ -783,6 +797,8 @@ def test_models_that_cannot_be_specialized_are_refused():
     ("deit3_small_patch16_224", {"final_norm": False}, {"norm": 1.0, "final_norm": True},
      r"^final_norm: the model has no final norm over the tokens \(it was built without one\); leave final_norm false$"),
     ("deit3_small_patch16_224", {}, {"norm": 1.0, "layerscale": 1.0, "qkv": [0, 9]}, r"^qkv: block index 9"),
+    ("vit_small_patch16_224", {"block_fn": ParallelScalingBlock, "init_values": None}, {"norm": 1.0, "qkv": 0.5},
+     r"^norm: block type ParallelScalingBlock has no module 'blocks.0.norm1'$"),  # one fused in_proj, one norm
 ])
 def test_a_refused_specialization_leaves_the_model_untouched(arch, kwargs, selection, message):
     """Every check comes before the first change: a component the architecture lacks is refused
