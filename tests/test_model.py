@@ -789,7 +789,10 @@ def test_models_that_cannot_be_specialized_are_refused():
 
 @pytest.mark.parametrize("arch, kwargs, selection, message", [
     ("vit_tiny_patch16_224", {"init_values": None}, PAPER_DEFAULT,
-     r"^layerscale: blocks.0.ls1 is an Identity in this model \(the architecture has no LayerScale"),
+     r"^layerscale: blocks.0.ls1 is an Identity in this model \(the architecture has no LayerScale: build it with "
+     r"layerscale_init / timm's init_values, or set layerscale to 0\)$"),
+    ("deit3_small_patch16_224", {"norm_layer": nn.Identity}, {"norm": 1.0},
+     r"^norm: blocks.0.norm1 is an Identity in this model$"),  # built without norms
     ("deit_tiny_distilled_patch16_224", {"init_values": None}, PAPER_DEFAULT, r"^layerscale: blocks.0.ls1"),
     ("vit_little_patch16_reg4_gap_256", {"init_values": 1e-5}, {**PAPER_DEFAULT, "final_norm": True},
      r"^final_norm: the model has no final norm over the tokens \(it pools the patch tokens and normalises "
