@@ -776,8 +776,14 @@ def test_models_that_cannot_be_specialized_are_refused():
         create_model("resnet10t")
     with pytest.raises(ValueError, match=r"^arch: "):
         create_model("no_such_vit_patch16")
-    with pytest.raises(ValueError, match=r"^model: .*no global tokens"):
+    with pytest.raises(ValueError, match=r"^model: it has no global tokens \(no \[CLS\] and no registers\) to "
+                                         r"specialize; a patch position \(tokens: \[row, col\]\) can be$"):
         specialize(tiny_vit(class_token=False, global_pool="avg"), norm=1.0)
+    in_place = tiny_vit()
+    in_place.blocks[1].ls2.inplace = True  # timm's LayerScale(inplace=True) multiplies its input in place
+    with pytest.raises(ValueError, match=r"^layerscale: blocks.1.ls2 is an in-place LayerScale; build the model "
+                                         r"with inplace=False$"):
+        specialize(in_place, layerscale=1.0)
     no_layerscale = timm.create_model("vit_small_patch16_224", img_size=32, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(ValueError, match=r"^layerscale: blocks.0.ls1 is an Identity"):
         specialize(no_layerscale, layerscale=1.0)
