@@ -333,33 +333,46 @@ def test_tokens_change_neither_the_parameters_nor_more_flops_than_their_rows(arc
     assert len({repr(s) for s in shapes.values()}) == 1
 
 
+NO_REGISTERS = ("tokens: registers, but the model has no registers (build it with model.reg_tokens / timm's reg_tokens, "
+                "or a *_reg* architecture)")
+EVERY_GLOBAL = "chooses every global token of this model ({}): that is tokens global; write global"
+OUTSIDE = "tokens: patch position {} is outside the 2x2 patch grid (rows and columns count from 0)"
+NOT_A_TOKEN = "tokens: expected global, cls, registers or a patch position [row, col] of two integers >= 0, got {}"
+
+
 @pytest.mark.parametrize("tokens, kwargs, selection, message", [
-    ("registers", {}, PAPER_DEFAULT, r"^tokens: registers, but the model has no registers"),
+    ("registers", {}, PAPER_DEFAULT, NO_REGISTERS),
     ("registers", {"arch": "deit_tiny_distilled_patch16_224", "init_values": None}, {"norm": 1.0},
-     r"^tokens: registers, but the model has no registers"),  # [CLS] + distillation token: no register
-    ("cls", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT, r"^tokens: cls, but the model has no \[CLS\]"),
-    ("cls", {}, PAPER_DEFAULT, r"^tokens: cls chooses every global token of this model \(\[CLS\] is its only"),
+     NO_REGISTERS),  # [CLS] + distillation token: no register
+    ("cls", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT,
+     "tokens: cls, but the model has no [CLS] token (class_token=False; 4 registers, global_pool='avg')"),
+    ("cls", {}, PAPER_DEFAULT, "tokens: cls " + EVERY_GLOBAL.format("[CLS] is its only global token")),
     ("registers", {"arch": "vit_little_patch16_reg4_gap_256"}, PAPER_DEFAULT,
-     r"^tokens: registers chooses every global token of this model \(it has no \[CLS\]"),
-    ([2, 0], {}, PAPER_DEFAULT, r"^tokens: patch position \[2, 0\] is outside the 2x2 patch grid"),
-    ([0, 2], {}, PAPER_DEFAULT, r"^tokens: patch position \[0, 2\] is outside the 2x2"),
-    ([1, 1], {"dynamic_img_size": True}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model built with dynamic_img_size"),
-    ([1, 1], {"patch_drop_rate": 0.25}, PAPER_DEFAULT, r"^tokens: patch position \[1, 1\] on a model with patch dropout"),
-    ([1, 1], {}, NO_SPECIALIZATION, r"^tokens: \[1, 1\] chooses the tokens that get the copies, but no component"),
-    ("patch", {}, PAPER_DEFAULT, r"^tokens: 'patch' is none of global, cls, registers"),
-    ("registres", {}, PAPER_DEFAULT, r"did you mean 'registers'\?"),
-    ([1], {}, PAPER_DEFAULT, r"^tokens: expected global, cls, registers or a patch position \[row, col\]"),
-    ([1, True], {}, PAPER_DEFAULT, r"^tokens: expected"),
-    ([-1, 0], {}, PAPER_DEFAULT, r"^tokens: expected"),
-    ([1.0, 0], {}, PAPER_DEFAULT, r"^tokens: expected"),
+     "tokens: registers " + EVERY_GLOBAL.format("it has no [CLS] token")),
+    ([2, 0], {}, PAPER_DEFAULT, OUTSIDE.format("[2, 0]")),
+    ([0, 2], {}, PAPER_DEFAULT, OUTSIDE.format("[0, 2]")),
+    ([1, 1], {"dynamic_img_size": True}, PAPER_DEFAULT, "tokens: patch position [1, 1] on a model built with "
+     "dynamic_img_size: its grid changes with each input, so no row is that patch"),
+    ([1, 1], {"patch_drop_rate": 0.25}, PAPER_DEFAULT, "tokens: patch position [1, 1] on a model with patch dropout "
+     "(patch_drop_rate): it drops and reorders the patch rows; build it without"),
+    ([1, 1], {}, NO_SPECIALIZATION, "tokens: [1, 1] chooses the tokens that get the copies, but no component is "
+     "specialized; leave tokens global or select a component"),
+    ("patch", {}, PAPER_DEFAULT, "tokens: 'patch' is none of global, cls, registers or a patch position [row, col]"),
+    ("registres", {}, PAPER_DEFAULT, "tokens: 'registres' is none of global, cls, registers or a patch position "
+     "[row, col]; did you mean 'registers'?"),
+    ([1], {}, PAPER_DEFAULT, NOT_A_TOKEN.format("[1]")),
+    ([1, True], {}, PAPER_DEFAULT, NOT_A_TOKEN.format("[1, True]")),
+    ([-1, 0], {}, PAPER_DEFAULT, NOT_A_TOKEN.format("[-1, 0]")),
+    ([1.0, 0], {}, PAPER_DEFAULT, NOT_A_TOKEN.format("[1.0, 0]")),
 ])
 def test_tokens_a_model_cannot_give_are_refused_and_the_model_is_left_untouched(tokens, kwargs, selection, message):
     kwargs = dict(kwargs)
     model = tiny_vit(kwargs.pop("arch", "deit3_small_patch16_224"), **kwargs)
     classes = {name: type(module) for name, module in model.named_modules()}
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as refused:
         specialize(model, **{**selection, "tokens": tokens})
+    assert str(refused.value) == message
     assert {name: type(module) for name, module in model.named_modules()} == classes
     assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
     assert specialized_tokens(model) is None
