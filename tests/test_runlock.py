@@ -31,9 +31,10 @@ from clsvit.runlock import LOCK_FILE, RunDirectoryInUse, RunLock, hold_run_direc
 from trainer_utils import REPO
 
 HOLDER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from clsvit.runlock import RunLock
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, even when the tests run under nohup
 RunLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(600)
