@@ -96,6 +96,20 @@ def test_a_sigkilled_owner_is_taken_over_and_a_clean_exit_empties_the_record(hol
     assert (run_dir / LOCK_FILE).read_text() == "" and live_owner(run_dir) is None
 
 
+def _record_sleeps(monkeypatch, then=lambda seconds: None) -> list[float]:
+    """The time.sleep calls of this thread, recorded and handed to `then` (by default none waits);
+    other threads (another test's workers) sleep as usual."""
+    slept, real_sleep, this_thread = [], time.sleep, threading.current_thread()
+
+    def sleep(seconds):
+        if threading.current_thread() is not this_thread:
+            return real_sleep(seconds)
+        slept.append(seconds)
+        then(seconds)
+    monkeypatch.setattr(time, "sleep", sleep)
+    return slept
+
+
 def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monkeypatch):
     """A process holds the lock but has written no record (a launch between its lock and its record,
     or another program): after 2 s of retries the refusal says so."""
@@ -104,10 +118,9 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
     script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
               "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", script, str(run_dir / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
-    slept = []
     try:
         assert process.stdout.readline().strip() == "held"
-        monkeypatch.setattr(time, "sleep", slept.append)  # the holder keeps the lock: no need to wait
+        slept = _record_sleeps(monkeypatch)  # the holder keeps the lock: no need to wait
         with pytest.raises(RunDirectoryInUse) as refused:
             RunLock.acquire(run_dir)
         assert slept == [0.2] * 10  # ten tries 0.2 s apart
@@ -142,8 +155,7 @@ def test_a_lock_held_without_a_record_is_refused_naming_no_owner(tmp_path, monke
 def test_a_reader_reads_a_record_being_written_again_for_half_a_second(tmp_path, monkeypatch):
     """A record that is not (yet) JSON is read ten times 0.05 s apart, then counts as no record; an
     empty file is no record at once."""
-    slept = []
-    monkeypatch.setattr(time, "sleep", slept.append)
+    slept = _record_sleeps(monkeypatch)
     for text, retries in [("", 0), ("{", 10), ('{"host": "node7", "pid": 42', 10)]:
         (tmp_path / LOCK_FILE).write_text(text)
         slept.clear()
@@ -184,9 +196,7 @@ def test_without_locks_of_two_launches_starting_together_the_last_to_write_goes_
     """With no locks to serialise on, a launch writes its record, waits 0.5 s and reads it again: if
     another launch wrote its own meanwhile, this one is refused naming it; else it holds the run."""
     _without_locks(monkeypatch)
-    slept = []
     lock = RunLock.acquire(tmp_path / "alone")
-    monkeypatch.setattr(time, "sleep", slept.append)
     try:
         assert lock.os_lock is False and live_owner(tmp_path / "alone").pid == os.getpid()
     finally:
@@ -194,9 +204,8 @@ def test_without_locks_of_two_launches_starting_together_the_last_to_write_goes_
     other = '{"host": "node7", "pid": 4242, "since": "2026-01-01 00:00:00 +0000", "boot_id": "b", "process_start": 9}'
 
     def another_launch_writes(seconds):  # while this one waits, the other launch writes its record
-        slept.append(seconds)
         (tmp_path / "contended" / LOCK_FILE).write_text(other)
-    monkeypatch.setattr(time, "sleep", another_launch_writes)
+    slept = _record_sleeps(monkeypatch, then=another_launch_writes)
     with pytest.raises(RunDirectoryInUse) as refused:
         RunLock.acquire(tmp_path / "contended")
     assert slept == [0.5]
@@ -300,8 +309,7 @@ def test_another_machines_owner_is_waited_on_for_what_is_left_of_stale_s(tmp_pat
     ago, the whole STALE_S for a file whose time is ahead of this machine's clock (its age reads 0)."""
     monkeypatch.setattr(runlock, "STALE_S", 1.0)
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
-    slept, real_sleep = [], time.sleep
-    monkeypatch.setattr(time, "sleep", lambda seconds: (slept.append(seconds), real_sleep(seconds)))
+    slept = _record_sleeps(monkeypatch, then=time.sleep)
     stale = tmp_path / "stale"
     _elsewhere(stale, heartbeat_age=5.0)
     RunLock.acquire(stale).release()
