@@ -39,6 +39,7 @@ import torch
 from clsvit import cli
 from clsvit.config import ConfigError, load_config, recipe_leaves
 from clsvit.errors import InputError
+from clsvit.ranges import index_ranges
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"
@@ -276,17 +277,6 @@ def sbatch_command(sweep_dir: Path, cells: list[Cell], all_cells: list[Cell], pa
                f"--output={sweep_dir.resolve() / 'slurm'}/%A_%a.out", *extra,
                str(SLURM_SCRIPT), "--cells", str(cells_file.resolve())]
     return command, cells_file
-
-
-def index_ranges(indices: list[int]) -> str:
-    """[0, 2, 3, 4, 7] -> '0,2-4,7' (sbatch --array)."""
-    parts, start = [], None
-    for i, index in enumerate(indices):
-        start = index if start is None else start
-        if i + 1 == len(indices) or indices[i + 1] != index + 1:
-            parts.append(str(index) if index == start else f"{start}-{index}")
-            start = None
-    return ",".join(parts)
 
 
 def write_cells_file(path: Path, all_cells: list[Cell]) -> None:

@@ -60,6 +60,7 @@ from accelerate.tracking import get_available_trackers
 
 from clsvit.config import DEFAULT_RECIPE, NULLABLE_TYPES, ConfigError, load_config, recipe_leaves
 from clsvit.model import COMPONENTS, block_indices, describe_tokens
+from clsvit.ranges import index_ranges
 
 # TensorBoard's modules are imported inside the functions that write events, for start-up time: they
 # add 0.1-0.2 s to every program that imports this one (eval.py --compare, a run without TensorBoard).
@@ -165,7 +166,7 @@ def hparams_columns(cfg: Mapping[str, Any], depth: int) -> list[HParamColumn]:
     compare.append(("model.specialize.final_norm", "specialized final_norm", bool(specialize["final_norm"]),
                     "the final norm has a global-token copy"))
     for c in COMPONENTS:
-        compare.append((f"model.specialize.{c} blocks", f"specialized {c} blocks", _ranges(blocks[c]),
+        compare.append((f"model.specialize.{c} blocks", f"specialized {c} blocks", index_ranges(blocks[c]) or "none",
                         f"the blocks model.specialize.{c} selects"))
     leaves = dict(recipe_leaves(cfg))
     for key in IDENTITY_KEYS:
@@ -193,18 +194,6 @@ def hparams_first_keys(cfg: Mapping[str, Any]) -> list[str]:
         if key not in known:
             raise ConfigError(f"log.hparams_first: {key!r} is not a recipe key")
     return keys
-
-
-def _ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 3, 7] -> '0-3,7'; [] -> 'none'."""
-    parts, start = [], None
-    for i, index in enumerate(indices):
-        if start is None:
-            start = index
-        if i + 1 == len(indices) or indices[i + 1] != index + 1:
-            parts.append(str(start) if start == index else f"{start}-{index}")
-            start = None
-    return ",".join(parts) or "none"
 
 
 @lru_cache(maxsize=1)

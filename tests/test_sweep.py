@@ -13,8 +13,7 @@ import sys
 import pytest
 
 from clsvit.config import ConfigError, load_config
-from clsvit.sweep import (build_grid, cell_name, hparams_first, index_ranges, main, parse_set, split_values,
-                          write_cells_file)
+from clsvit.sweep import build_grid, cell_name, hparams_first, main, parse_set, split_values, write_cells_file
 from clsvit.tracking import hparams_columns
 from tensorboard_server import served_tensorboard
 from trainer_utils import REPO, subprocess_env
@@ -133,10 +132,6 @@ def test_parallel_cells_get_disjoint_gpu_shares(monkeypatch):
     assert "--num_processes" in launch and launch[launch.index("--num_processes") + 1] == "2"
     with pytest.raises(ConfigError, match="--parallel 9 needs at least 9 GPUs, 8 are visible"):
         _gpu_slots(9)
-
-
-def test_array_indices_are_ranges():
-    assert index_ranges([0, 2, 3, 4, 7]) == "0,2-4,7" and index_ranges([5]) == "5" and index_ranges([0, 1]) == "0-1"
 
 
 def test_cells_file_lines_give_slurm_sh_the_exact_arguments(tmp_path):

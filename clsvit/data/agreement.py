@@ -36,6 +36,7 @@ from clsvit.data.imagefolder import listing_of
 from clsvit.data.parquet import ParquetRows
 from clsvit.data.sources import load_splits
 from clsvit.errors import InputError
+from clsvit.ranges import index_ranges
 
 PARQUET_TAIL = 8  # a parquet file ends with its footer's length (4 bytes, little-endian) and "PAR1"
 PARQUET_HEAD = 4  # and starts with "PAR1" (parquet-format README, "File Format")
@@ -128,24 +129,13 @@ def disagreement(identities: list, source: str) -> str:
     groups: dict = {}
     for process, identity in enumerate(identities):
         groups.setdefault(identity, []).append(process)
-    parts = [f"{'processes' if len(processes) > 1 else 'process'} {_ranges(processes)}: "
+    parts = [f"{'processes' if len(processes) > 1 else 'process'} {index_ranges(processes, ', ')}: "
              f"{identity if isinstance(identity, str) else identity.describe()}" for identity, processes in groups.items()]
     names = {identity.classes for identity in groups if isinstance(identity, DataIdentity)}
     note = " (their class names differ)" if len(names) > 1 else ""
     return (f"the processes loaded different data from {source}{note}: {'; '.join(parts)}; every process must "
             f"see the same files (a node's own copy of the tree or datasets cache that differs, or data that "
             f"changed while the launch started)")
-
-
-def _ranges(processes: list[int]) -> str:
-    """[0, 2, 3, 4, 7] -> '0, 2-4, 7'."""
-    spans = []
-    for process in processes:
-        if spans and process == spans[-1][1] + 1:
-            spans[-1][1] = process
-        else:
-            spans.append([process, process])
-    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
 
 
 def _listings(splits: dict) -> dict:
