@@ -424,17 +424,6 @@ def test_sample_name_is_the_file_else_the_row():
     assert sample_name(None, 4) == "row 4"
 
 
-def test_an_error_is_recorded_by_its_first_line_at_most_200_characters():
-    """An undecodable file's error is recorded by the first line of its message, cut to 200
-    characters, or "(no message)" when it has none."""
-    from clsvit.data.images import _first_line
-
-    assert _first_line(OSError("x" * 200 + "y\nsecond line")) == "x" * 200
-    assert _first_line(ValueError("  short\n\n more")) == "short"
-    assert _first_line(OSError()) == "(no message)"
-    assert _first_line(SyntaxError("  \n ")) == "(no message)"
-
-
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels (PIL checks the size when it opens the file)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -43,7 +43,7 @@ def test_a_snapshot_of_the_wanted_splits_is_complete_offline_and_a_missing_split
     """A download of train + validation leaves those shards; the repository also has a test split and a
     README. Offline, huggingface_hub checks the snapshot against its cached tree listing for the patterns
     asked: train + validation are complete and read in place; asking for test stops in one line quoting
-    the first line of huggingface_hub's own error."""
+    the type and first line of huggingface_hub's own error."""
     listed = ["README.md", "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet",
               "data/test-00000-of-00001.parquet"]
     paths = hub_cache_with_tree(tmp_path / "hub_cache", ["train", "validation"], listed)
@@ -58,7 +58,8 @@ def test_a_snapshot_of_the_wanted_splits_is_complete_offline_and_a_missing_split
         D.load_splits(data_cfg(source="hub", path=REPO_ID, val_split="test"))
     first_line = str(hub_error.value).strip().splitlines()[0]
     assert "test-00000-of-00001.parquet" in first_line
-    assert str(error.value) == f"data.path {REPO_ID!r}: cannot load this dataset ({first_line})"
+    assert str(error.value) == (f"data.path {REPO_ID!r}: cannot load this dataset "
+                                f"(IncompleteSnapshotError: {first_line[:200]})")
 
 
 def test_a_local_dataset_without_parquet_files_is_what_datasets_loads(tmp_path):
@@ -113,10 +114,11 @@ def test_unknown_sources_and_missing_columns_are_one_line_errors_naming_the_choi
 
 
 @pytest.mark.parametrize("message, quoted", [("", "ConnectionError"),
-                                             ("Max retries exceeded\ncaused by NameResolutionError", "Max retries exceeded")])
+                                             ("Max retries exceeded\ncaused by NameResolutionError",
+                                              "ConnectionError: Max retries exceeded")])
 def test_a_hub_failure_is_quoted_by_its_first_line_or_its_type(monkeypatch, message, quoted):
     """A connection failure while reaching the hub (raised where huggingface_hub would raise it): the
-    one-line error quotes its first line, or its type when it says nothing."""
+    one-line error quotes its type and first line, or its type alone when it says nothing."""
     def unreachable(*args, **kwargs):
         raise ConnectionError(message)
 

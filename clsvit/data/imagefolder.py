@@ -67,7 +67,7 @@ from datasets.data_files import SPLIT_KEYWORDS
 from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from clsvit.errors import InputError
+from clsvit.errors import InputError, quote_error
 
 VAL_LAYOUTS = ("class_folders", "ilsvrc_csv")
 SOLUTION_CSV = "LOC_val_solution.csv"
@@ -203,8 +203,7 @@ def _open_index(index: Path, expected: Listing | None = None) -> datasets.Datase
         dataset = datasets.Dataset.from_file(str(index))
         rows, digest = len(dataset), listing_digest(dataset.data.table)
     except (OSError, ValueError, KeyError, TypeError) as error:  # a cut or damaged record batch
-        logger.warning("the index %s cannot be read (%s: %s): listing the tree again", index,
-                       type(error).__name__, (str(error).strip().splitlines() or [""])[0][:200])
+        logger.warning("the index %s cannot be read (%s): listing the tree again", index, quote_error(error))
         return None
     listing = Listing(str(index), rows, digest)
     if (rows, digest) != (record["rows"], record["digest"]):

@@ -17,7 +17,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from clsvit.errors import InputError
+from clsvit.errors import InputError, quote_error
 
 
 # ---------------------------------------------------------------- decoding
@@ -184,7 +184,7 @@ class ImageClassDataset(Dataset):
                 return self._decode(value, sample_seed, position), label, tuple(problems)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 path = value.get("path") if isinstance(value, dict) else None
-                problems.append(UndecodableImage(path, position, f"{type(error).__name__}: {_first_line(error)}"))
+                problems.append(UndecodableImage(path, position, quote_error(error)))
         raise InputError(f"no image of the dataset can be decoded (first: {problems[0]})")
 
     @staticmethod
@@ -202,11 +202,6 @@ def sample_name(value, position: int) -> str:
     """The file a sample came from when the dataset knows it, else its row number."""
     path = value.get("path") if isinstance(value, dict) else None
     return f"{path} (row {position})" if path else f"row {position}"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 class UndecodableImages:

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clsvit.errors import InputError
+from clsvit.errors import InputError, quote_error
 
 OPEN_SHARDS = 16  # open parquet files per process (each DataLoader worker is one)
 
@@ -60,7 +60,7 @@ class ParquetRows:
                 stat = os.stat(path)
                 metadata = pq.read_metadata(path)
             except (OSError, pa.ArrowInvalid) as error:
-                raise InputError(f"{path} is not a readable parquet file ({_first_line(error)})") from error
+                raise InputError(f"{path} is not a readable parquet file ({quote_error(error)})") from error
             file_schema = metadata.schema.to_arrow_schema()
             if schema is None:
                 schema = file_schema
@@ -189,7 +189,7 @@ class _Reader:
         try:
             stat = os.stat(path)
         except OSError as error:
-            raise InputError(f"{where}: the shard cannot be read any more ({_first_line(error)})") from error
+            raise InputError(f"{where}: the shard cannot be read any more ({quote_error(error)})") from error
         expected = rows._identities[file_index]
         if _identity(stat) != expected:
             raise InputError(f"{where}: the shard changed after the launch read it ({_change(expected, stat)}); "
@@ -203,7 +203,7 @@ class _Reader:
             return handle.read_row_group(row_group, columns=rows.columns)
         except (OSError, pa.ArrowException) as error:
             self._close(file_index)
-            raise InputError(f"{where} cannot be read ({type(error).__name__}: {_first_line(error)}); the shard "
+            raise InputError(f"{where} cannot be read ({quote_error(error)}); the shard "
                              f"is damaged: download or write it again") from error
 
     def _open(self, file_index: int) -> pq.ParquetFile:
@@ -238,8 +238,3 @@ def _change(expected: tuple, stat: os.stat_result) -> str:
 
 def _describe(schema: pa.Schema) -> str:
     return ", ".join(f"{name}: {kind}" for name, kind in zip(schema.names, schema.types))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

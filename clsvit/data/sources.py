@@ -16,7 +16,7 @@ from datasets import ClassLabel
 from clsvit.data.imagefolder import load_folder_splits
 from clsvit.data.parquet import ParquetRows
 from clsvit.data.shapes import ensure_shapes_dataset
-from clsvit.errors import InputError
+from clsvit.errors import InputError, quote_error
 
 SOURCES = ("hub", "imagefolder", "parquet", "shapes")
 
@@ -70,8 +70,7 @@ def _load_hub(path: str, wanted: list[str]):
         return datasets.load_dataset(path)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError,
             huggingface_hub.errors.HfHubHTTPError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"data.path {path!r}: cannot load this dataset ({first_line})") from error
+        raise InputError(f"data.path {path!r}: cannot load this dataset ({quote_error(error)})") from error
 
 
 def split_patterns(splits: list[str]) -> list[str]:
