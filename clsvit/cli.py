@@ -32,6 +32,9 @@ def run(program: str, main: Callable[[], object]) -> None:
     try:
         status = main()
     except InputError as error:
-        print(error_line(program, error), file=sys.stderr)
+        # one write of the line and its newline: under PYTHONUNBUFFERED (scripts/slurm.sh) print() writes
+        # them apart, and the processes of a launch that share one stderr would join their lines
+        sys.stderr.write(error_line(program, error) + "\n")
+        sys.stderr.flush()
         sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)

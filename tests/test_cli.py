@@ -4,7 +4,11 @@ DataLoader worker raised it; every other exception is a bug and keeps its full t
 from __future__ import annotations
 
 import importlib
+import io
+import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 from torch.utils.data import DataLoader, Dataset
@@ -40,6 +44,42 @@ def test_the_line_names_the_process_under_several(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert exit_of(raising(InputError("data.path 'x' does not exist")), capsys) == \
         (2, "train.py: error (process 1 of 2): data.path 'x' does not exist\n")
+
+
+class Writes(io.RawIOBase):
+    """A raw stream that records the bytes of each write call it gets (each a write(2) on a real file)."""
+    def __init__(self):
+        self.calls = []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.calls.append(bytes(data))
+        return len(data)
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_the_line_and_its_newline_reach_stderr_in_one_write(monkeypatch, unbuffered):
+    """Under several processes sharing one stderr, each line must be one write, or two processes'
+    lines join into one. The stream is built as Python builds sys.stderr, with and without
+    PYTHONUNBUFFERED (read from a subprocess: a write-through wrapper over the unbuffered file, or a
+    line-buffered one over a buffered writer)."""
+    probe = "import sys; e = sys.stderr; print(e.write_through, e.line_buffering, type(e.buffer).__name__)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (
+        {"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    layout = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert layout == (["True", "False", "FileIO"] if unbuffered else ["False", "True", "BufferedWriter"])
+    raw = Writes()
+    stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding="utf-8",
+                              write_through=unbuffered, line_buffering=not unbuffered)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        cli.run("train.py", raising(InputError("data.path 'x' does not exist")))
+    assert raw.calls == [b"train.py: error (process 1 of 2): data.path 'x' does not exist\n"]
 
 
 def test_a_finished_main_exits_with_its_status(capsys):
