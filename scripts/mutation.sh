@@ -51,8 +51,8 @@ for line in sys.stdin:
     name, _, status = line.strip().rpartition(": ")
     if not name or not any(fnmatch.fnmatch(name, p) for p in patterns):
         continue
-    if name in listed:  # a listed mutant whose tests failed: a crash of the test process, or a wrong row
-        if status in DETECTED:
+    if name in listed:  # counted as listed whatever its status
+        if status in DETECTED:  # its tests failed: a crash of the test process, or a wrong row
             contested.append(f"{name} ({status})")
         status = "listed"
     if mode == "names":
